@@ -1,0 +1,467 @@
+"""The one configuration tree of ivgr-dist.
+
+Every knob lives in a dataclass below; YAML files in ``configs/`` and dotted command-line
+overrides (``data.paired_ratio=0.8``) are merged onto it by OmegaConf, then the tree is
+materialised into the frozen dataclasses, whose ``__post_init__`` checks quote the bad value and
+the rule it breaks. The defaults ARE the tiny CPU configuration (``configs/tiny_cpu.yaml``
+repeats them for readers), so ``ivgr-dist <cmd>`` with no ``--config`` runs on a laptop.
+
+Each actor receives only its own section (``cfg.rollout``, ``cfg.data`` ...). Config objects are
+frozen: nothing mutates configuration at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AlgorithmConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "RolloutConfig",
+    "SyntheticConfig",
+    "TinyModelConfig",
+    "TrainerConfig",
+    "load_config",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the key, the value and the rule."""
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    _check(value in choices, key, value, f"must be one of {list(choices)}")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the tiny random Qwen2.5-VL built by ``ivgr-dist make-tiny-model`` (CPU development).
+
+    The sizes are the smallest that both transformers and vLLM's CPU kernels accept
+    (see CPU_STACK.md): vLLM's CPU attention rejects head_dim 16, and the M-RoPE sections must sum
+    to head_dim / 2.
+    """
+
+    hidden_size: int = 128
+    """Text decoder width."""
+    num_layers: int = 2
+    """Text decoder layers."""
+    num_heads: int = 2
+    """Attention heads (head_dim = hidden_size / num_heads)."""
+    num_kv_heads: int = 1
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 256
+    """Text MLP width."""
+    vision_depth: int = 2
+    """Vision transformer blocks."""
+    vision_hidden_size: int = 32
+    """Vision transformer width."""
+    vision_heads: int = 2
+    """Vision attention heads."""
+    vocab_size: int = 2048
+    """Upper bound on the locally trained BPE vocabulary (the small corpus yields fewer merges)."""
+    initializer_range: float = 0.02
+    """Std of the random weights (as in real Qwen configs)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model is configured for."""
+    seed: int = 0
+    """Seed for the random weights and the tokenizer's training text."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size > 0 and self.num_heads > 0, "model.tiny.hidden_size", self.hidden_size, "must be > 0")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.tiny.num_heads",
+            self.num_heads,
+            f"must divide hidden_size={self.hidden_size}",
+        )
+        head_dim = self.hidden_size // self.num_heads
+        _check(
+            head_dim % 32 == 0,
+            "model.tiny.hidden_size",
+            self.hidden_size,
+            "hidden_size / num_heads must be a multiple of 32 (vLLM CPU attention; M-RoPE sections)",
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.tiny.num_kv_heads",
+            self.num_kv_heads,
+            f"must divide num_heads={self.num_heads}",
+        )
+        _check(
+            self.vision_hidden_size % self.vision_heads == 0,
+            "model.tiny.vision_heads",
+            self.vision_heads,
+            f"must divide vision_hidden_size={self.vision_hidden_size}",
+        )
+        _check(self.initializer_range > 0, "model.tiny.initializer_range", self.initializer_range, "must be > 0")
+        _check(self.vocab_size >= 300, "model.tiny.vocab_size", self.vocab_size, "must be >= 300 (bytes + merges)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy checkpoint (a Hugging Face model directory)."""
+
+    path: str = "outputs/tiny-qwen2.5-vl"
+    """Model directory (config.json, safetensors, tokenizer, preprocessor config)."""
+    make_tiny_if_missing: bool = True
+    """Build the tiny random model at ``path`` when it does not exist (CPU default). Off for real runs."""
+    dtype: str = "bfloat16"
+    """Inference dtype for the rollout engines."""
+    trust_remote_code: bool = False
+    """Pass trust_remote_code to transformers and vLLM."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape used when building the tiny model."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", self.path, "must be a non-empty path")
+        _check_choice("model.dtype", self.dtype, ["bfloat16", "float16", "float32"])
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+SYNTHETIC_QUESTION_TYPES = ("color", "shape", "count", "position")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic visual-grounding set (``ivgr-dist make-synthetic``); difficulty knobs included.
+
+    Default difficulty follows the learning calibration in CPU_STACK.md: one object per image and
+    colour questions learn within minutes on the tiny model; more objects and named-shape
+    questions are much slower at that scale.
+    """
+
+    num_records: int = 640
+    """Total records (train + val)."""
+    val_fraction: float = 0.125
+    """Share of records written to val.parquet."""
+    seed: int = 0
+    """Everything the generator draws comes from this seed."""
+    min_image_size: int = 112
+    """Smallest original image side in pixels."""
+    max_image_size: int = 112
+    """Largest original image side in pixels (sides are drawn independently in [min, max])."""
+    min_objects: int = 1
+    """Fewest shapes per image."""
+    max_objects: int = 1
+    """Most shapes per image."""
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    """Colour vocabulary (names known to the generator's palette)."""
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    """Shape vocabulary."""
+    question_types: list[str] = field(default_factory=lambda: ["color"])
+    """Question families to draw from: color, shape, count, position."""
+    min_object_frac: float = 0.25
+    """Smallest object side as a fraction of the shorter image side."""
+    max_object_frac: float = 0.5
+    """Largest object side as a fraction of the shorter image side."""
+    text_only_fraction: float = 0.1
+    """Share of text-only arithmetic records (they become ``single``-stream prompts)."""
+
+    def __post_init__(self) -> None:
+        p = "data.synthetic."
+        _check(self.num_records >= 2, p + "num_records", self.num_records, "must be >= 2 (train and val)")
+        _check(0.0 < self.val_fraction < 1.0, p + "val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(
+            28 <= self.min_image_size <= self.max_image_size,
+            p + "min_image_size",
+            self.min_image_size,
+            f"must be in [28, max_image_size={self.max_image_size}]",
+        )
+        _check(
+            1 <= self.min_objects <= self.max_objects,
+            p + "min_objects",
+            self.min_objects,
+            f"must be in [1, max_objects={self.max_objects}]",
+        )
+        _check(len(self.colors) >= 2, p + "colors", self.colors, "needs at least 2 colours")
+        _check(len(set(self.colors)) == len(self.colors), p + "colors", self.colors, "must not repeat")
+        _check(
+            len(self.shapes) >= 1 and len(set(self.shapes)) == len(self.shapes),
+            p + "shapes",
+            self.shapes,
+            "must be non-empty without repeats",
+        )
+        _check(len(self.question_types) >= 1, p + "question_types", self.question_types, "must be non-empty")
+        for q in self.question_types:
+            _check_choice(p + "question_types[]", q, SYNTHETIC_QUESTION_TYPES)
+        _check(
+            0.0 < self.min_object_frac <= self.max_object_frac <= 1.0,
+            p + "min_object_frac",
+            self.min_object_frac,
+            f"need 0 < min_object_frac <= max_object_frac={self.max_object_frac} <= 1",
+        )
+        _check(
+            0.0 <= self.text_only_fraction < 1.0, p + "text_only_fraction", self.text_only_fraction, "must be in [0, 1)"
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where records come from and how they become prompts."""
+
+    train_files: list[str] = field(default_factory=lambda: ["outputs/synthetic/train.parquet"])
+    """Parquet files in the iVGR-RL-51K layout."""
+    val_files: list[str] = field(default_factory=lambda: ["outputs/synthetic/val.parquet"])
+    """Held-out parquet files (same layout)."""
+    image_root: str | None = None
+    """Directory that ``images`` paths are relative to; default: each parquet file's directory."""
+    make_synthetic_if_missing: bool = True
+    """Generate the synthetic set into the train file's directory when it is missing (CPU default)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Synthetic set parameters."""
+    min_pixels: int = 3136
+    """Resized images have at least this many pixels (Qwen2.5-VL: 56*56)."""
+    max_pixels: int = 200704
+    """Resized images have at most this many pixels (recipe: 3211264; tiny default: 448*448)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens (image tokens included) are filtered out and counted."""
+    rollout_batch_size: int = 16
+    """Prompts per rollout batch (A/B pairs + singles; recipe: 512)."""
+    paired_ratio: float = 0.9
+    """Share of a batch's prompts that are A/B pairs; the rest are ``single`` prompts."""
+    shuffle: bool = True
+    """Shuffle each epoch (a seeded permutation, so resume is exact)."""
+    seed: int = 0
+    """Sampler seed."""
+    bad_rows: str = "skip"
+    """``raise``: stop at the first bad row with its file and row; ``skip``: drop, count and log it."""
+    max_bad_row_fraction: float = 0.05
+    """With ``skip``, raise anyway when more than this share of rows is bad (a broken data set)."""
+    paired_datasources: list[str] = field(default_factory=list)
+    """Datasources always expanded into A/B pairs, even without target boxes."""
+    single_datasources: list[str] = field(default_factory=list)
+    """Datasources always used as ``single`` prompts, even with target boxes."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.train_files) > 0, "data.train_files", self.train_files, "must list at least one parquet file")
+        _check(self.min_pixels >= 28 * 28, "data.min_pixels", self.min_pixels, "must be >= 784 (one 28x28 patch group)")
+        _check(
+            self.max_pixels >= self.min_pixels,
+            "data.max_pixels",
+            self.max_pixels,
+            f"must be >= min_pixels={self.min_pixels}",
+        )
+        _check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "must be > 0")
+        _check(self.rollout_batch_size >= 1, "data.rollout_batch_size", self.rollout_batch_size, "must be >= 1")
+        _check(0.0 <= self.paired_ratio <= 1.0, "data.paired_ratio", self.paired_ratio, "must be in [0, 1]")
+        _check_choice("data.bad_rows", self.bad_rows, ["raise", "skip"])
+        _check(
+            0.0 <= self.max_bad_row_fraction <= 1.0,
+            "data.max_bad_row_fraction",
+            self.max_bad_row_fraction,
+            "must be in [0, 1]",
+        )
+        both = set(self.paired_datasources) & set(self.single_datasources)
+        _check(
+            not both,
+            "data.single_datasources",
+            self.single_datasources,
+            f"overlaps paired_datasources on {sorted(both)}",
+        )
+
+
+# ------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """vLLM engine arguments shared by every rollout engine."""
+
+    max_model_len: int = 1024
+    """Longest prompt + response an engine holds."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph / compile capture (always on for CPU; faster start-up on GPU)."""
+    gpu_memory_utilization: float = 0.2
+    """GPU: share of device memory for weights + KV cache. CPU: sizes the KV cache from RAM."""
+    cpu_kvcache_space_gb: int = 1
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    max_num_seqs: int = 256
+    """Most sequences an engine schedules at once."""
+    enable_prefix_caching: bool = True
+    """Share the prompt KV between the n samples of a group."""
+    seed: int = 0
+    """Engine sampling seed (each engine adds its index)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_model_len >= 64, "rollout.engine.max_model_len", self.max_model_len, "must be >= 64")
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "rollout.engine.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+        _check(
+            self.cpu_kvcache_space_gb >= 1,
+            "rollout.engine.cpu_kvcache_space_gb",
+            self.cpu_kvcache_space_gb,
+            "must be >= 1",
+        )
+        _check(self.max_num_seqs >= 1, "rollout.engine.max_num_seqs", self.max_num_seqs, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling of both streams."""
+
+    n: int = 5
+    """Rollouts per prompt: the GRPO group size (recipe: 5)."""
+    temperature: float = 1.0
+    """Sampling temperature (recipe: 1.0)."""
+    top_p: float = 0.99
+    """Nucleus sampling (recipe: 0.99)."""
+    max_response_length: int = 256
+    """Most tokens per response (recipe: 4096)."""
+    num_engines: int = 2
+    """vLLM engines (each a Ray actor); scaled independently of the learners."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (recipe: 2). Always 1 on CPU."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """vLLM engine arguments."""
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, "rollout.n", self.n, "must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
+        _check(self.temperature >= 0.0, "rollout.temperature", self.temperature, "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, "must be >= 1")
+        _check(self.num_engines >= 1, "rollout.num_engines", self.num_engines, "must be >= 1")
+        _check(
+            self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", self.tensor_parallel_size, "must be >= 1"
+        )
+
+
+# ----------------------------------------------------------------------------------------- algorithm
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """GRPO and iVGR reward coefficients (ALGORITHM.md)."""
+
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip: ratio <= 1 + clip_high (asymmetric, 'clip-higher')."""
+    kl_coef: float = 0.01
+    """Weight of the k3 KL loss against the frozen reference policy."""
+    adv_eps: float = 1e-6
+    """Added to the group std in the advantage."""
+    single_accuracy_weight: float = 1.5
+    """Stream ``single`` reward = format + weight * accuracy."""
+    ref_min_iou: float = 0.3
+    """A stream-A rollout qualifies as consistency reference with accuracy 1 and box_iou >= this."""
+    dup_box_iou: float = 0.9
+    """Two predicted boxes with IoU above this make box_valid 0 (anti-spam)."""
+    max_answer_chars: int = 1000
+    """Answers longer than this score accuracy 0."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.clip_low < 1.0, "algorithm.clip_low", self.clip_low, "must be in (0, 1)")
+        _check(self.clip_high > 0.0, "algorithm.clip_high", self.clip_high, "must be > 0")
+        _check(
+            self.kl_coef >= 0.0 and math.isfinite(self.kl_coef),
+            "algorithm.kl_coef",
+            self.kl_coef,
+            "must be finite and >= 0",
+        )
+        _check(self.adv_eps > 0.0, "algorithm.adv_eps", self.adv_eps, "must be > 0")
+        _check(0.0 <= self.ref_min_iou <= 1.0, "algorithm.ref_min_iou", self.ref_min_iou, "must be in [0, 1]")
+        _check(0.0 < self.dup_box_iou <= 1.0, "algorithm.dup_box_iou", self.dup_box_iou, "must be in (0, 1]")
+        _check(self.max_answer_chars >= 1, "algorithm.max_answer_chars", self.max_answer_chars, "must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Run-level settings."""
+
+    output_dir: str = "outputs/run"
+    """Metrics, checkpoints and logs go here."""
+    seed: int = 0
+    """Global seed."""
+    max_steps: int = 20
+    """RL steps to run."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a non-empty path")
+        _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole tree; each role gets only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        needed = self.data.max_prompt_length + self.rollout.max_response_length
+        _check(
+            needed <= self.rollout.engine.max_model_len,
+            "rollout.engine.max_model_len",
+            self.rollout.engine.max_model_len,
+            f"must be >= data.max_prompt_length + rollout.max_response_length = {needed}",
+        )
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides (``a.b=c``), validated; raises :class:`ConfigError`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"--config {str(path)!r}: no such file")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        # OmegaConf knows the key and the expected type; keep that, drop its multi-line context.
+        key = getattr(exc, "full_key", None)
+        msg = str(getattr(exc, "msg", None) or exc).split("\n")[0]
+        where = f" (from {path})" if path is not None else ""
+        raise ConfigError(f"{key + ': ' if key else ''}{msg}{where}") from None
+    except ConfigError:
+        raise
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written next to every run's outputs)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

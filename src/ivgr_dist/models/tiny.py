@@ -1,0 +1,225 @@
+"""Build a tiny random Qwen2.5-VL model directory that transformers and vLLM both load.
+
+No checkpoint can be downloaded on development and CI machines, so CPU runs use a model made
+here: a byte-level BPE tokenizer trained on a small local corpus plus the Qwen special tokens, a
+chat template in the Qwen2.5-VL message format, an image/video preprocessor config, and a
+Qwen2.5-VL config with random weights. Real runs point ``model.path`` at a real checkpoint; the
+same loading code serves both.
+
+The model directory layout is the standard Hugging Face one (config.json, model.safetensors,
+generation_config.json, tokenizer.json + tokenizer_config.json with the chat template,
+preprocessor_config.json, video_preprocessor_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from ivgr_dist.config import TinyModelConfig
+
+# Qwen's special tokens, in Qwen's order. The model config refers to several of them by id.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat format: ChatML turns, images as vision_start + image_pad + vision_end inside
+# the user turn (the processor expands image_pad to one token per merged patch). Written for this
+# project; accepts string content or a list of {"type": "text"|"image", ...} parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] in ['image', 'image_url'] %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] in ['video', 'video_url'] %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Pre-tokenisation in the Qwen2 style: contractions, letter runs, single digits (so coordinates
+# tokenise digit by digit), punctuation runs, newlines, spaces.
+_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_WORDS = (
+    "the a an of in on at to is are what which where how many color colour shape shapes object objects image "
+    "picture left right top bottom middle center centre upper lower corner red green blue yellow purple orange "
+    "black white gray circle square triangle star rectangle there one two three four five six seven eight nine "
+    "ten answer think reasoning first then look see find located because so therefore final count number total "
+    "question choose option options letter box boxes grounded textual step by compute sum plus minus times "
+    "equals result solve value please reply only with word words short cite coordinates pixel pixels region "
+    "visible contains near above below next beside"
+).split()
+
+
+def _training_corpus(seed: int, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    corpus = []
+    for _ in range(lines):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14)))
+        box = "<box>[{},{},{},{}]</box>".format(*(rng.randint(0, 999) for _ in range(4)))
+        num = f"{rng.randint(0, 99)} + {rng.randint(0, 99)} = {rng.randint(0, 199)}"
+        corpus.append(f"<think> {words} {box} </think> <answer> {rng.choice(_WORDS)} </answer> {num}")
+    return corpus
+
+
+def build_tokenizer(cfg: TinyModelConfig):
+    """A byte-level BPE trained locally, with the Qwen special tokens and the chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(cfg.seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=cfg.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(cfg: TinyModelConfig, tokenizer):
+    """Qwen2.5-VL config of the configured tiny size whose token ids match ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = -(-len(tokenizer) // 64) * 64  # embedding rows, padded like real checkpoints
+    head_dim = cfg.hidden_size // cfg.num_heads
+    half = head_dim // 2  # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
+    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
+    )
+    vision = dict(
+        depth=cfg.vision_depth,
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=2 * cfg.vision_hidden_size,
+        num_heads=cfg.vision_heads,
+        out_hidden_size=cfg.hidden_size,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[cfg.vision_depth - 1],
+        initializer_range=cfg.initializer_range,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
+    )
+
+
+def build_processor(tokenizer, min_pixels: int = 3136, max_pixels: int = 200704):
+    """Qwen2.5-VL processor (image + video preprocessors) around ``tokenizer``."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2_5_VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
+    )
+
+
+def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, overwrite: bool = False) -> Path:
+    """Write a tiny random Qwen2.5-VL model directory to ``out_dir``; returns the path.
+
+    The directory is written to a temporary sibling and renamed into place, so an interrupted call
+    never leaves a half-written model that a later run would try to load.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ivgr_dist._ext_fix import install
+
+    install()
+    cfg = cfg or TinyModelConfig()
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        tokenizer = build_tokenizer(cfg)
+        config = build_config(cfg, tokenizer)
+        torch.manual_seed(cfg.seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(
+            eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
+            pad_token_id=config.text_config.pad_token_id,
+            do_sample=False,
+        ).save_pretrained(tmp)
+        build_processor(tokenizer).save_pretrained(tmp)
+        (tmp / "ivgr_tiny.json").write_text(json.dumps({"tiny_model_config": cfg.__dict__}, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

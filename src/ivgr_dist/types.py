@@ -1,0 +1,50 @@
+"""Typed records that flow through the system.
+
+``Prompt`` is what the data pipeline hands to the rollout engines: one stream of one record,
+already chat-templated and tokenised, with its resized images and the targets needed to score
+it. Later stages (rollout, reward, learner) build on it rather than on loose dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Stream = Literal["grounded", "textual", "single"]
+STREAMS: tuple[str, ...] = ("grounded", "textual", "single")
+"""Stream A (reasoning cites boxes), stream B (plain text reasoning), and text/math-only prompts."""
+
+
+@dataclass
+class Prompt:
+    """One prompt instance: a record seen through one stream."""
+
+    original_idx: int
+    """Global row index of the record in the data set (shared by its grounded and textual prompts)."""
+    stream: str
+    """``grounded`` (A), ``textual`` (B) or ``single``."""
+    prompt_text: str
+    """Chat-templated prompt with one ``<|image_pad|>`` per image (the processor/engine expands it)."""
+    prompt_token_ids: list[int]
+    """``prompt_text`` tokenised, image placeholders not expanded."""
+    num_prompt_tokens: int
+    """Prompt length with every image placeholder expanded to its image tokens."""
+    answer: str
+    """Ground-truth answer."""
+    question_type: str
+    """How accuracy is decided (multiple_choice, math, exact, free_form ...)."""
+    datasource: str
+    """Source data set name (tables and metrics are split by it)."""
+    images: list[Any] = field(default_factory=list)
+    """Resized PIL images, in prompt order."""
+    target_boxes: list[list[float]] = field(default_factory=list)
+    """Target boxes [x1, y1, x2, y2] in RESIZED-image pixels (empty when the record has none)."""
+    question: str = ""
+    """The question without image markers (``query``), for judges and logs."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Columns the pipeline does not interpret, kept as they were."""
+
+    @property
+    def uid(self) -> str:
+        """Unique id of this prompt instance: ``<original_idx>:<stream>``."""
+        return f"{self.original_idx}:{self.stream}"
