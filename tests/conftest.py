@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+
+from ivgr_dist._ext_fix import install
+
+install()  # same as the installed .pth does; keeps a PYTHONPATH=src checkout working
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL model directory (built once, ~5 s)."""
+    from ivgr_dist.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

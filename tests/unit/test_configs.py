@@ -1,0 +1,116 @@
+"""Every YAML in configs/ loads and validates; errors name the key, the value and the rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ivgr_dist.config import Config, ConfigError, load_config, to_yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_configs_dir_is_not_empty():
+    names = {p.name for p in YAMLS}
+    assert {"tiny_cpu.yaml", "qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_every_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # Every key in the file exists in the schema (load_config would raise otherwise) and survives.
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for section, values in raw.items():
+        for key, value in values.items():
+            if not isinstance(value, dict):
+                assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
+
+
+def test_tiny_cpu_yaml_is_the_embedded_default():
+    assert load_config(CONFIG_DIR / "tiny_cpu.yaml") == load_config(None)
+
+
+def test_recipe_numbers_in_7b_config():
+    cfg = load_config(CONFIG_DIR / "qwen2_5_vl_7b.yaml")
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p) == (5, 1.0, 0.99)
+    assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.kl_coef) == (0.2, 0.28, 0.01)
+    assert (cfg.data.rollout_batch_size, cfg.data.paired_ratio, cfg.data.max_pixels) == (512, 0.9, 3211264)
+    assert cfg.rollout.max_response_length == 4096 and cfg.trainer.max_steps == 360
+    assert cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size == 8
+
+
+def test_dotted_overrides_apply_and_nest():
+    cfg = load_config(
+        None, ["data.paired_ratio=0.5", "rollout.engine.max_model_len=2048", "data.synthetic.colors=[a,b]"]
+    )
+    assert cfg.data.paired_ratio == 0.5
+    assert cfg.rollout.engine.max_model_len == 2048
+    assert cfg.data.synthetic.colors == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.paired_ratio=1.5", "data.paired_ratio=1.5: must be in [0, 1]"),
+        ("rollout.top_p=0", "rollout.top_p=0.0: must be in (0, 1]"),
+        ("data.bad_rows=ignore", "data.bad_rows='ignore': must be one of ['raise', 'skip']"),
+        ("algorithm.clip_low=1.0", "algorithm.clip_low=1.0: must be in (0, 1)"),
+        ("model.tiny.hidden_size=48", "model.tiny.hidden_size=48: hidden_size / num_heads must be a multiple of 32"),
+        ("data.synthetic.question_types=[color,size]", "data.synthetic.question_types[]='size': must be one of"),
+        ("rollout.max_response_length=1000", "rollout.engine.max_model_len=1024: must be >= data.max_prompt_length"),
+        ("data.nope=1", "data.nope: Key 'nope' not in 'DataConfig'"),
+        ("rollout.n=abc", "rollout.n: Value 'abc'"),
+        ("justakey", "override 'justakey': must look like key.sub=value"),
+    ],
+)
+def test_validation_errors_quote_value_and_rule(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.data.seed = 3  # type: ignore[misc]
+
+
+def test_to_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["trainer.max_steps=7", "data.synthetic.max_objects=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_cli_reports_config_errors_with_exit_code_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ivgr_dist.cli", "show-config", "data.paired_ratio=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "data.paired_ratio=2.0: must be in [0, 1]" in proc.stderr
+
+
+def test_cli_show_config_prints_overrides():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ivgr_dist.cli", "show-config", "trainer.max_steps=11"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert OmegaConf.create(proc.stdout).trainer.max_steps == 11
