@@ -1,0 +1,189 @@
+"""Per-stream instructions and the record -> :class:`~ivgr_dist.types.Prompt` conversion.
+
+Every prompt is one user turn: the images (one image part each) and the question, followed by the
+instruction of its stream. The instructions are short on purpose: on the tiny CPU model the whole
+prompt must fit ``data.max_prompt_length`` (512) tokens, and each image already costs
+``(h / 28) * (w / 28)`` tokens.
+
+Token count: the chat template writes one ``<|image_pad|>`` per image; the processor (and the
+rollout engine) later expands it to one token per merged 28x28 patch of the resized image. So
+``num_prompt_tokens = len(prompt_token_ids) + sum(image_tokens - 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ivgr_dist.config import DataConfig
+from ivgr_dist.data.image import FACTOR, rescale_box, resize_image, smart_resize
+from ivgr_dist.types import STREAMS, Prompt
+
+__all__ = [
+    "ANSWER_HINTS",
+    "IMAGE_MARKER",
+    "IMAGE_PAD",
+    "INSTRUCTIONS",
+    "KNOWN_COLUMNS",
+    "PromptBuilder",
+    "target_bboxes",
+]
+
+_FORMAT = "Reply as <think> reasoning </think> <answer> final answer </answer>."
+INSTRUCTIONS: dict[str, str] = {
+    "grounded": (
+        "Reason step by step. Each time you look at an object, cite it as <box>[x1,y1,x2,y2]</box> "
+        "in pixel coordinates of the image as shown. " + _FORMAT
+    ),
+    "textual": "Reason step by step in plain words only, with no coordinates or boxes. " + _FORMAT,
+    "single": "Reason step by step, then answer. " + _FORMAT,
+}
+"""Instruction appended to the question, per stream (A = grounded, B = textual, single)."""
+ANSWER_HINTS: dict[str, str] = {"multiple_choice": "Answer with the option letter."}
+"""Extra line before the instruction for some question types."""
+IMAGE_MARKER = "<image>"
+"""Image placeholder inside ``problem`` texts."""
+IMAGE_PAD = "<|image_pad|>"
+"""The chat template's per-image placeholder token (expanded by the processor)."""
+KNOWN_COLUMNS = frozenset({"problem", "query", "answer", "images", "target_instances", "datasource", "question_type"})
+"""Columns the pipeline interprets; every other column is kept in ``Prompt.extra``."""
+
+
+def target_bboxes(instances: Any) -> list[list[float]]:
+    """The ``bbox`` of each entry of a ``target_instances`` value (list of dicts, or bare 4-lists)."""
+    if instances is None:
+        return []
+    out = []
+    for inst in instances:
+        box = inst.get("bbox") if isinstance(inst, dict) else inst
+        out.append([float(v) for v in box])
+    return out
+
+
+class PromptBuilder:
+    """Turns records into chat-templated, tokenised prompts of one stream.
+
+    ``tokenizer`` is a Hugging Face tokenizer with a chat template that accepts content parts
+    (``{"type": "image"}``, ``{"type": "text", "text": ...}``); ``data_cfg`` supplies the pixel bounds.
+    ``factor`` is the image side multiple (28 for Qwen2.5-VL: patch 14 x merge 2).
+    """
+
+    def __init__(self, tokenizer, data_cfg: DataConfig, factor: int = FACTOR):
+        self.tokenizer = tokenizer
+        self.cfg = data_cfg
+        self.factor = factor
+        self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        if self.image_pad_id is None or self.image_pad_id == getattr(tokenizer, "unk_token_id", object()):
+            raise ValueError(f"tokenizer has no {IMAGE_PAD!r} token; it is not a Qwen-VL tokenizer")
+
+    # ------------------------------------------------------------------------------------ text
+
+    def messages(self, record: dict, stream: str) -> list[dict]:
+        """The one-turn chat for ``record`` in ``stream``: image parts where the markers were, then the text."""
+        if stream not in STREAMS:
+            raise ValueError(f"stream={stream!r}: must be one of {list(STREAMS)}")
+        n_images = len(record.get("images") or [])
+        problem = record.get("problem") or record.get("query") or ""
+        qtype = str(record.get("question_type") or "")
+        tail = "\n".join(t for t in (ANSWER_HINTS.get(qtype, ""), INSTRUCTIONS[stream]) if t)
+        pieces = problem.split(IMAGE_MARKER)
+        parts: list[dict] = []
+        if n_images and len(pieces) - 1 == n_images:
+            # One marker per image: images go where the markers are.
+            for k, piece in enumerate(pieces):
+                if k > 0:
+                    parts.append({"type": "image"})
+                if piece.strip():
+                    parts.append({"type": "text", "text": piece.strip()})
+        else:
+            # No markers, or a count that does not match: all images first, markers dropped.
+            parts = [{"type": "image"} for _ in range(n_images)]
+            text = " ".join(p.strip() for p in pieces if p.strip())
+            if text:
+                parts.append({"type": "text", "text": text})
+        if parts and parts[-1]["type"] == "text":
+            parts[-1] = {"type": "text", "text": parts[-1]["text"] + "\n" + tail}
+        else:
+            parts.append({"type": "text", "text": tail})
+        return [{"role": "user", "content": parts}]
+
+    def render(self, record: dict, stream: str) -> str:
+        """Chat-templated prompt text (generation prompt added, image placeholders not expanded)."""
+        return self.tokenizer.apply_chat_template(
+            self.messages(record, stream), add_generation_prompt=True, tokenize=False
+        )
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of rendered prompts (batched; no special tokens added beyond the template's)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    # ---------------------------------------------------------------------------------- images
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this original size is resized to; ``ValueError`` if impossible."""
+        return smart_resize(
+            height, width, factor=self.factor, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels
+        )
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens an image of this ORIGINAL size expands to."""
+        h, w = self.resized_size(height, width)
+        return (h // self.factor) * (w // self.factor)
+
+    def count_tokens(self, num_text_tokens: int, image_sizes: Sequence[tuple[int, int]]) -> int:
+        """Full prompt length: text tokens (one pad per image) plus each image's expansion; sizes are (w, h)."""
+        return num_text_tokens + sum(self.image_tokens(h, w) - 1 for w, h in image_sizes)
+
+    # ----------------------------------------------------------------------------------- build
+
+    def build(self, record: dict, original_idx: int, stream: str, image_root: str | Path) -> Prompt:
+        """The :class:`Prompt` of ``record`` in ``stream``: images loaded and resized, boxes rescaled."""
+        from PIL import Image
+
+        text = self.render(record, stream)
+        ids = self.token_ids([text])[0]
+        paths = list(record.get("images") or [])
+        n_pads = sum(1 for t in ids if t == self.image_pad_id)
+        if n_pads != len(paths):
+            raise ValueError(
+                f"record {original_idx}: the chat template wrote {n_pads} {IMAGE_PAD} tokens for {len(paths)} "
+                "image(s); the template must write one per image part"
+            )
+        images, scales, sizes = [], [], []
+        for rel in paths:
+            with Image.open(Path(image_root) / rel) as im:
+                im.load()
+                sizes.append(im.size)
+                resized, sx, sy = resize_image(im, self.cfg.min_pixels, self.cfg.max_pixels, factor=self.factor)
+            images.append(resized)
+            scales.append((sx, sy))
+        boxes = target_bboxes(record.get("target_instances"))
+        if boxes and not scales:
+            raise ValueError(f"record {original_idx}: target boxes but no image to place them in")
+        # Boxes refer to the first image (iVGR records carry one image).
+        target_boxes = [rescale_box(b, *scales[0]) for b in boxes] if boxes else []
+        extra = {k: v for k, v in record.items() if k not in KNOWN_COLUMNS}
+        answer = record.get("answer")
+        return Prompt(
+            original_idx=int(original_idx),
+            stream=stream,
+            prompt_text=text,
+            prompt_token_ids=list(ids),
+            num_prompt_tokens=self.count_tokens(len(ids), sizes),
+            answer="" if answer is None else str(answer),
+            question_type=str(record.get("question_type") or "free_form"),
+            datasource=str(record.get("datasource") or "unknown"),
+            images=images,
+            target_boxes=target_boxes,
+            question=_question(record),
+            extra=extra,
+        )
+
+
+def _question(record: dict) -> str:
+    query = record.get("query")
+    if query:
+        return str(query)
+    problem = str(record.get("problem") or "")
+    return " ".join(p.strip() for p in problem.split(IMAGE_MARKER) if p.strip())
