@@ -51,6 +51,41 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Assets, data validation and one rollout batch of prompts: what a run needs before it starts."""
+    import time
+    from collections import Counter
+
+    from ivgr_dist.data.pipeline import build_pipeline
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    train = build_pipeline(cfg.model, cfg.data, "train")
+    val = build_pipeline(cfg.model, cfg.data, "val", sampler=False)
+    prompts = train.next_prompts()
+    elapsed = time.perf_counter() - t0
+    for stream in ("grounded", "textual", "single"):
+        example = next((p for p in prompts if p.stream == stream), None)
+        if example is not None:
+            print(f"--- {stream} prompt (record {example.original_idx}, {example.num_prompt_tokens} tokens) ---")
+            print(example.prompt_text)
+            print(f"answer={example.answer!r} targets(resized px)={example.target_boxes}")
+    lengths = [p.num_prompt_tokens for p in prompts]
+    summary = {
+        "model_dir": str(cfg.model.path),
+        "train_records": len(train.records),
+        "val_records": len(val.records),
+        "batch_prompts": len(prompts),
+        "batch_streams": dict(Counter(p.stream for p in prompts)),
+        "batch_prompt_tokens_max": max(lengths) if lengths else 0,
+        "seconds": round(elapsed, 2),
+        **train.records.metrics(),
+        **train.sampler.metrics(),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ivgr-dist", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,11 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, default=None, help="number of records (default: data.synthetic.num_records)")
     sp.add_argument("--seed", type=int, default=None, help="seed (default: data.synthetic.seed)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
+    sp = add("prepare", cmd_prepare, "make missing CPU assets, validate the data and build one batch of prompts")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.rollout_batch_size=32")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.config import ConfigError
+    from ivgr_dist.data.dataset import DataError
 
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -91,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ivgr-dist {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except FileExistsError as exc:
+    except (FileExistsError, FileNotFoundError, DataError) as exc:
         print(f"ivgr-dist {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,119 @@
+"""From config to prompts: make missing CPU assets, load the tokenizer, the records and the sampler.
+
+This is the one place that wires ``model`` + ``data`` config into the pipeline, so the driver,
+``ivgr-dist prepare`` and the evaluation command all build it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ivgr_dist.config import DataConfig, ModelConfig
+from ivgr_dist.data.dataset import RecordTable
+from ivgr_dist.data.prompts import PromptBuilder
+from ivgr_dist.data.sampler import PairSampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataPipeline", "build_pipeline", "ensure_model", "ensure_synthetic", "image_factor"]
+
+
+def ensure_model(cfg: ModelConfig) -> Path:
+    """The model directory; builds the tiny random model there when it is missing and allowed."""
+    path = Path(cfg.path)
+    if (path / "config.json").is_file():
+        return path
+    if path.exists() and any(path.iterdir()):
+        raise FileNotFoundError(f"model.path={cfg.path!r} exists but has no config.json: not a model directory")
+    if not cfg.make_tiny_if_missing:
+        raise FileNotFoundError(
+            f"model.path={cfg.path!r} does not exist; point it at a Hugging Face model directory "
+            "or set model.make_tiny_if_missing=true to build the tiny CPU model there"
+        )
+    from ivgr_dist.models.tiny import make_tiny_model
+
+    log.info("building the tiny random Qwen2.5-VL at %s", path)
+    if path.exists():
+        path.rmdir()  # empty directory left by a user; make_tiny_model renames into place
+    return make_tiny_model(path, cfg.tiny)
+
+
+def ensure_synthetic(cfg: DataConfig) -> None:
+    """Generates the synthetic set into the train file's folder when data files are missing and allowed."""
+    files = [Path(f) for f in [*cfg.train_files, *cfg.val_files]]
+    missing = [f for f in files if not f.is_file()]
+    if not missing:
+        return
+    if not cfg.make_synthetic_if_missing:
+        raise FileNotFoundError(
+            f"data file {str(missing[0])!r} does not exist; fix data.train_files / data.val_files "
+            "or set data.make_synthetic_if_missing=true to generate the synthetic set there"
+        )
+    out = Path(cfg.train_files[0]).parent
+    expected = {out / "train.parquet", out / "val.parquet"}
+    if not set(missing) <= expected:
+        raise FileNotFoundError(
+            f"data file {str(missing[0])!r} does not exist and is not where the synthetic set would be written "
+            f"({sorted(str(e) for e in expected)})"
+        )
+    from ivgr_dist.data.synthetic import make_synthetic
+
+    log.info("generating the synthetic data set in %s", out)
+    make_synthetic(out, cfg.synthetic)
+
+
+def image_factor(model_path: str | Path) -> int:
+    """Side multiple of resized images: patch size x spatial merge (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            conf = json.loads(path.read_text())
+            conf = conf.get("image_processor", conf)
+            if "patch_size" in conf and "merge_size" in conf:
+                return int(conf["patch_size"]) * int(conf["merge_size"])
+    log.warning("no patch/merge size in %s; assuming the Qwen2.5-VL image factor 28", model_path)
+    return 28
+
+
+@dataclass
+class DataPipeline:
+    """Everything needed to turn sampler draws into prompts for one split."""
+
+    tokenizer: object
+    builder: PromptBuilder
+    records: RecordTable
+    sampler: PairSampler | None
+
+    def next_prompts(self):
+        """The next rollout batch as :class:`~ivgr_dist.types.Prompt` objects (A/B pairs adjacent)."""
+        if self.sampler is None:
+            raise RuntimeError("this pipeline has no sampler (built with sampler=False)")
+        return self.records.prompts(self.sampler.next_batch())
+
+
+def build_pipeline(model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train", sampler: bool = True):
+    """Assets (if missing and allowed) -> tokenizer -> validated records -> pair-keeping sampler."""
+    from transformers import AutoTokenizer
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: must be 'train' or 'val'")
+    model_dir = ensure_model(model_cfg)
+    ensure_synthetic(data_cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
+    builder = PromptBuilder(tokenizer, data_cfg, factor=image_factor(model_dir))
+    files = data_cfg.train_files if split == "train" else data_cfg.val_files
+    records = RecordTable(files, data_cfg, builder=builder)
+    draw = None
+    if sampler:
+        draw = PairSampler(
+            records.paired_ids,
+            records.single_ids,
+            batch_size=data_cfg.rollout_batch_size,
+            paired_ratio=data_cfg.paired_ratio,
+            seed=data_cfg.seed,
+            shuffle=data_cfg.shuffle,
+        )
+    return DataPipeline(tokenizer=tokenizer, builder=builder, records=records, sampler=draw)

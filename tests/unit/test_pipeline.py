@@ -1,0 +1,89 @@
+"""Config -> assets -> records -> sampler -> prompts, and the ``ivgr-dist prepare`` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ivgr_dist.config import load_config
+from ivgr_dist.data.pipeline import build_pipeline, ensure_model, ensure_synthetic, image_factor
+
+
+def _cfg(tmp_path: Path, model_dir: Path, *extra: str):
+    data = tmp_path / "data"
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}/train.parquet]",
+            f"data.val_files=[{data}/val.parquet]",
+            "data.synthetic.num_records=80",
+            "data.rollout_batch_size=10",
+            *extra,
+        ],
+    )
+
+
+def test_pipeline_generates_missing_data_and_yields_paired_batches(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    pipe = build_pipeline(cfg.model, cfg.data, "train")
+    assert (tmp_path / "data" / "train.parquet").is_file() and (tmp_path / "data" / "images").is_dir()
+    prompts = pipe.next_prompts()
+    assert len(prompts) == 10
+    # A/B pairs adjacent and sharing original_idx; the rest single.
+    pairs = [(a, b) for a, b in zip(prompts[::2], prompts[1::2], strict=False) if a.stream == "grounded"]
+    assert pairs and all(b.stream == "textual" and a.original_idx == b.original_idx for a, b in pairs)
+    assert {p.stream for p in prompts} <= {"grounded", "textual", "single"}
+    for p in prompts:
+        assert p.num_prompt_tokens <= cfg.data.max_prompt_length
+        assert p.prompt_token_ids[-3:] == pipe.tokenizer.encode("<|im_start|>assistant\n")[-3:]
+    val = build_pipeline(cfg.model, cfg.data, "val", sampler=False)
+    assert len(val.records) == 10 and val.sampler is None
+
+
+def test_missing_model_without_permission_is_a_clear_error(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path / "nope", "model.make_tiny_if_missing=false")
+    with pytest.raises(FileNotFoundError, match="model.path=.*nope.* does not exist"):
+        ensure_model(cfg.model)
+
+
+def test_missing_data_without_permission_is_a_clear_error(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, "data.make_synthetic_if_missing=false")
+    with pytest.raises(FileNotFoundError, match="train.parquet' does not exist"):
+        ensure_synthetic(cfg.data)
+
+
+def test_image_factor_follows_the_processor(tmp_path, tiny_model_dir):
+    assert image_factor(tiny_model_dir) == 28
+    fake = tmp_path / "qwen3"
+    fake.mkdir()
+    (fake / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16, "merge_size": 2}))
+    assert image_factor(fake) == 32
+
+
+def test_prepare_command_end_to_end(tmp_path, tiny_model_dir):
+    exe = shutil.which("ivgr-dist")
+    assert exe
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    args = [exe, "prepare", f"model.path={model}", f"data.train_files=[{tmp_path}/d/train.parquet]"]
+    args += [f"data.val_files=[{tmp_path}/d/val.parquet]", "data.synthetic.num_records=64"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["train_records"] + summary["val_records"] == 64
+    assert summary["batch_prompts"] == 16 and summary["data/bad_rows/total"] == 0
+    assert "--- grounded prompt" in proc.stdout and "<box>[x1,y1,x2,y2]</box>" in proc.stdout
+
+    bad = subprocess.run(
+        [exe, "prepare", f"model.path={tmp_path}/absent", "model.make_tiny_if_missing=false"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1 and "make_tiny_if_missing" in bad.stderr
