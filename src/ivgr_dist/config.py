@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EngineConfig",
+    "LearnerConfig",
     "ModelConfig",
     "RolloutConfig",
     "SyntheticConfig",
@@ -387,6 +388,64 @@ class AlgorithmConfig:
         _check(self.max_answer_chars >= 1, "algorithm.max_answer_chars", self.max_answer_chars, "must be >= 1")
 
 
+# ------------------------------------------------------------------------------------------- learner
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The FSDP2 learner group: policy + frozen reference policy, one Ray actor per rank."""
+
+    num_ranks: int = 2
+    """Learner ranks (data-parallel FSDP2 shards); scaled independently of the rollout engines."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``."""
+    gpus_per_rank: int = -1
+    """GPUs per learner rank; -1 = 1 when the cluster has GPUs, else 0."""
+    cpus_per_rank: int = 1
+    """CPUs reserved per learner rank."""
+    precision: str = "auto"
+    """``bf16`` (bf16 compute, fp32 master weights and gradient reduction), ``fp32``, or ``auto``
+    (bf16 on GPU, fp32 on CPU)."""
+    lr: float = 5e-5
+    """AdamW learning rate (recipe: 1e-6 for 7B; the tiny CPU model needs more)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (recipe: 0.01)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_ratio: float = 0.02
+    """Linear warm-up over this share of trainer.max_steps optimizer updates (recipe: 2%)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (recipe: 1.0); 0 disables clipping."""
+    global_batch_size: int = 16
+    """Prompts (groups of n rollouts) per optimizer step, across all ranks (recipe: 128)."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch per rank (padded length x rows); bounds activation memory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory, costs ~30% compute)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "must be >= 1")
+        _check_choice("learner.backend", self.backend, ["auto", "nccl", "gloo"])
+        _check(self.gpus_per_rank >= -1, "learner.gpus_per_rank", self.gpus_per_rank, "must be -1 (auto), 0 or more")
+        _check(self.cpus_per_rank >= 0, "learner.cpus_per_rank", self.cpus_per_rank, "must be >= 0")
+        _check_choice("learner.precision", self.precision, ["auto", "bf16", "fp32"])
+        _check(self.lr > 0 and math.isfinite(self.lr), "learner.lr", self.lr, "must be finite and > 0")
+        _check(self.weight_decay >= 0, "learner.weight_decay", self.weight_decay, "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "learner.betas",
+            self.betas,
+            "must be two numbers in [0, 1)",
+        )
+        _check(0.0 <= self.warmup_ratio < 1.0, "learner.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "learner.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _check(self.global_batch_size >= 1, "learner.global_batch_size", self.global_batch_size, "must be >= 1")
+        _check(self.micro_batch_tokens >= 64, "learner.micro_batch_tokens", self.micro_batch_tokens, "must be >= 64")
+        _check(self.ppo_epochs >= 1, "learner.ppo_epochs", self.ppo_epochs, "must be >= 1")
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -414,6 +473,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:

@@ -48,3 +48,34 @@ class Prompt:
     def uid(self) -> str:
         """Unique id of this prompt instance: ``<original_idx>:<stream>``."""
         return f"{self.original_idx}:{self.stream}"
+
+
+@dataclass
+class Rollout:
+    """One sampled response to a :class:`Prompt`, from generation through reward to the learner."""
+
+    prompt: Prompt
+    """The prompt it answers (shared by the n rollouts of a group)."""
+    sample_idx: int
+    """Index within its group (0..n-1)."""
+    response_ids: list[int]
+    """Generated token ids (EOS included when generation stopped on it)."""
+    response_text: str
+    """Detokenised response."""
+    logprobs: list[float]
+    """Log-probability of each generated token under the sampling engine (vLLM)."""
+    weight_version: int
+    """Version of the policy weights the engine held when it generated this."""
+    finish_reason: str = "stop"
+    """``stop`` (EOS/stop string) or ``length`` (hit max_response_length)."""
+    rewards: dict[str, float] = field(default_factory=dict)
+    """Reward components (format, accuracy, box_valid, box_iou, consistency ...)."""
+    reward: float = 0.0
+    """Sum of the components for this stream: the GRPO reward."""
+    advantage: float = 0.0
+    """Group-normalised advantage, broadcast to every response token."""
+
+    @property
+    def group_key(self) -> str:
+        """GRPO group: one prompt instance of one stream."""
+        return self.prompt.uid
