@@ -301,6 +301,8 @@ class EngineConfig:
     """Share the prompt KV between the n samples of a group."""
     seed: int = 0
     """Engine sampling seed (each engine adds its index)."""
+    max_images_per_prompt: int = 1
+    """Images one prompt may carry (vLLM reserves encoder budget for this many)."""
 
     def __post_init__(self) -> None:
         _check(self.max_model_len >= 64, "rollout.engine.max_model_len", self.max_model_len, "must be >= 64")
@@ -317,6 +319,12 @@ class EngineConfig:
             "must be >= 1",
         )
         _check(self.max_num_seqs >= 1, "rollout.engine.max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _check(
+            self.max_images_per_prompt >= 1,
+            "rollout.engine.max_images_per_prompt",
+            self.max_images_per_prompt,
+            "must be >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -335,6 +343,10 @@ class RolloutConfig:
     """vLLM engines (each a Ray actor); scaled independently of the learners."""
     tensor_parallel_size: int = 1
     """GPUs per engine (recipe: 2). Always 1 on CPU."""
+    max_inflight_groups: int = 0
+    """Groups in flight per engine before the pool holds back (0: engine.max_num_seqs // n)."""
+    group_timeout_s: float = 600.0
+    """A rollout batch fails with an error naming the engine when no group finishes for this long."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """vLLM engine arguments."""
 

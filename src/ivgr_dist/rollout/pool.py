@@ -1,0 +1,218 @@
+"""``RolloutPool``: N rollout engines as Ray actors, least-loaded dispatch, groups streamed back.
+
+Each engine gets its own placement-group bundle: ``tensor_parallel_size`` GPUs on GPU clusters,
+one CPU on CPU machines, so rollout capacity scales independently of the learner group.
+
+:meth:`RolloutPool.generate` keeps at most ``max_inflight_groups`` groups on each engine and hands
+the next prompt to the engine with the fewest groups in flight, so a faster (or less loaded)
+engine takes more work. Finished groups are yielded as soon as they complete, not at the end of
+the batch, so rewards can be computed while other groups are still generating.
+
+Failures are never silent: an engine whose actor dies is dropped, counted and logged, and its
+groups are re-dispatched to the remaining engines; with no engine left, or a group that does not
+finish within ``group_timeout_s``, :class:`RolloutError` names the engine and the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.rollout.worker import RolloutWorker
+from ivgr_dist.types import Prompt, Rollout
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """Generation could not complete; the message names the engine and the prompt."""
+
+
+@dataclass
+class PoolStats:
+    """Counters of one :meth:`RolloutPool.generate` call (logged as ``rollout/*`` metrics)."""
+
+    groups: int = 0
+    tokens: int = 0
+    engine_failures: int = 0
+    requeued_groups: int = 0
+    groups_per_engine: dict[int, int] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "rollout/groups": float(self.groups),
+            "rollout/tokens": float(self.tokens),
+            "rollout/engine_failures": float(self.engine_failures),
+            "rollout/requeued_groups": float(self.requeued_groups),
+        }
+        if self.groups_per_engine:
+            counts = list(self.groups_per_engine.values())
+            out["rollout/engine_balance"] = min(counts) / max(counts) if max(counts) else 1.0
+        return out
+
+
+class RolloutPool:
+    """Holds the engine actors and their placement group; explicit methods, no dispatch magic."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        weight_backend: str,
+        use_gpus: bool,
+        start_timeout_s: float = 600.0,
+    ):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.cfg = rollout_cfg
+        self.use_gpus = use_gpus
+        tp = rollout_cfg.tensor_parallel_size
+        if not use_gpus and tp != 1:
+            raise ValueError(f"rollout.tensor_parallel_size={tp}: must be 1 without GPUs")
+        bundle = {"GPU": float(tp), "CPU": 1.0} if use_gpus else {"CPU": 1.0}
+        self.placement = placement_group([dict(bundle) for _ in range(rollout_cfg.num_engines)], strategy="PACK")
+        try:
+            ray.get(self.placement.ready(), timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RolloutError(
+                f"could not reserve {rollout_cfg.num_engines} rollout bundles of {bundle} within {start_timeout_s}s; "
+                f"cluster resources: {ray.cluster_resources()}"
+            ) from None
+        remote_cls = ray.remote(RolloutWorker)
+        self.actors = []
+        for i in range(rollout_cfg.num_engines):
+            # TP == 1: the actor itself holds the GPU. TP > 1: vLLM's Ray executor places its TP workers
+            # into this bundle, so the actor reserves no GPU of its own.
+            gpus = 1.0 if (use_gpus and tp == 1) else 0.0
+            actor = remote_cls.options(
+                num_cpus=1,
+                num_gpus=gpus,
+                max_concurrency=4096,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement, placement_group_bundle_index=i
+                ),
+                runtime_env={"env_vars": _engine_env(use_gpus)},
+                name=None,
+            ).remote(model_cfg, rollout_cfg, i, weight_backend)
+            self.actors.append(actor)
+        self.alive = list(range(len(self.actors)))
+        infos = ray.get([a.start.remote() for a in self.actors], timeout=start_timeout_s)
+        self.start_info = infos
+        log.info("rollout pool: %d engines started (%s)", len(infos), ", ".join(f"{i['start_s']:.1f}s" for i in infos))
+
+    # -------------------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stats: PoolStats | None = None,
+    ) -> Iterator[list[Rollout]]:
+        """Yield each prompt's group of rollouts as soon as it finishes (order of completion)."""
+        import ray
+
+        stats = stats if stats is not None else PoolStats()
+        cap = self.cfg.max_inflight_groups or max(1, self.cfg.engine.max_num_seqs // max(1, n or self.cfg.n))
+        queue: deque[int] = deque(range(len(prompts)))
+        inflight: dict = {}  # ref -> (prompt index, engine, submit time)
+        load = {e: 0 for e in self.alive}
+
+        def submit() -> None:
+            while queue and self.alive:
+                engine = min(self.alive, key=lambda e: load[e])
+                if load[engine] >= cap:
+                    return
+                i = queue.popleft()
+                ref = self.actors[engine].generate_group.remote(prompts[i], n, temperature, max_tokens)
+                inflight[ref] = (i, engine, time.monotonic())
+                load[engine] += 1
+
+        submit()
+        while inflight:
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self.cfg.group_timeout_s)
+            if not done:
+                i, engine, _ = min(inflight.values(), key=lambda v: v[2])
+                raise RolloutError(
+                    f"engine {engine}: no group finished within rollout.group_timeout_s={self.cfg.group_timeout_s}s "
+                    f"(oldest: prompt {prompts[i].uid})"
+                )
+            ref = done[0]
+            i, engine, _ = inflight.pop(ref)
+            load[engine] -= 1
+            try:
+                group = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self._drop_engine(engine, exc, stats)
+                requeue = [ii for r, (ii, e, _) in list(inflight.items()) if e == engine]
+                for r in [r for r, (_, e, _) in inflight.items() if e == engine]:
+                    inflight.pop(r)
+                queue.extendleft(reversed([i, *requeue]))
+                stats.requeued_groups += 1 + len(requeue)
+                if not self.alive:
+                    raise RolloutError(f"all rollout engines failed; last error: {exc}") from exc
+                submit()
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise RolloutError(f"engine {engine} failed on prompt {prompts[i].uid}: {exc}") from exc
+            stats.groups += 1
+            stats.tokens += sum(len(r.response_ids) for r in group)
+            stats.groups_per_engine[engine] = stats.groups_per_engine.get(engine, 0) + 1
+            submit()
+            yield group
+
+    def _drop_engine(self, engine: int, exc: BaseException, stats: PoolStats) -> None:
+        if engine in self.alive:
+            self.alive.remove(engine)
+            stats.engine_failures += 1
+            log.error("rollout engine %d died (%s); %d engines left", engine, exc, len(self.alive))
+
+    # ------------------------------------------------------------------------------ weight sync
+
+    def update_weights(self, buckets: list[dict], version: int, timeout_s: float = 600.0) -> list[dict]:
+        """Every live engine loads ``buckets`` and takes ``version``; returns per-engine timings."""
+        import ray
+
+        refs = {self.actors[e].update_weights.remote(buckets, version): e for e in self.alive}
+        try:
+            return ray.get(list(refs), timeout=timeout_s)
+        except ray.exceptions.RayError as exc:
+            raise RolloutError(f"weight update to version {version} failed on an engine: {exc}") from exc
+
+    def versions(self, timeout_s: float = 60.0) -> list[int]:
+        """Weight version each live engine reports."""
+        import ray
+
+        return ray.get([self.actors[e].weight_version.remote() for e in self.alive], timeout=timeout_s)
+
+    def weight_checksums(self, timeout_s: float = 120.0) -> list[dict[str, str]]:
+        import ray
+
+        return ray.get([self.actors[e].weight_checksums.remote() for e in self.alive], timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - best effort during teardown; the kill below is what matters
+                pass
+            ray.kill(actor)
+        remove_placement_group(self.placement)
+        self.actors, self.alive = [], []
+
+
+def _engine_env(use_gpus: bool) -> dict[str, str]:
+    """Environment of engine actors. On CPU each engine keeps to one thread so N engines share N cores."""
+    if use_gpus:
+        return {}
+    return {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

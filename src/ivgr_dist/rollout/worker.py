@@ -1,0 +1,204 @@
+"""``RolloutWorker``: one vLLM ``AsyncLLM`` engine inside a Ray actor.
+
+The worker generates whole GRPO groups (n samples of one prompt) and returns typed
+:class:`~ivgr_dist.types.Rollout` records carrying the token ids, the engine's log-probs of the
+sampled tokens and the weight version the engine held. Prompts go to vLLM as token ids plus the
+resized images as multimodal data (vLLM expands the image placeholder itself). Many groups are in
+flight at once: Ray runs the actor's async methods concurrently on one event loop and vLLM batches
+them continuously.
+
+Weight updates use vLLM's weight-transfer lifecycle (start -> update per bucket -> finish with a
+version), then reset the prefix, encoder and multimodal caches so no request sees stale state.
+
+The class is plain Python (``ray.remote`` is applied by :class:`~ivgr_dist.rollout.pool.RolloutPool`)
+so it can also run in-process in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.types import Prompt, Rollout
+
+log = logging.getLogger(__name__)
+
+
+def engine_kwargs(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, engine_index: int, weight_backend: str) -> dict:
+    """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine."""
+    eng = rollout_cfg.engine
+    kwargs: dict[str, Any] = dict(
+        model=str(model_cfg.path),
+        dtype=model_cfg.dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        enforce_eager=eng.enforce_eager,
+        max_model_len=eng.max_model_len,
+        gpu_memory_utilization=eng.gpu_memory_utilization,
+        max_num_seqs=eng.max_num_seqs,
+        enable_prefix_caching=eng.enable_prefix_caching,
+        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+        seed=eng.seed + engine_index,
+        limit_mm_per_prompt={"image": eng.max_images_per_prompt},
+        weight_transfer_config={"backend": weight_backend},
+        disable_log_stats=True,
+    )
+    if rollout_cfg.tensor_parallel_size > 1:
+        # The engine's TP workers go into the placement-group bundles reserved for this actor.
+        kwargs["distributed_executor_backend"] = "ray"
+    return kwargs
+
+
+class RolloutWorker:
+    """One vLLM engine; generates groups and takes weight updates."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        engine_index: int = 0,
+        weight_backend: str = "ivgr_shm",
+    ):
+        self.model_cfg = model_cfg
+        self.cfg = rollout_cfg
+        self.index = engine_index
+        self.weight_backend = weight_backend
+        self.version = 0
+        self.engine = None
+        self.in_flight = 0
+        self.generated_tokens = 0
+
+    async def start(self) -> dict:
+        """Build the engine (import of vLLM happens here, inside the actor)."""
+        from ivgr_dist._ext_fix import install
+
+        install()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.engine.cpu_kvcache_space_gb))
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from ivgr_dist.sync.shm import register_with_vllm
+
+        register_with_vllm()  # in this process too (the plugin covers the engine's own processes)
+        t0 = time.perf_counter()
+        args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
+        self.engine = AsyncLLM.from_engine_args(args)
+        await self.engine.init_weight_transfer_engine(_init_request())
+        await self.engine.update_weight_version(str(self.version))
+        return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
+
+    # -------------------------------------------------------------------------------- generation
+
+    def _sampling_params(self, n: int, temperature: float | None, max_tokens: int | None, seed: int | None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p if (temperature is None or temperature > 0) else 1.0,
+            max_tokens=max_tokens or self.cfg.max_response_length,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=seed,
+        )
+
+    async def generate_group(
+        self,
+        prompt: Prompt,
+        n: int | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> list[Rollout]:
+        """n samples of one prompt (one GRPO group), each with token ids, log-probs and weight version."""
+        if self.engine is None:
+            raise RuntimeError(f"rollout engine {self.index} is not started")
+        n = self.cfg.n if n is None else n
+        params = self._sampling_params(n, temperature, max_tokens, seed)
+        request: dict[str, Any] = {"prompt_token_ids": list(prompt.prompt_token_ids)}
+        if prompt.images:
+            request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
+        version = self.version
+        self.in_flight += 1
+        try:
+            final = None
+            async for out in self.engine.generate(request, params, request_id=f"{prompt.uid}-{uuid.uuid4().hex[:8]}"):
+                final = out
+        finally:
+            self.in_flight -= 1
+        assert final is not None and final.finished
+        rollouts = []
+        for i, comp in enumerate(sorted(final.outputs, key=lambda c: c.index)):
+            ids = list(comp.token_ids)
+            logprobs = [float(step[tok].logprob) for step, tok in zip(comp.logprobs or [], ids, strict=False)]
+            if len(logprobs) != len(ids):
+                raise RuntimeError(f"engine {self.index} returned {len(logprobs)} log-probs for {len(ids)} tokens")
+            self.generated_tokens += len(ids)
+            rollouts.append(
+                Rollout(
+                    prompt=prompt,
+                    sample_idx=i,
+                    response_ids=ids,
+                    response_text=comp.text,
+                    logprobs=logprobs,
+                    weight_version=version,
+                    finish_reason=comp.finish_reason or "stop",
+                )
+            )
+        return rollouts
+
+    def load(self) -> int:
+        """Requests (groups) in flight on this engine: the pool dispatches to the least loaded."""
+        return self.in_flight
+
+    def stats(self) -> dict:
+        return {"engine": self.index, "in_flight": self.in_flight, "generated_tokens": self.generated_tokens}
+
+    # ------------------------------------------------------------------------------ weight sync
+
+    async def update_weights(self, buckets: list[dict], version: int) -> dict:
+        """Load checkpoint-format buckets (backend-specific descriptors) and take ``version``."""
+        if self.in_flight:
+            raise RuntimeError(f"engine {self.index}: weight update with {self.in_flight} groups in flight")
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        t0 = time.perf_counter()
+        await self.engine.start_weight_update()
+        for bucket in buckets:
+            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=bucket))
+        await self.engine.finish_weight_update(weight_version=str(version))
+        await self.reset_caches()
+        self.version = version
+        return {"engine": self.index, "version": version, "update_s": time.perf_counter() - t0}
+
+    async def reset_caches(self) -> None:
+        """Drop KV prefix, encoder and multimodal caches (they hold results of the old weights)."""
+        await self.engine.reset_prefix_cache()
+        await self.engine.reset_encoder_cache()
+        await self.engine.reset_mm_cache()
+
+    async def weight_version(self) -> int:
+        """The version the engine itself reports (set at the end of each update)."""
+        return int(await self.engine.get_weight_version())
+
+    async def weight_checksums(self) -> dict[str, str]:
+        """vLLM's per-parameter digests of the loaded weights (engine naming)."""
+        merged: dict[str, str] = {}
+        for part in await self.engine.compute_weight_checksums():
+            merged.update(part)
+        return merged
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        await asyncio.sleep(0)
+
+
+def _init_request():
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+    return WeightTransferInitRequest(init_info={})

@@ -1,0 +1,16 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins``): runs in every vLLM process.
+
+Registers ivgr-dist's weight-transfer engines with vLLM's factory, so engines created with
+``weight_transfer_config={"backend": "ivgr_shm"}`` find them in their own (spawned) processes.
+"""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    from ivgr_dist._ext_fix import install
+
+    install()
+    from ivgr_dist.sync.shm import register_with_vllm
+
+    register_with_vllm()
