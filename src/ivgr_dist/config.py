@@ -27,6 +27,7 @@ __all__ = [
     "LearnerConfig",
     "ModelConfig",
     "RolloutConfig",
+    "SyncConfig",
     "SyntheticConfig",
     "TinyModelConfig",
     "TrainerConfig",
@@ -458,6 +459,23 @@ class LearnerConfig:
         _check(self.ppo_epochs >= 1, "learner.ppo_epochs", self.ppo_epochs, "must be >= 1")
 
 
+# -------------------------------------------------------------------------------------------- sync
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Weight sync from the learner group into every rollout engine after each update."""
+
+    backend: str = "auto"
+    """``auto`` (nccl with GPUs, else ivgr_shm), ``nccl`` (vLLM's NCCL engine) or ``ivgr_shm`` (CPU, one node)."""
+    bucket_mb: int = 256
+    """Weights move in buckets of about this many MiB."""
+
+    def __post_init__(self) -> None:
+        _check_choice("sync.backend", self.backend, ["auto", "nccl", "ivgr_shm"])
+        _check(self.bucket_mb >= 1, "sync.bucket_mb", self.bucket_mb, "must be >= 1")
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -471,10 +489,19 @@ class TrainerConfig:
     """Global seed."""
     max_steps: int = 20
     """RL steps to run."""
+    save_every: int = 10
+    """Checkpoint every this many steps (and after the last step); 0 = only after the last step."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir/checkpoints when there is one."""
+    tensorboard: bool = True
+    """Mirror metrics.jsonl to TensorBoard event files in output_dir/tensorboard."""
+    ray_address: str | None = None
+    """Ray cluster to join; None: RAY_ADDRESS if set (ray job submit sets it), else a local cluster."""
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a non-empty path")
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "must be >= 0")
+        _check(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -486,6 +513,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:

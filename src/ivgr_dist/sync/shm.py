@@ -146,3 +146,42 @@ def register_with_vllm() -> None:
 
     if BACKEND_NAME not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(BACKEND_NAME, _engine_class())
+
+
+# ------------------------------------------------------------------------------- driver side
+
+
+class ShmWeightSync:
+    """Driver-side orchestration of the shared-memory backend (see the module docstring)."""
+
+    engine_backend = BACKEND_NAME
+
+    def __init__(self, bucket_bytes: int = 256 << 20, shm_root: str = DEFAULT_SHM_ROOT):
+        self.bucket_bytes = bucket_bytes
+        self.shm_root = shm_root
+
+    def setup(self, learners, rollouts) -> None:
+        """Nothing to rendezvous: files carry the data, the engines' own RPC carries the control."""
+
+    def push(self, learners, rollouts, version: int) -> dict[str, float]:
+        import shutil
+
+        t0 = time.perf_counter()
+        out_dir = make_shm_dir(self.shm_root, prefix=f"ivgr_sync_v{version}_")
+        try:
+            buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes)
+            t_write = time.perf_counter() - t0
+            per_engine = rollouts.update_weights(buckets, version)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        nbytes = sum(b["nbytes"] for b in buckets)
+        return {
+            "sync/bytes": float(nbytes),
+            "sync/buckets": float(len(buckets)),
+            "sync/gather_write_s": t_write,
+            "sync/engine_load_s_max": max(e["update_s"] for e in per_engine) if per_engine else 0.0,
+            "time/sync_s": time.perf_counter() - t0,
+        }
+
+    def close(self) -> None:
+        pass

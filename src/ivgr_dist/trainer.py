@@ -1,0 +1,220 @@
+"""The driver: iVGR's RL step on one screen.
+
+    sample records -> generate both streams (groups stream back as they finish)
+      -> score each finished group (pair-aware, overlapping generation)
+      -> GRPO advantages per (record, stream) group -> old/ref log-probs -> update
+      -> push weights (version v+1) into every engine -> log -> checkpoint
+
+Everything heavy lives in the roles (``RolloutPool``, ``LearnerGroup``, the scorer, the weight
+sync); this file only wires them in the order of the algorithm. Generation and learning alternate
+(on-policy, like the recipe); the asynchronous one-step-off mode is a later option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ivgr_dist.config import Config, to_yaml
+from ivgr_dist.learner.grpo import group_advantages
+from ivgr_dist.metrics import MetricsLogger, Timer
+from ivgr_dist.reward.summary import reward_metrics
+from ivgr_dist.types import Rollout
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from ivgr_dist.data.pipeline import build_pipeline
+        from ivgr_dist.learner.batch import SampleEncoder
+        from ivgr_dist.learner.group import LearnerGroup
+        from ivgr_dist.reward.scorer import RuleScorer
+        from ivgr_dist.rollout.pool import RolloutPool
+        from ivgr_dist.sync import make_weight_sync
+
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(to_yaml(cfg))
+        use_gpus = cluster_has_gpus()
+        self.data = build_pipeline(cfg.model, cfg.data, "train")
+        self.sync = make_weight_sync(cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20)
+        self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus)
+        self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), use_gpus)
+        self.sync.setup(self.learners, self.rollouts)
+        self.scorer = RuleScorer(cfg.algorithm)
+        self.encoder = SampleEncoder(cfg.model.path)
+        self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
+        self.step, self.version = 0, 0
+        if cfg.trainer.resume:
+            self.maybe_resume()
+
+    def total_updates(self) -> int:
+        per_step = -(-self.cfg.data.rollout_batch_size // self.cfg.learner.global_batch_size)
+        return max(1, self.cfg.trainer.max_steps * per_step * self.cfg.learner.ppo_epochs)
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def train(self) -> list[dict]:
+        from tqdm import tqdm
+
+        records = []
+        bar = tqdm(range(self.step + 1, self.cfg.trainer.max_steps + 1), desc="rl steps", unit="step")
+        for step in bar:
+            record = self.rl_step(step)
+            records.append(record)
+            bar.set_postfix(
+                reward_A=f"{record.get('reward/grounded/overall', float('nan')):.2f}",
+                reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
+                step_s=f"{record['time/step_s']:.1f}",
+            )
+            if self._should_save(step):
+                self.save(step)
+        return records
+
+    def rl_step(self, step: int) -> dict:
+        from ivgr_dist.rollout.pool import PoolStats
+
+        cfg, timer, gen = self.cfg, Timer(), PoolStats()
+        t0 = time.perf_counter()
+        with timer("step"):
+            prompts = self.data.next_prompts()
+            generated = self._timed(self.rollouts.generate(prompts, stats=gen), timer)
+            groups = list(self.scorer.score_stream(generated, prompts, step))  # overlaps generation
+            timer.seconds["reward_tail"] = time.perf_counter() - t0 - timer.seconds["generate"]
+            rollouts = [r for g in groups for r in g]
+            self._assign_advantages(rollouts)
+            samples = [self.encoder.encode(r) for r in rollouts]
+            with timer("learner"):
+                T = cfg.rollout.temperature or 1.0
+                old = self.learners.compute_logprobs(samples, "policy", T)
+                ref = self.learners.compute_logprobs(samples, "reference", T) if cfg.algorithm.kl_coef > 0 else None
+                for s, o, r in zip(samples, old, ref or [None] * len(samples), strict=True):
+                    s.old_logprobs, s.ref_logprobs = o, r
+                train = self._update(samples, T)
+            with timer("sync"):
+                self.version += 1
+                sync = self.sync.push(self.learners, self.rollouts, self.version)
+                versions = self.rollouts.versions()
+        metrics = {
+            "weight_version": self.version,
+            **timer.metrics(),
+            **gen.metrics(),
+            **reward_metrics(rollouts),
+            **self.scorer.metrics(),
+            **train,
+            **sync,
+            **self.data.records.metrics(),
+            **self.data.sampler.metrics(),
+            "time/reward_s": timer.seconds["reward_tail"],
+            "rollout/tokens_per_s": gen.tokens / max(timer.seconds["generate"], 1e-9),
+            "sync/engines_in_sync": float(all(v == self.version for v in versions)),
+            "logprob/mismatch_mean": _mismatch(rollouts, old),
+        }
+        return self.metrics.log(step, metrics)
+
+    def _timed(self, groups: Iterator[list[Rollout]], timer: Timer) -> Iterator[list[Rollout]]:
+        """Pass groups through, recording when the last one arrived (generation end)."""
+        t0 = time.perf_counter()
+        for group in groups:
+            yield group
+            timer.seconds["generate"] = time.perf_counter() - t0
+        timer.seconds["generate"] = time.perf_counter() - t0
+
+    def _update(self, samples: list, temperature: float) -> dict[str, float]:
+        """ppo_epochs passes of optimizer steps over mini-batches of global_batch_size groups."""
+        per_update = self.cfg.learner.global_batch_size * self.cfg.rollout.n
+        steps = [
+            self.learners.train_step(samples[i : i + per_update], temperature)
+            for _ in range(self.cfg.learner.ppo_epochs)
+            for i in range(0, len(samples), per_update)
+        ]
+        out = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
+        out["learner/updates"] = float(len(steps))
+        return out
+
+    def _assign_advantages(self, rollouts: list[Rollout]) -> None:
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+        adv = group_advantages(rewards, [r.group_key for r in rollouts], eps=self.cfg.algorithm.adv_eps)
+        for r, a in zip(rollouts, adv.tolist(), strict=True):
+            r.advantage = a
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _should_save(self, step: int) -> bool:
+        every = self.cfg.trainer.save_every
+        return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
+
+    def save(self, step: int) -> Path:
+        """Learner (sharded: model, optimizer, scheduler) + driver state; ``COMPLETE`` marks it usable."""
+        path = self.out / "checkpoints" / f"step_{step:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        self.learners.save_checkpoint(str(path / "learner"))
+        state = {
+            "step": step,
+            "weight_version": self.version,
+            "sampler": self.data.sampler.state_dict(),
+            "scorer": self.scorer.state_dict(),
+        }
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        (path / "COMPLETE").write_text(str(time.time()))
+        log.info("checkpoint written to %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        root = self.out / "checkpoints"
+        done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+        if not done:
+            return
+        path = done[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.learners.load_checkpoint(str(path / "learner"))
+        self.data.sampler.load_state_dict(state["sampler"])
+        self.scorer.load_state_dict(state["scorer"])
+        self.step, self.version = state["step"], state["weight_version"]
+        self.sync.push(self.learners, self.rollouts, self.version)  # engines start from the base weights
+        log.info("resumed from %s (step %d, weight version %d)", path, self.step, self.version)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.sync.close()
+        self.rollouts.shutdown()
+        self.learners.shutdown()
+
+
+def _mismatch(rollouts: list[Rollout], learner_logprobs: list[list[float]]) -> float:
+    """Mean |learner - engine| log-prob over all sampled tokens."""
+    total, count = 0.0, 0
+    for r, lp in zip(rollouts, learner_logprobs, strict=True):
+        for a, b in zip(r.logprobs, lp, strict=True):
+            total += abs(a - b)
+            count += 1
+    return total / max(count, 1)
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def init_ray(cfg: Config) -> None:
+    """Join ``trainer.ray_address`` / RAY_ADDRESS (``ray job submit`` sets it), else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = cfg.rollout.num_engines + cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
+    # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)
