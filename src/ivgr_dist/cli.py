@@ -86,6 +86,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """GRPO training of both streams on Ray (local cluster unless RAY_ADDRESS / trainer.ray_address)."""
+    from ivgr_dist.trainer import Trainer, init_ray, summarize
+
+    cfg = _config(args)
+    init_ray(cfg)
+    trainer = Trainer(cfg)
+    try:
+        records = trainer.train()
+    finally:
+        trainer.close()
+    print(summarize(cfg, records))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ivgr-dist", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -110,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, default=None, help="number of records (default: data.synthetic.num_records)")
     sp.add_argument("--seed", type=int, default=None, help="seed (default: data.synthetic.seed)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
+    sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
+
     sp = add("prepare", cmd_prepare, "make missing CPU assets, validate the data and build one batch of prompts")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.rollout_batch_size=32")
     return p

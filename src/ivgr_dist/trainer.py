@@ -45,9 +45,9 @@ class Trainer:
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         use_gpus = cluster_has_gpus()
         self.data = build_pipeline(cfg.model, cfg.data, "train")
-        self.sync = make_weight_sync(cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20)
+        self.sync = make_weight_sync(cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype)
         self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus)
-        self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), use_gpus)
+        self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates())
         self.sync.setup(self.learners, self.rollouts)
         self.scorer = RuleScorer(cfg.algorithm)
         self.encoder = SampleEncoder(cfg.model.path)
@@ -88,7 +88,7 @@ class Trainer:
             prompts = self.data.next_prompts()
             generated = self._timed(self.rollouts.generate(prompts, stats=gen), timer)
             groups = list(self.scorer.score_stream(generated, prompts, step))  # overlaps generation
-            timer.seconds["reward_tail"] = time.perf_counter() - t0 - timer.seconds["generate"]
+            reward_tail = time.perf_counter() - t0 - timer.seconds["generate"]
             rollouts = [r for g in groups for r in g]
             self._assign_advantages(rollouts)
             samples = [self.encoder.encode(r) for r in rollouts]
@@ -108,12 +108,13 @@ class Trainer:
             **timer.metrics(),
             **gen.metrics(),
             **reward_metrics(rollouts),
-            **self.scorer.metrics(),
+            **(scorer_metrics := self.scorer.metrics()),
+            "time/reward_s": scorer_metrics.get("reward/busy_s", 0.0),
             **train,
             **sync,
             **self.data.records.metrics(),
             **self.data.sampler.metrics(),
-            "time/reward_s": timer.seconds["reward_tail"],
+            "reward/tail_s": reward_tail,
             "rollout/tokens_per_s": gen.tokens / max(timer.seconds["generate"], 1e-9),
             "sync/engines_in_sync": float(all(v == self.version for v in versions)),
             "logprob/mismatch_mean": _mismatch(rollouts, old),
@@ -197,6 +198,32 @@ def _mismatch(rollouts: list[Rollout], learner_logprobs: list[list[float]]) -> f
             total += abs(a - b)
             count += 1
     return total / max(count, 1)
+
+
+def summarize(cfg: Config, records: list[dict]) -> str:
+    """Final summary: first vs last rewards, where metrics and checkpoints are."""
+    out = Path(cfg.trainer.output_dir)
+    lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
+    if records:
+        first, last = records[0], records[-1]
+        for key in (
+            "reward/grounded/overall",
+            "reward/grounded/accuracy",
+            "reward/grounded/box_iou",
+            "reward/textual/overall",
+            "reward/textual/accuracy",
+            "reward/textual/consistency",
+        ):
+            if first.get(key) is not None and last.get(key) is not None:
+                lines.append(
+                    f"  {key:32s} step {first['step']:>4}: {first[key]:.3f}   step {last['step']:>4}: {last[key]:.3f}"
+                )
+        lines.append(
+            f"  weight version {last['weight_version']:.0f}; engines in sync: {bool(last['sync/engines_in_sync'])}"
+        )
+    ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
+    lines.append(f"  latest checkpoint: {ckpts[-1] if ckpts else 'none'}")
+    return "\n".join(lines)
 
 
 def cluster_has_gpus() -> bool:

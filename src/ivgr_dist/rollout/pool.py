@@ -97,7 +97,7 @@ class RolloutPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement, placement_group_bundle_index=i
                 ),
-                runtime_env={"env_vars": _engine_env(use_gpus)},
+                runtime_env={"env_vars": _engine_env(use_gpus, rollout_cfg.num_engines)},
                 name=None,
             ).remote(model_cfg, rollout_cfg, i, weight_backend)
             self.actors.append(actor)
@@ -115,6 +115,7 @@ class RolloutPool:
         temperature: float | None = None,
         max_tokens: int | None = None,
         stats: PoolStats | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[list[Rollout]]:
         """Yield each prompt's group of rollouts as soon as it finishes (order of completion)."""
         import ray
@@ -131,7 +132,9 @@ class RolloutPool:
                 if load[engine] >= cap:
                     return
                 i = queue.popleft()
-                ref = self.actors[engine].generate_group.remote(prompts[i], n, temperature, max_tokens)
+                ref = self.actors[engine].generate_group.remote(
+                    prompts[i], n, temperature, max_tokens, None, ignore_eos
+                )
                 inflight[ref] = (i, engine, time.monotonic())
                 load[engine] += 1
 
@@ -211,8 +214,12 @@ class RolloutPool:
         self.actors, self.alive = [], []
 
 
-def _engine_env(use_gpus: bool) -> dict[str, str]:
-    """Environment of engine actors. On CPU each engine keeps to one thread so N engines share N cores."""
+def _engine_env(use_gpus: bool, num_engines: int) -> dict[str, str]:
+    """Environment of engine actors. On CPU the engines split this node's cores between them (no pinning,
+    so several engines and the learner ranks can share a small machine)."""
     if use_gpus:
         return {}
-    return {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    import os
+
+    threads = str(max(1, (os.cpu_count() or 1) // num_engines))
+    return {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

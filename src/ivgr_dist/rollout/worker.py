@@ -71,6 +71,7 @@ class RolloutWorker:
         self.engine = None
         self.in_flight = 0
         self.generated_tokens = 0
+        self.banned: dict[int, float] = {}
 
     async def start(self) -> dict:
         """Build the engine (import of vLLM happens here, inside the actor)."""
@@ -87,13 +88,16 @@ class RolloutWorker:
         t0 = time.perf_counter()
         args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
         self.engine = AsyncLLM.from_engine_args(args)
+        self.banned = banned_token_bias(self.engine.get_tokenizer())
         await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
         return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
 
     # -------------------------------------------------------------------------------- generation
 
-    def _sampling_params(self, n: int, temperature: float | None, max_tokens: int | None, seed: int | None):
+    def _sampling_params(
+        self, n: int, temperature: float | None, max_tokens: int | None, seed: int | None, ignore_eos: bool = False
+    ):
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -103,6 +107,8 @@ class RolloutWorker:
             max_tokens=max_tokens or self.cfg.max_response_length,
             logprobs=0,  # the sampled token's log-prob only
             seed=seed,
+            ignore_eos=ignore_eos,  # benchmarks: fixed response length
+            logit_bias=self.banned or None,
         )
 
     async def generate_group(
@@ -112,12 +118,13 @@ class RolloutWorker:
         temperature: float | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> list[Rollout]:
         """n samples of one prompt (one GRPO group), each with token ids, log-probs and weight version."""
         if self.engine is None:
             raise RuntimeError(f"rollout engine {self.index} is not started")
         n = self.cfg.n if n is None else n
-        params = self._sampling_params(n, temperature, max_tokens, seed)
+        params = self._sampling_params(n, temperature, max_tokens, seed, ignore_eos)
         request: dict[str, Any] = {"prompt_token_ids": list(prompt.prompt_token_ids)}
         if prompt.images:
             request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
@@ -196,6 +203,17 @@ class RolloutWorker:
             self.engine.shutdown()
             self.engine = None
         await asyncio.sleep(0)
+
+
+# Vision placeholders must never appear in a response: the learner would read them as image slots.
+# A trained model does not emit them; a random or collapsing one can, so sampling excludes them.
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def banned_token_bias(tokenizer) -> dict[int, float]:
+    """Logit bias that removes the vision special tokens present in ``tokenizer`` from sampling."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[t]: -100.0 for t in VISION_SPECIAL_TOKENS if t in vocab}
 
 
 def _init_request():

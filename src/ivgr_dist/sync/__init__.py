@@ -59,6 +59,6 @@ def resolve_backend(name: str, use_gpus: bool) -> str:
     return name
 
 
-def make_weight_sync(name: str, use_gpus: bool, bucket_bytes: int) -> WeightSync:
-    """The backend object for ``sync.backend`` (after ``auto`` is resolved)."""
-    return BACKENDS[resolve_backend(name, use_gpus)]()(bucket_bytes=bucket_bytes)
+def make_weight_sync(name: str, use_gpus: bool, bucket_bytes: int, dtype: str | None = None) -> WeightSync:
+    """The backend object for ``sync.backend`` (after ``auto`` is resolved); ``dtype``: the engines' dtype."""
+    return BACKENDS[resolve_backend(name, use_gpus)]()(bucket_bytes=bucket_bytes, dtype=dtype)

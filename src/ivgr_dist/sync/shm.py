@@ -156,8 +156,9 @@ class ShmWeightSync:
 
     engine_backend = BACKEND_NAME
 
-    def __init__(self, bucket_bytes: int = 256 << 20, shm_root: str = DEFAULT_SHM_ROOT):
+    def __init__(self, bucket_bytes: int = 256 << 20, dtype: str | None = None, shm_root: str = DEFAULT_SHM_ROOT):
         self.bucket_bytes = bucket_bytes
+        self.dtype = dtype  # the engines' dtype: cast once on the learner instead of in every engine
         self.shm_root = shm_root
 
     def setup(self, learners, rollouts) -> None:
@@ -169,7 +170,7 @@ class ShmWeightSync:
         t0 = time.perf_counter()
         out_dir = make_shm_dir(self.shm_root, prefix=f"ivgr_sync_v{version}_")
         try:
-            buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes)
+            buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes, self.dtype)
             t_write = time.perf_counter() - t0
             per_engine = rollouts.update_weights(buckets, version)
         finally:

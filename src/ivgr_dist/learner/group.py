@@ -1,0 +1,207 @@
+"""The learner group: ``learner.num_ranks`` :class:`~ivgr_dist.learner.worker.LearnerWorker` actors.
+
+The driver holds one :class:`LearnerGroup` and calls its explicit methods; each fans the call out
+to every rank (all ranks must take part: FSDP's collectives), waits with a timeout, and returns one
+answer. An error on any rank is raised at once with the rank number and the method; the group is
+then unusable (the other ranks may be stuck in a collective) and should be shut down.
+
+Placement: one bundle per rank (``cpus_per_rank`` CPUs, 1 GPU per rank when the cluster has GPUs
+unless ``gpus_per_rank`` says otherwise) in a PACK placement group, so ranks share a node where
+they fit. Rendezvous: rank 0's actor picks its node address and a free port; every rank then joins
+the process group at that address.
+
+Sharding a batch over ranks:
+
+* :meth:`train_step` keeps each GRPO group on one rank when there are at least as many groups as
+  ranks, balancing response+prompt tokens greedily (largest first). The loss does not need it
+  (the worker divides by the GLOBAL token count), it keeps a prompt's rollouts together.
+* :meth:`compute_logprobs` balances single samples by tokens and returns results in input order.
+* Uneven shards need no padding here: the brief suggested padding shards with dummy copies, but
+  equal sample counts are not enough anyway (a token budget can still give ranks different
+  micro-batch counts). The workers agree on the micro-batch count themselves and run masked-out
+  dummy micro-batches, so any split works, empty shards included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from ivgr_dist.learner.batch import LearnerSample
+from ivgr_dist.learner.worker import LearnerWorker
+
+__all__ = ["LearnerGroup", "balance_shards", "shard_by_group"]
+
+
+def balance_shards(units: Sequence[Sequence[int]], weights: Sequence[int], n: int) -> list[list[int]]:
+    """Assign each unit (a list of sample indices) to one of ``n`` shards, heaviest unit first to the
+    lightest shard (ties: lowest shard). Each shard's indices come back sorted."""
+    shards: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    order = sorted(range(len(units)), key=lambda u: (-sum(weights[i] for i in units[u]), u))
+    for u in order:
+        r = min(range(n), key=lambda k: (load[k], k))
+        shards[r].extend(units[u])
+        load[r] += sum(weights[i] for i in units[u])
+    return [sorted(s) for s in shards]
+
+
+def shard_by_group(samples: Sequence[LearnerSample], n: int) -> list[list[int]]:
+    """Sample indices per rank: whole GRPO groups when there are >= ``n`` groups, else single samples."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.group_key, []).append(i)
+    units = list(groups.values()) if len(groups) >= n else [[i] for i in range(len(samples))]
+    return balance_shards(units, [s.num_tokens for s in samples], n)
+
+
+class LearnerGroup:
+    """Ray actors of the learner ranks, created, placed and joined into one process group."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        learner_cfg: LearnerConfig,
+        algo_cfg: AlgorithmConfig,
+        total_steps: int,
+        timeout_s: float = 1800.0,
+    ):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.num_ranks = n = learner_cfg.num_ranks
+        self.timeout_s = timeout_s
+        gpus = learner_cfg.gpus_per_rank
+        if gpus < 0:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        cpus = learner_cfg.cpus_per_rank
+        # Ray rejects empty bundles; a rank configured with no resources still needs a slot.
+        bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0} or {"CPU": 0.01}
+        self._pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=timeout_s)
+        except Exception as exc:
+            ray.util.remove_placement_group(self._pg)
+            raise RuntimeError(
+                f"learner placement group ({n} x {bundle}) not ready within {timeout_s}s; "
+                f"cluster has {ray.cluster_resources()}"
+            ) from exc
+        threads = str(max(1, cpus))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        actor_cls = ray.remote(LearnerWorker)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=r
+                ),
+                runtime_env={"env_vars": env},
+            ).remote(model_cfg, learner_cfg, algo_cfg, r, n, total_steps)
+            for r in range(n)
+        ]
+        try:
+            addr, port = self._gather([self.actors[0].master_address.remote()], "master_address")[0]
+            self._gather([a.init_distributed.remote(addr, port) for a in self.actors], "init_distributed")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def _gather(self, refs: list, what: str, ranks: Sequence[int] | None = None) -> list:
+        """Results of ``refs`` (one per rank), failing fast with the rank number of the first error."""
+        import ray
+
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        rank_of = {ref: r for ref, r in zip(refs, ranks, strict=True)}
+        results: dict[int, object] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = sorted(rank_of[p] for p in pending)
+                raise TimeoutError(f"learner {what}: rank(s) {late} did not answer within {self.timeout_s}s")
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in done:
+                try:
+                    results[rank_of[ref]] = ray.get(ref, timeout=max(1.0, left))
+                except Exception as exc:
+                    raise RuntimeError(f"learner rank {rank_of[ref]} failed in {what}: {exc}") from exc
+        return [results[r] for r in ranks]
+
+    def compute_logprobs(
+        self, samples: Sequence[LearnerSample], which: str = "policy", temperature: float = 1.0
+    ) -> list[list[float]]:
+        """Response-token log-probs of every sample under ``which``, in input order."""
+        shards = balance_shards([[i] for i in range(len(samples))], [s.num_tokens for s in samples], self.num_ranks)
+        refs = [
+            a.compute_logprobs.remote([samples[i] for i in shard], which, temperature)
+            for a, shard in zip(self.actors, shards, strict=True)
+        ]
+        out: list[list[float]] = [[] for _ in samples]
+        for shard, values in zip(shards, self._gather(refs, f"compute_logprobs({which})"), strict=True):
+            for i, v in zip(shard, values, strict=True):
+                out[i] = v
+        return out
+
+    def train_step(self, samples: Sequence[LearnerSample], temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer update over the global batch ``samples``.
+
+        The workers all-reduce their metric sums themselves (losses carry the global denominator,
+        fractions are token-weighted), so every rank returns the same global metrics and rank 0's
+        are returned, plus ``learner/shard_tokens_max_over_mean`` (load balance of the split).
+        """
+        if not samples:
+            raise ValueError("train_step needs at least one sample")
+        shards = shard_by_group(samples, self.num_ranks)
+        refs = [
+            a.train_step.remote([samples[i] for i in shard], temperature)
+            for a, shard in zip(self.actors, shards, strict=True)
+        ]
+        metrics = dict(self._gather(refs, "train_step")[0])
+        loads = [sum(samples[i].num_tokens for i in s) for s in shards]
+        mean = sum(loads) / len(loads)
+        metrics["learner/shard_tokens_max_over_mean"] = max(loads) / mean if mean else 1.0
+        return metrics
+
+    def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype=None) -> list[list]:
+        """Full policy weights in checkpoint naming as CPU tensors, in buckets (small models)."""
+        refs = [a.full_state_buckets.remote(bucket_bytes, dtype) for a in self.actors]
+        return self._gather(refs, "full_state_buckets")[0]
+
+    def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
+        """Full weights as shared-memory bucket files written by rank 0 (see ``ivgr_dist.sync.shm``)."""
+        refs = [a.write_state_shm.remote(out_dir, bucket_bytes, dtype) for a in self.actors]
+        return self._gather(refs, "write_state_shm")[0]
+
+    def state_checksum(self) -> dict[str, float]:
+        """Float64 sum of every full parameter, by checkpoint name."""
+        return self._gather([a.state_checksum.remote() for a in self.actors], "state_checksum")[0]
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        self._gather([a.save_checkpoint.remote(str(path)) for a in self.actors], "save_checkpoint")
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self._gather([a.load_checkpoint.remote(str(path)) for a in self.actors], "load_checkpoint")
+
+    def export_hf(self, path: str | Path, dtype: str | None = None) -> None:
+        self._gather([a.export_hf.remote(str(path), dtype) for a in self.actors], "export_hf")
+
+    def num_params(self) -> int:
+        return self._gather([self.actors[0].num_params.remote()], "num_params")[0]
+
+    def shutdown(self) -> None:
+        """Kill the actors and free the placement group (safe to call twice)."""
+        import ray
+
+        for a in getattr(self, "actors", []):
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if getattr(self, "_pg", None) is not None:
+            ray.util.remove_placement_group(self._pg)
+            self._pg = None

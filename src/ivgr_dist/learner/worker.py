@@ -1,0 +1,494 @@
+"""One rank of the FSDP2 learner: policy + frozen reference policy, log-probs, GRPO updates, state.
+
+:class:`LearnerWorker` is a plain class: :class:`~ivgr_dist.learner.group.LearnerGroup` wraps it in
+``ray.remote`` (one actor per rank), and tests or ``torchrun`` scripts use it directly. The step is
+split into small named calls: :meth:`compute_logprobs`, :meth:`train_step`, :meth:`iter_full_state`
+(weight sync), :meth:`save_checkpoint` / :meth:`load_checkpoint`, :meth:`export_hf`.
+
+Sharding: FSDP2 ``fully_shard`` on every decoder layer and vision block (the model's
+``_no_split_modules``) and on the root. On GPU (precision ``bf16``) parameters are fp32 masters
+computed in bf16 with fp32 gradient reduction; on CPU everything is fp32 (gloo).
+
+Collectives: every FSDP forward all-gathers parameters, so all ranks must run the same number of
+forwards through the same sub-modules. Each call first agrees on the number of micro-batches
+(all-reduce MAX) and ranks with fewer run dummy micro-batches whose loss is masked out; with more
+than one rank an image-free micro-batch gets one masked-out dummy image so the vision tower runs
+everywhere (:func:`~ivgr_dist.learner.batch.append_dummy_image`).
+
+Loss scaling: the token-mean loss of an update uses ``denom = global response tokens / world size``
+on every rank; FSDP averages gradients over ranks, so the result is the exact token mean over the
+whole global batch whatever the split (ALGORITHM.md: token-mean aggregation).
+
+Departures from the recipe (verl): every rank loads the full checkpoint on CPU before sharding
+(host RAM ~ ranks x fp32 model; meta-device init is a later improvement); weight decay applies to
+all parameters, as in the recipe; the warm-up is linear, then the learning rate stays constant; a
+step whose gradient norm is not finite is skipped (reported as ``learner/skipped_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from ivgr_dist.learner.batch import LearnerSample, append_dummy_image, collate, make_micro_batches
+from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits
+
+__all__ = ["LearnerWorker", "checkpoint_name", "pick_master_address", "warmup_factor"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def checkpoint_name(name: str) -> str:
+    """In-memory parameter name (transformers 5) -> the name in the HF checkpoint / vLLM's loader."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.visual."):
+        return name[len("model.") :]
+    return name
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def pick_master_address() -> tuple[str, int]:
+    """This node's address (Ray's node IP inside Ray, else 127.0.0.1) and a currently free TCP port."""
+    addr = "127.0.0.1"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            addr = ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return addr, port
+
+
+class LearnerWorker:
+    """One learner rank. Construct, then :meth:`init_distributed` on every rank together."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        learner_cfg: LearnerConfig,
+        algo_cfg: AlgorithmConfig,
+        rank: int,
+        world_size: int,
+        total_steps: int,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.model_cfg, self.cfg, self.algo_cfg = model_cfg, learner_cfg, algo_cfg
+        self.rank, self.world_size, self.total_steps = rank, world_size, max(0, int(total_steps))
+        self.loss_cfg = GRPOLossConfig(
+            clip_low=algo_cfg.clip_low, clip_high=algo_cfg.clip_high, kl_coef=algo_cfg.kl_coef, eps=algo_cfg.adv_eps
+        )
+        self.step = 0  # optimizer updates done
+        self.policy = self.reference = self.optimizer = self.scheduler = None
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def master_address(self) -> tuple[str, int]:
+        """Address and free port for the rendezvous (called on rank 0's actor)."""
+        return pick_master_address()
+
+    def init_distributed(
+        self, master_addr: str | None = None, master_port: int | None = None, timeout_s: float = 1800.0
+    ):
+        """Join the process group (tcp init at ``master_addr:master_port``, or ``env://`` when not
+        given), then load and shard the policy (and the reference policy when ``kl_coef > 0``) and
+        build the optimizer and warm-up schedule."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        backend = self.cfg.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            local = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+            torch.cuda.set_device(local)
+            self._device = torch.device("cuda", local)
+        else:
+            self._device = torch.device("cpu")
+        init = f"tcp://{master_addr}:{master_port}" if master_addr else "env://"
+        dist.init_process_group(
+            backend, init_method=init, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s)
+        )
+        self.mesh = init_device_mesh(self._device.type, (self.world_size,))
+        precision = self.cfg.precision
+        if precision == "auto":
+            precision = "bf16" if self._device.type == "cuda" else "fp32"
+        self.precision = precision
+
+        self.policy = self._load_sharded(trainable=True)
+        if self.loss_cfg.uses_reference:
+            self.reference = self._load_sharded(trainable=False)
+        hf = self.policy.config
+        pad = getattr(getattr(hf, "text_config", hf), "pad_token_id", None)
+        self._pad_id = 0 if pad is None else int(pad)  # any id works: padded positions are masked
+        self._image_token_id = getattr(hf, "image_token_id", None)
+        vc = getattr(hf, "vision_config", None)
+        self._vision = None
+        if vc is not None and self._image_token_id is not None:
+            patch_dim = getattr(vc, "in_channels", 3) * vc.temporal_patch_size * vc.patch_size**2
+            self._vision = (patch_dim, vc.spatial_merge_size)
+        self._tied = bool(getattr(hf, "tie_word_embeddings", False))
+
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=self.cfg.lr,
+            betas=tuple(self.cfg.betas),
+            weight_decay=self.cfg.weight_decay,
+            foreach=True,
+        )
+        warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
+
+    def _load_sharded(self, trainable: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForImageTextToText
+
+        bf16 = self.precision == "bf16"
+        # The frozen reference has no optimizer: keep it in the compute dtype directly.
+        dtype = torch.bfloat16 if (bf16 and not trainable) else torch.float32
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.model_cfg.path,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=self.model_cfg.trust_remote_code,
+        )
+        model.config.use_cache = False
+        if trainable and self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mp = MixedPrecisionPolicy()
+        if bf16 and trainable:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        units = set(getattr(model, "_no_split_modules", None) or [])
+        for module in [m for m in model.modules() if type(m).__name__ in units]:
+            fully_shard(module, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        if trainable:
+            model.train()
+        else:
+            model.eval().requires_grad_(False)
+        return model
+
+    def close(self) -> None:
+        """Leave the process group (lets a process host another worker afterwards, e.g. in tests)."""
+        self.policy = self.reference = self.optimizer = self.scheduler = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def num_params(self) -> int:
+        """Parameters of the full (unsharded) policy."""
+        return sum(p.numel() for p in self.policy.parameters())
+
+    def device(self) -> str:
+        return str(self._device)
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    def _all_reduce(self, values: Sequence[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _dummy_sample(self) -> LearnerSample:
+        """Two pad tokens, no response: runs the model's collectives, adds nothing to any result."""
+        return LearnerSample([self._pad_id] * 2, 2, None, None, 0.0, old_logprobs=[], ref_logprobs=[])
+
+    def _plan(self, samples: Sequence[LearnerSample]) -> list[list[int] | None]:
+        """This rank's micro-batches (sample indices), then ``None`` (a dummy micro-batch) up to the
+        count every rank agrees on."""
+        idx = make_micro_batches(samples, self.cfg.micro_batch_tokens)
+        n = int(self._all_reduce([len(idx)], dist.ReduceOp.MAX)[0])
+        return idx + [None] * (n - len(idx))
+
+    def _micro_batch(self, samples: Sequence[LearnerSample], idx: list[int] | None) -> tuple[list, dict]:
+        mb = [samples[i] for i in idx] if idx is not None else [self._dummy_sample()]
+        return mb, self._collate(mb)
+
+    def _collate(self, samples: Sequence[LearnerSample]) -> dict:
+        batch = collate(samples, self._pad_id, self._image_token_id)
+        if self.world_size > 1 and self._vision is not None and batch["pixel_values"] is None:
+            batch = append_dummy_image(batch, self._pad_id, self._image_token_id, *self._vision)
+        return batch
+
+    def _forward_logprobs(self, model, batch: dict, temperature: float) -> tuple[Tensor, int]:
+        """Log-probs ``[B, T-1-s]`` of the labels from column ``s`` on (the first response column).
+
+        Logits are only computed from position ``s`` (``logits_to_keep``): prompt positions, often
+        mostly image tokens, never reach the vocabulary projection.
+        """
+        dev = self._device
+        t = batch["input_ids"].shape[1]
+        s = max(0, min(batch["prompt_lens"]) - 1)
+        kwargs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+        if batch["pixel_values"] is not None:
+            kwargs["pixel_values"] = batch["pixel_values"].to(dev)
+            kwargs["image_grid_thw"] = batch["image_grid_thw"].to(dev)
+        logits = model(**kwargs, use_cache=False, logits_to_keep=t - s).logits
+        return logprobs_from_logits(logits[:, :-1], batch["labels"][:, s:].to(dev), temperature), s
+
+    # --------------------------------------------------------------------------------- log-probs
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, samples: Sequence[LearnerSample], which: str = "policy", temperature: float = 1.0
+    ) -> list[list[float]]:
+        """Log-prob of every response token under ``which`` (``policy`` | ``reference``), computed at
+        the sampling ``temperature``. Collective: every rank must call it (possibly with no samples)."""
+        if which == "policy":
+            model = self.policy
+        elif which == "reference":
+            if self.reference is None:
+                raise ValueError(
+                    f"no reference policy: algorithm.kl_coef={self.algo_cfg.kl_coef} (it is loaded if > 0)"
+                )
+            model = self.reference
+        else:
+            raise ValueError(f"which={which!r} must be 'policy' or 'reference'")
+        result: list[list[float]] = [[] for _ in samples]
+        for idx in self._plan(samples):
+            mb, batch = self._micro_batch(samples, idx)
+            logp, s = self._forward_logprobs(model, batch, temperature)
+            for row, i in enumerate(idx or []):
+                p, n = mb[row].prompt_len, mb[row].num_tokens
+                result[i] = logp[row, p - 1 - s : n - 1 - s].float().cpu().tolist()
+        model.reshard()  # the FSDP root stays unsharded after a forward without backward
+        return result
+
+    # ------------------------------------------------------------------------------------ update
+
+    def train_step(self, samples: Sequence[LearnerSample], temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer update on this rank's share of the global batch (collective).
+
+        Missing ``old_logprobs`` mean on-policy (ratio 1: the current log-probs, detached).
+        Returns global metrics (identical on every rank).
+        """
+        if self.loss_cfg.uses_reference and any(s.ref_logprobs is None for s in samples):
+            raise ValueError(
+                f"kl_coef={self.loss_cfg.kl_coef} > 0 needs ref_logprobs on every sample; "
+                "call compute_logprobs(samples, 'reference') first"
+            )
+        local_tokens = sum(s.response_len for s in samples)
+        global_tokens = self._all_reduce([local_tokens])[0]
+        denom = max(global_tokens, 1.0) / self.world_size
+        batches = self._plan(samples)
+        n_dummy = sum(idx is None for idx in batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Sums over this rank: losses (already divided by denom), token-weighted fractions, slots.
+        # Per-rank sums, kept on the device (no host sync per micro-batch): the losses (already divided
+        # by denom), token-weighted fractions, tokens; then padded slots and real tokens (host ints).
+        keys = ["pg", "kl", "total", "clip", "clip_high", "clip_low", "approx_kl", "tokens"]
+        acc = torch.zeros(len(keys), dtype=torch.float64, device=self._device)
+        slots = real = 0
+        t0 = time.perf_counter()
+        for idx in batches:
+            mb, batch = self._micro_batch(samples, idx)
+            logp, s = self._forward_logprobs(self.policy, batch, temperature)
+            mask = batch["response_mask"][:, s:].to(self._device)
+            old = batch["old_logprobs"]
+            old = logp.detach() if old is None else old[:, s:].to(self._device)
+            ref = batch["ref_logprobs"]
+            ref = None if ref is None or not self.loss_cfg.uses_reference else ref[:, s:].to(self._device)
+            adv = batch["advantages"][:, s:].to(self._device)
+            loss, m = grpo_loss(logp, old, ref, adv, mask, denom=denom, **self.loss_cfg.loss_kwargs())
+            loss.backward()
+            n = mask.sum()
+            kl = m.get("kl_loss", torch.zeros((), device=self._device))
+            fractions = [m[k] * n for k in ("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl")]
+            acc += torch.stack([m["pg_loss"], kl, m["loss"], *fractions, n]).double()
+            if idx is not None:
+                slots += len(mb) * max(x.num_tokens for x in mb)
+                real += sum(x.num_tokens for x in mb)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize()
+        fb_time = time.perf_counter() - t0
+        grad_norm = self._clip_grad_norm()
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        values = self._all_reduce([*acc.tolist(), slots, real])
+        tot = dict(zip([*keys, "slots", "real"], values, strict=True))
+        fb_time, n_dummy = self._all_reduce([fb_time, n_dummy], dist.ReduceOp.MAX)
+        tokens = max(tot["tokens"], 1.0)
+        w = self.world_size
+        return {
+            "loss/policy": tot["pg"] / w,
+            "loss/kl": tot["kl"] / w,
+            "loss/total": tot["total"] / w,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "clip/frac": tot["clip"] / tokens,
+            "clip/frac_high": tot["clip_high"] / tokens,
+            "clip/frac_low": tot["clip_low"] / tokens,
+            "policy/approx_kl": tot["approx_kl"] / tokens,
+            "learner/tokens": tot["tokens"],
+            "learner/padding_ratio": 1.0 - tot["real"] / tot["slots"] if tot["slots"] else 0.0,
+            "learner/micro_batches": float(len(batches)),
+            "learner/dummy_micro_batches": n_dummy,
+            "learner/skipped_step": float(skipped),
+            "time/learner_forward_backward_s": fb_time,
+        }
+
+    def _clip_grad_norm(self) -> float:
+        """Global L2 norm of the gradients before clipping; clips to ``grad_clip`` when it is > 0."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # sum of the shards' squared norms across ranks
+        if self.cfg.grad_clip > 0 and math.isfinite(float(total)):
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, total, foreach=True)
+        return float(total)
+
+    # ------------------------------------------------------------------------------- full state
+
+    def iter_full_state(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> Iterator[list]:
+        """Buckets of ``(checkpoint name, full tensor)``, about ``bucket_bytes`` each (collective).
+
+        Every rank must drain the generator in step: gathering a shard into a full tensor is an
+        all-gather. Only rank 0's buckets hold tensors (on this rank's device, cast to ``dtype``
+        when given); other ranks yield empty lists at the same points. With one rank the tensors
+        may share memory with the live parameters: copy them before the next update. Tied output
+        embeddings are left out, as in HF checkpoints.
+        """
+        from torch.distributed.tensor import DTensor
+
+        self.policy.reshard()
+        bucket: list = []
+        size = 0
+        for name, tensor in self.policy.state_dict().items():
+            if self._tied and name == "lm_head.weight":
+                continue
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            full = full.detach().to(dtype) if dtype is not None else full.detach()
+            size += tensor.numel() * full.element_size()  # global shape: same on every rank
+            if self.rank == 0:
+                bucket.append((checkpoint_name(name), full))
+            del full
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if size:
+            yield bucket
+
+    def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> list[list]:
+        """:meth:`iter_full_state` materialised as CPU copies (for small models / over Ray)."""
+        buckets = self.iter_full_state(bucket_bytes, dtype)
+        return [[(n, t.to("cpu", copy=True)) for n, t in b] for b in buckets if self.rank == 0]
+
+    def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
+        """Weight sync (``ivgr_shm`` backend): rank 0 writes the full weights as bucket files (collective).
+
+        Returns rank 0's bucket descriptors (other ranks return ``[]`` after taking part in the gathers).
+        ``dtype`` (e.g. the engines' ``bfloat16``) halves the bytes moved when the learner holds fp32.
+        """
+        from ivgr_dist.sync.shm import write_buckets
+
+        buckets = self.iter_full_state(bucket_bytes, getattr(torch, dtype) if dtype else None)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return []
+        return [ref.to_update_info() for ref in write_buckets(buckets, out_dir)]
+
+    def state_checksum(self) -> dict[str, float]:
+        """Float64 sum of every full parameter by checkpoint name (collective; same on every rank)."""
+        from torch.distributed.tensor import DTensor
+
+        self.policy.reshard()
+        names, sums = [], []
+        for name, tensor in self.policy.state_dict().items():
+            local = tensor.to_local() if isinstance(tensor, DTensor) else (tensor if self.rank == 0 else None)
+            names.append(checkpoint_name(name))
+            sums.append(float(local.double().sum()) if local is not None else 0.0)
+        return dict(zip(names, self._all_reduce(sums), strict=True))
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Sharded policy + optimizer + scheduler state with torch.distributed.checkpoint (collective;
+        ``path`` must be on a file system every rank sees). The frozen reference is not saved."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.policy.reshard()
+        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": self.step}
+        dcp.save(state, checkpoint_id=str(path))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (same world size or resharded by DCP)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        self.policy.reshard()
+        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": 0}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+    def export_hf(self, path: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> None:
+        """A Hugging Face model directory at ``path`` (collective; rank 0 writes): the source
+        directory's config/tokenizer/processor files and the current weights as safetensors in
+        checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json)."""
+        from safetensors.torch import save_file
+
+        src, out = Path(self.model_cfg.path), Path(path)
+        if dtype is None:
+            cfg = json.loads((src / "config.json").read_text())
+            dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        torch_dtype = getattr(torch, dtype)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for old in out.glob("model*.safetensors*"):
+                old.unlink()
+        files: list[tuple[str, list[str]]] = []
+        for bucket in self.iter_full_state(max_shard_bytes, torch_dtype):
+            if self.rank == 0:
+                name = f"model-part{len(files):05d}.safetensors"
+                save_file({n: t.contiguous().cpu() for n, t in bucket}, str(out / name), metadata={"format": "pt"})
+                files.append((name, [n for n, _ in bucket]))
+        if self.rank == 0:
+            if len(files) == 1:
+                (out / files[0][0]).rename(out / "model.safetensors")
+            else:
+                weight_map = {}
+                for i, (name, keys) in enumerate(files):
+                    final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                    (out / name).rename(out / final)
+                    weight_map.update(dict.fromkeys(keys, final))
+                index = {"metadata": {}, "weight_map": weight_map}
+                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            for f in src.iterdir():
+                if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copy2(f, out / f.name)
+        dist.barrier()

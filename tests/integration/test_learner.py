@@ -1,0 +1,270 @@
+"""The FSDP2 learner on the tiny Qwen2.5-VL: one rank in this process (gloo over tcp), then a Ray
+learner group of 2 ranks checked against 1 rank on the same global batch."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from ivgr_dist.learner.batch import SampleEncoder
+from ivgr_dist.learner.worker import LearnerWorker, pick_master_address
+from ivgr_dist.types import Prompt, Rollout
+
+pytestmark = pytest.mark.integration
+
+TEMPERATURE = 0.8
+BUDGET = 192  # tokens per micro-batch: forces several micro-batches on the samples below
+
+
+def _rollouts(processor, groups: list[tuple[tuple[int, int] | None, list[tuple[float, int]]]]) -> list[Rollout]:
+    """One prompt per group (an image of the given size, or text only), one rollout per
+    ``(advantage, response length)``."""
+    tok = processor.tokenizer
+    out = []
+    for g, (size, rollouts) in enumerate(groups):
+        content = ([{"type": "image"}] if size else []) + [{"type": "text", "text": "What color is the shape?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        images = []
+        if size:
+            img = Image.new("RGB", size, "white")
+            ImageDraw.Draw(img).ellipse((4, 4, size[0] // 2, size[1] // 2), fill=(200, 40 * g % 255, 30))
+            images = [img]
+        n_tokens = processor(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prompt = Prompt(g, "textual", text, ids, n_tokens, "red", "exact", "test", images=images)
+        for k, (adv, length) in enumerate(rollouts):
+            response = [(37 * g + 11 * k + 7 * t) % 500 + 20 for t in range(length)]
+            out.append(Rollout(prompt, k, response, "", [0.0] * len(response), 0, advantage=adv))
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return SampleEncoder(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def samples(encoder):
+    # Sized so that the 2-rank split puts both image groups on one rank and both text-only groups
+    # (shorter, more per micro-batch) on the other: see the checks in the Ray test.
+    groups = [
+        ((112, 84), [(1.0, 20), (-1.0, 24), (0.5, 28)]),
+        (None, [(-0.5, 4), (0.5, 6), (0.9, 8)]),
+        (None, [(0.7, 5), (-0.7, 3)]),
+        ((56, 56), [(1.2, 30)]),
+    ]
+    return [encoder.encode(r) for r in _rollouts(encoder.processor, groups)]
+
+
+def _cfgs(model_dir, **learner):
+    learner = {"micro_batch_tokens": BUDGET, "lr": 1e-3, "num_ranks": 1, **learner}
+    return ModelConfig(path=str(model_dir)), LearnerConfig(**learner)
+
+
+@pytest.fixture(scope="module")
+def make_worker(tiny_model_dir):
+    """Builds single-rank workers in this process; one process group at a time, so the previous
+    worker is closed first."""
+    live: list[LearnerWorker] = []
+
+    def make(kl_coef: float = 0.01, **learner) -> LearnerWorker:
+        while live:
+            live.pop().close()
+        model_cfg, learner_cfg = _cfgs(tiny_model_dir, **learner)
+        w = LearnerWorker(model_cfg, learner_cfg, AlgorithmConfig(kl_coef=kl_coef), 0, 1, total_steps=10)
+        w.init_distributed("127.0.0.1", pick_master_address()[1])
+        live.append(w)
+        return w
+
+    yield make
+    while live:
+        live.pop().close()
+
+
+def _with_logprobs(worker_or_group, samples):
+    """Copies of ``samples`` carrying reference log-probs, and old log-probs a little off-policy."""
+    out = copy.deepcopy(samples)
+    ref = worker_or_group.compute_logprobs(out, "reference", TEMPERATURE)
+    for s, r in zip(out, ref, strict=True):
+        s.ref_logprobs = r
+        s.old_logprobs = [x + (0.3 if k % 3 == 0 else -0.05) for k, x in enumerate(r)]
+    return out
+
+
+def _full_state(worker_or_group) -> dict[str, torch.Tensor]:
+    return {n: t for bucket in worker_or_group.full_state_buckets(1 << 30) for n, t in bucket}
+
+
+def _hf_logprobs(model, encoder, sample, temperature):
+    """log_softmax(logits / T) gathered at the response tokens, from a plain transformers forward."""
+    ids = torch.tensor([sample.input_ids])
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kwargs["mm_token_type_ids"] = (ids == encoder.image_pad_id).long()
+    if sample.pixel_values is not None:
+        kwargs.update(pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
+    with torch.no_grad():
+        logits = model(**kwargs).logits[0].float()
+    logp = torch.log_softmax(logits[:-1] / temperature, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logp[sample.prompt_len - 1 :]
+
+
+# ------------------------------------------------------------------------------ one rank, in process
+
+
+def test_logprobs_equal_a_plain_transformers_forward(make_worker, encoder, samples, tiny_model_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    worker = make_worker()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    policy = worker.compute_logprobs(samples, "policy", TEMPERATURE)
+    reference = worker.compute_logprobs(samples, "reference", TEMPERATURE)
+    for s, got, ref in zip(samples, policy, reference, strict=True):
+        want = _hf_logprobs(model, encoder, s, TEMPERATURE)
+        assert len(got) == s.response_len
+        torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(ref), want, rtol=0, atol=1e-5)
+
+
+def test_train_step_changes_params_and_reports_finite_metrics(make_worker, samples):
+    worker = make_worker()
+    batch = _with_logprobs(worker, samples)
+    before = worker.state_checksum()
+    metrics = worker.train_step(batch, TEMPERATURE)
+    after = worker.state_checksum()
+    assert set(before) == set(after)
+    assert sum(before[k] != after[k] for k in before) > 0.9 * len(before)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["learner/tokens"] == sum(s.response_len for s in samples)
+    assert metrics["learner/micro_batches"] >= 2 and metrics["grad_norm"] > 0
+    assert metrics["loss/kl"] >= 0 and metrics["clip/frac"] > 0  # old log-probs were moved by 0.3
+    assert metrics["loss/total"] == pytest.approx(metrics["loss/policy"] + 0.01 * metrics["loss/kl"], abs=1e-6)
+
+
+def test_zero_advantages_without_kl_only_apply_weight_decay(make_worker, samples):
+    worker = make_worker(kl_coef=0.0, weight_decay=0.1)
+    batch = copy.deepcopy(samples)
+    for s in batch:
+        s.advantage = 0.0
+    with pytest.raises(ValueError, match="no reference policy"):
+        worker.compute_logprobs(batch[:1], "reference")
+    before = _full_state(worker)
+    metrics = worker.train_step(batch, TEMPERATURE)
+    after = _full_state(worker)
+    # Zero advantages give exactly zero gradients, so AdamW's moment update adds exactly nothing and
+    # only the decoupled decay p <- p * (1 - lr * wd) remains.
+    assert metrics["grad_norm"] == 0.0
+    decay = 1.0 - metrics["lr"] * 0.1
+    for name, p in before.items():
+        torch.testing.assert_close(after[name], p * decay, rtol=1e-6, atol=1e-9)
+        assert not torch.equal(after[name], p) or not p.any()
+
+
+def _optim_state(worker) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(worker.policy, worker.optimizer)["state"]
+    return {
+        (k, f): v.full_tensor().clone() if hasattr(v, "full_tensor") else v
+        for k, d in state.items()
+        for f, v in d.items()
+    }
+
+
+def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
+    worker = make_worker()
+    batch = _with_logprobs(worker, samples)
+    worker.train_step(batch, TEMPERATURE)
+    worker.save_checkpoint(tmp_path / "ckpt")
+    saved_params, saved_optim, saved_step = _full_state(worker), _optim_state(worker), worker.step
+    saved_lr = worker.scheduler.get_last_lr()
+    worker.train_step(batch, TEMPERATURE)
+    continued = _full_state(worker)
+    assert not torch.equal(continued["lm_head.weight"], saved_params["lm_head.weight"])
+    worker.load_checkpoint(tmp_path / "ckpt")
+    for name, p in _full_state(worker).items():
+        assert torch.equal(p, saved_params[name]), name
+    restored = _optim_state(worker)
+    assert restored.keys() == saved_optim.keys()
+    for key, value in saved_optim.items():
+        assert torch.equal(torch.as_tensor(restored[key]), torch.as_tensor(value)), key
+    assert worker.step == saved_step and worker.scheduler.get_last_lr() == saved_lr
+    worker.train_step(batch, TEMPERATURE)  # resuming repeats the update that followed the save
+    for name, p in _full_state(worker).items():
+        torch.testing.assert_close(p, continued[name], rtol=0, atol=1e-7)
+
+
+def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_worker, encoder, samples, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    worker = make_worker()
+    worker.train_step(_with_logprobs(worker, samples), TEMPERATURE)
+    worker.export_hf(tmp_path / "hf")
+    state = _full_state(worker)
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k]) for k in state)
+    AutoProcessor.from_pretrained(tmp_path / "hf")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = worker.compute_logprobs(samples, "policy", TEMPERATURE)
+    for s, got in zip(samples, ours, strict=True):
+        torch.testing.assert_close(torch.tensor(got), _hf_logprobs(model, encoder, s, TEMPERATURE), rtol=0, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- Ray group
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, samples, tiny_model_dir):
+    from safetensors import safe_open
+
+    from ivgr_dist.learner.group import LearnerGroup, shard_by_group
+
+    # The 2-rank split puts the text-only groups on one rank (dummy-image path) and gives the ranks
+    # different token counts (a per-rank denominator would weight them differently).
+    shards = shard_by_group(samples, 2)
+    assert any(all(samples[i].pixel_values is None for i in s) for s in shards)
+    assert len({sum(samples[i].response_len for i in s) for s in shards}) == 2
+    results = {}
+    for n in (1, 2):
+        model_cfg, learner_cfg = _cfgs(tiny_model_dir, num_ranks=n, cpus_per_rank=1)
+        group = LearnerGroup(model_cfg, learner_cfg, AlgorithmConfig(), total_steps=10, timeout_s=300)
+        try:
+            batch = _with_logprobs(group, samples)
+            # one sample on two ranks: rank 1 has nothing and runs a dummy forward
+            alone = group.compute_logprobs(samples[:1], "reference", TEMPERATURE)[0]
+            torch.testing.assert_close(torch.tensor(alone), torch.tensor(batch[0].ref_logprobs), rtol=0, atol=1e-5)
+            metrics = group.train_step(batch, TEMPERATURE)
+            results[n] = ([s.ref_logprobs for s in batch], metrics, _full_state(group))
+            if n == 2:
+                lonely = group.train_step(batch[:1], TEMPERATURE)
+                assert lonely["learner/dummy_micro_batches"] == 1 and math.isfinite(lonely["grad_norm"])
+                with pytest.raises(RuntimeError, match=r"learner rank \d failed in compute_logprobs\(bogus\)"):
+                    group.compute_logprobs(samples[:2], "bogus")
+        finally:
+            group.shutdown()
+    (lp1, m1, s1), (lp2, m2, s2) = results[1], results[2]
+    for a, b in zip(lp1, lp2, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+    for key in ("loss/policy", "loss/kl", "grad_norm", "clip/frac", "learner/tokens"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    # Compare the updates (not the weights, which hide them): they agree up to float rounding.
+    # (Elements whose gradient is ~1e-8, Adam's eps, amplify rounding, hence a norm, not a max.)
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        start = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert s1.keys() == s2.keys() == start.keys()  # names are exactly the checkpoint's keys
+    diff = sum(float((s1[k] - s2[k]).double().square().sum()) for k in start) ** 0.5
+    update = sum(float((s1[k] - start[k]).double().square().sum()) for k in start) ** 0.5
+    assert update > 0 and diff / update < 1e-3, (diff, update)
