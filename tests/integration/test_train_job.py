@@ -1,0 +1,151 @@
+"""End to end on a real local Ray cluster: ``ray start --head`` + ``ray job submit`` of the tiny job, then resume.
+
+The job runs the real stack (2 vLLM CPU engines, 2 FSDP2 gloo learner ranks, shared-memory weight
+sync) through ``cluster/submit.sh``, exactly as a user submits to a GPU cluster. A second, local
+``ivgr-dist train`` with a higher ``max_steps`` then resumes from the job's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED = [
+    "step", "weight_version", "time/step_s", "time/generate_s", "time/reward_s", "time/learner_s", "time/sync_s",
+    "rollout/tokens", "rollout/tokens_per_s", "reward/grounded/overall", "reward/grounded/accuracy",
+    "reward/grounded/format", "reward/grounded/box_iou", "reward/grounded/box_valid", "reward/textual/overall",
+    "reward/textual/accuracy", "reward/textual/format", "reward/textual/consistency", "loss/policy", "loss/kl",
+    "grad_norm", "sync/engines_in_sync", "logprob/mismatch_mean",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(tmp: Path, model: Path, steps: int) -> list[str]:
+    return [
+        f"model.path={model}",
+        f"data.train_files=[{tmp}/data/train.parquet]",
+        f"data.val_files=[{tmp}/data/val.parquet]",
+        "data.synthetic.num_records=96",
+        "data.rollout_batch_size=8",
+        "rollout.max_response_length=48",
+        "learner.global_batch_size=8",
+        f"trainer.output_dir={tmp}/run",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=1",
+        "trainer.tensorboard=false",
+    ]
+
+
+def _check_metrics(path: Path, steps: list[int]) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in records] == steps
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, f"step {r['step']}: missing {missing}"
+        bad = [k for k in REQUIRED if r[k] is None or not math.isfinite(r[k])]
+        assert not bad, f"step {r['step']}: non-finite {bad}"
+        assert r["weight_version"] == r["step"]
+        assert r["sync/engines_in_sync"] == 1.0
+        assert r["rollout/tokens"] > 0 and r["logprob/mismatch_mean"] < 0.05
+    return records
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop only THIS cluster (``ray stop`` would kill every Ray process on the machine): its processes
+    carry the temp dir in their command lines."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp) in part for part in proc.info["cmdline"] or []):
+                procs.append(proc)
+                proc.terminate()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        proc.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_agent(ray_bin: str, address: str, env: dict, deadline_s: float) -> None:
+    """A fresh head accepts jobs only once its dashboard agent is up: submit a no-op until it is taken."""
+    end = time.monotonic() + deadline_s
+    while True:
+        probe = [ray_bin, "job", "submit", "--address", address, "--no-wait", "--", "python", "-c", "pass"]
+        proc = subprocess.run(probe, capture_output=True, text=True, timeout=120, env=env)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"the Ray head at {address} did not accept jobs within {deadline_s}s: {proc.stderr}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    ray_bin = shutil.which("ray")
+    assert ray_bin, "the ray CLI is not installed (ray[default])"
+    port, dash = _free_port(), _free_port()
+    # Short path: Ray puts unix sockets under --temp-dir and socket paths are limited to ~107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    # Token authentication, as Ray >= 2.5x clusters use by default: every process (ray start, the job
+    # client, drivers) reads the same token file.
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    start = [
+        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    proc = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    try:
+        _wait_for_job_agent(ray_bin, f"http://127.0.0.1:{dash}", env, deadline_s=180)
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        _stop_cluster(temp)
+
+
+def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"]}
+    submit = ["bash", str(REPO / "cluster" / "submit.sh"), "--", *_overrides(tmp_path, model, steps=2)]
+    job = subprocess.run(submit, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    log = job.stdout[-6000:] + job.stderr[-3000:]
+    assert job.returncode == 0, log
+    assert "succeeded" in job.stdout.lower(), log
+    _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2])
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+
+    # Resume on the same cluster from the CLI: step 3 only, weight version continues at 3.
+    env_local = {**ray_head["env"], "RAY_ADDRESS": ray_head["gcs"]}
+    resume = [sys.executable, "-m", "ivgr_dist.cli", "train", *_overrides(tmp_path, model, steps=3)]
+    again = subprocess.run(resume, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env_local)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    records = _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2, 3])
+    assert "resumed from" in again.stderr and "step_000002" in again.stderr
+    assert records[-1]["data/batches"] == 3  # the sampler continued where the job stopped
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["weight_version"] == 3 and state["step"] == 3
