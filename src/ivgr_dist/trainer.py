@@ -204,6 +204,8 @@ def summarize(cfg: Config, records: list[dict]) -> str:
     """Final summary: first vs last rewards, where metrics and checkpoints are."""
     out = Path(cfg.trainer.output_dir)
     lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
+    if not records:
+        lines.append(f"  nothing to do: the newest checkpoint is already at trainer.max_steps={cfg.trainer.max_steps}")
     if records:
         first, last = records[0], records[-1]
         for key in (

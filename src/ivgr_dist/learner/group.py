@@ -179,6 +179,24 @@ class LearnerGroup:
         refs = [a.write_state_shm.remote(out_dir, bucket_bytes, dtype) for a in self.actors]
         return self._gather(refs, "write_state_shm")[0]
 
+    def init_nccl_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        engine_handles: list,
+        tp: int,
+        dtype: str | None = None,
+        bucket_bytes: int = 256 << 20,
+    ) -> None:
+        """Every rank joins vLLM's NCCL weight-transfer group (see ``ivgr_dist.sync.nccl``)."""
+        args = (master_addr, master_port, world_size, engine_handles, tp, dtype, bucket_bytes)
+        self._gather([a.init_nccl_sync.remote(*args) for a in self.actors], "init_nccl_sync")
+
+    def send_weights_nccl(self, version: int) -> dict[str, float]:
+        """Broadcast the weights to every engine as ``version``; rank 0's byte count and timing."""
+        return self._gather([a.send_weights_nccl.remote(version) for a in self.actors], "send_weights_nccl")[0]
+
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter, by checkpoint name."""
         return self._gather([a.state_checksum.remote() for a in self.actors], "state_checksum")[0]

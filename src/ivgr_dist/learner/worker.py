@@ -418,6 +418,33 @@ class LearnerWorker:
             return []
         return [ref.to_update_info() for ref in write_buckets(buckets, out_dir)]
 
+    # ---------------------------------------------------------------- weight sync: vLLM NCCL (GPU)
+
+    def init_nccl_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        engine_handles: list,
+        tp: int,
+        dtype: str | None = None,
+        bucket_bytes: int = 256 << 20,
+    ) -> None:
+        """Join vLLM's NCCL weight-transfer group with every rollout engine (collective: rank 0 is the
+        sender and rendezvouses at ``master_addr:master_port``; see ``ivgr_dist.sync.nccl``)."""
+        from ivgr_dist.sync.nccl import make_trainer_side
+
+        self._nccl_sync = make_trainer_side(
+            self.policy, self.rank, master_addr, master_port, world_size, engine_handles, tp, dtype, bucket_bytes
+        )
+
+    def send_weights_nccl(self, version: int) -> dict[str, float]:
+        """Broadcast the full weights to every engine as ``version`` (collective; rank 0 returns
+        ``bytes``, ``params``, ``send_s``, other ranks ``{}``)."""
+        if getattr(self, "_nccl_sync", None) is None:
+            raise RuntimeError(f"rank {self.rank}: send_weights_nccl before init_nccl_sync")
+        return self._nccl_sync.send(version)
+
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter by checkpoint name (collective; same on every rank)."""
         from torch.distributed.tensor import DTensor

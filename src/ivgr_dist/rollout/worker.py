@@ -89,7 +89,8 @@ class RolloutWorker:
         args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
-        await self.engine.init_weight_transfer_engine(_init_request())
+        if self.weight_backend != "nccl":  # nccl: initialised by the learner's rendezvous (wt_init)
+            await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
         return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
 
@@ -99,6 +100,7 @@ class RolloutWorker:
         self, n: int, temperature: float | None, max_tokens: int | None, seed: int | None, ignore_eos: bool = False
     ):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=n,
@@ -109,6 +111,11 @@ class RolloutWorker:
             seed=seed,
             ignore_eos=ignore_eos,  # benchmarks: fixed response length
             logit_bias=self.banned or None,
+            # One output per request, with all n completions, when the last one finishes. The default
+            # (CUMULATIVE) streams per step, and with n > 1 a step's output holds only the samples still
+            # running: the last output lost every sample that had already stopped (EOS). It also builds
+            # an output object per request per step in this process, which costs throughput on CPU.
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     async def generate_group(
@@ -136,7 +143,9 @@ class RolloutWorker:
                 final = out
         finally:
             self.in_flight -= 1
-        assert final is not None and final.finished
+        if final is None or not final.finished or len(final.outputs) != n:
+            got = None if final is None else len(final.outputs)
+            raise RuntimeError(f"engine {self.index}: prompt {prompt.uid} returned {got} of {n} samples")
         rollouts = []
         for i, comp in enumerate(sorted(final.outputs, key=lambda c: c.index)):
             ids = list(comp.token_ids)
@@ -203,6 +212,36 @@ class RolloutWorker:
             self.engine.shutdown()
             self.engine = None
         await asyncio.sleep(0)
+
+    # ------------------------------------------------------- weight sync driven by the learner (nccl)
+    # vLLM's trainer-side engine calls these through ivgr_dist.sync.nccl.EngineFanoutClient.
+
+    async def wt_init(self, init_info: dict) -> None:
+        """Join the weight-transfer group (blocks until the learner's rank 0 and every engine join)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def wt_start(self) -> None:
+        if self.in_flight:
+            raise RuntimeError(f"engine {self.index}: weight update with {self.in_flight} groups in flight")
+        await self.engine.start_weight_update()
+
+    async def wt_update(self, update_info: dict) -> None:
+        """Receive one update (runs while the learner broadcasts)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def wt_finish(self, version: int) -> dict:
+        await self.engine.finish_weight_update(weight_version=str(version))
+        await self.reset_caches()
+        self.version = version
+        return {"engine": self.index, "version": version}
+
+    async def wt_shutdown(self) -> None:
+        """Leave the weight-transfer group (the engine keeps serving)."""
+        await self.engine.shutdown_weight_transfer_engine()
 
 
 # Vision placeholders must never appear in a response: the learner would read them as image slots.
