@@ -24,8 +24,10 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EngineConfig",
+    "JudgeConfig",
     "LearnerConfig",
     "ModelConfig",
+    "RewardConfig",
     "RolloutConfig",
     "SyncConfig",
     "SyntheticConfig",
@@ -459,6 +461,78 @@ class LearnerConfig:
         _check(self.ppo_epochs >= 1, "learner.ppo_epochs", self.ppo_epochs, "must be >= 1")
 
 
+# ------------------------------------------------------------------------------------------ reward
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The LLM judge for consistency and free-form accuracy (see ivgr_dist.reward.judge)."""
+
+    backend: str = "rule"
+    """``rule`` (deterministic, synthetic data / tests), ``openai`` (HTTP endpoints) or ``engine`` (vLLM actors)."""
+    urls: list[str] = field(default_factory=list)
+    """openai: base URLs of OpenAI-compatible servers (``http://host:port/v1``), load-balanced."""
+    model: str = "judge"
+    """openai/engine: served model name, or the model directory for ``engine``."""
+    api_key_env: str = "IVGR_JUDGE_API_KEY"
+    """openai: NAME of the environment variable holding the API key (the key itself never enters config or logs)."""
+    concurrency: int = 64
+    """Judge calls in flight at once (per reward worker)."""
+    timeout_s: float = 30.0
+    """Deadline of one call."""
+    max_retries: int = 3
+    """Retries after a failed call (timeouts, 5xx, dropped connections, unparsable answers)."""
+    backoff_s: float = 0.5
+    """First retry delay; doubles per retry, with full jitter."""
+    samples: int = 1
+    """Judge samples per request, averaged (recipe: 4 at temperature 0.5; paper: 1 at temperature 0)."""
+    temperature: float = 0.0
+    """Judge sampling temperature."""
+    max_tokens: int = 256
+    """Longest judge answer."""
+    fallback_consistency: float = 0.0
+    """Consistency score when every try fails (counted in judge/failures)."""
+    num_engines: int = 1
+    """engine: judge vLLM engines (own resources)."""
+
+    def __post_init__(self) -> None:
+        p = "reward.judge."
+        _check_choice(p + "backend", self.backend, ["rule", "openai", "engine"])
+        if self.backend == "openai":
+            _check(len(self.urls) > 0, p + "urls", self.urls, "must list at least one endpoint for backend=openai")
+        for url in self.urls:
+            _check(url.startswith(("http://", "https://")), p + "urls[]", url, "must start with http:// or https://")
+        _check(self.concurrency >= 1, p + "concurrency", self.concurrency, "must be >= 1")
+        _check(self.timeout_s > 0, p + "timeout_s", self.timeout_s, "must be > 0")
+        _check(0 <= self.max_retries <= 20, p + "max_retries", self.max_retries, "must be in [0, 20]")
+        _check(self.backoff_s >= 0, p + "backoff_s", self.backoff_s, "must be >= 0")
+        _check(self.samples >= 1, p + "samples", self.samples, "must be >= 1")
+        _check(self.temperature >= 0, p + "temperature", self.temperature, "must be >= 0")
+        _check(
+            self.fallback_consistency in (0.0, 0.3, 0.7, 1.0),
+            p + "fallback_consistency",
+            self.fallback_consistency,
+            "must be a rubric value: 0.0, 0.3, 0.7 or 1.0",
+        )
+        _check(self.num_engines >= 1, p + "num_engines", self.num_engines, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward computation: worker pool, reference cache and judge."""
+
+    num_workers: int = 2
+    """Reward worker actors (CPU); 0 scores in the driver process."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per reward worker."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The judge."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "must be >= 0 (0 = in the driver)")
+        _check(self.cpus_per_worker >= 0, "reward.cpus_per_worker", self.cpus_per_worker, "must be >= 0")
+
+
 # -------------------------------------------------------------------------------------------- sync
 
 
@@ -513,6 +587,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
