@@ -1,0 +1,339 @@
+"""``OpenAIJudge``: the judge behind one or more OpenAI-compatible ``/v1/chat/completions`` endpoints.
+
+Why this much machinery: judge calls sit on the reward path of every training step, and remote
+model servers are slow, overloaded, restarted or wrong in all the usual ways. A judge fault must
+cost a bounded amount of time and turn into an explicit, counted fallback score, never an exception
+or a hang. The retry loop and the endpoint balancer are shared with the engine backend
+(:mod:`ivgr_dist.reward.judge.engine`).
+
+Behaviour per request (one ``JudgeRequest``):
+
+- up to ``max_retries + 1`` attempts. One attempt asks for ``cfg.samples`` answers: with the ``n``
+  parameter, or with separate concurrent calls on an endpoint seen to ignore or reject ``n``;
+- each attempt has a deadline of ``timeout_s`` (httpx timeout AND an ``asyncio.wait_for`` guard);
+- retried: timeouts, connection errors (refused, dropped), HTTP 5xx/429 and any other status except
+  400/413/422, bodies that are not a chat completion, and answers of which no sample parses. Not
+  retried: HTTP 400/413/422, which blame the request itself (malformed, prompt too long). A 400/422 to
+  a request with ``n > 1`` is taken as "no ``n`` support" and answered with separate calls;
+- between attempts: exponential backoff with full jitter, ``uniform(0, min(backoff_s * 2**k, cap))``;
+- an attempt succeeds when at least one sample parses; the score is the mean of the parsed samples;
+- when every attempt fails: ``score = request.fallback``, ``failed=True``;
+- an overall guard of ``(max_retries + 1) * (timeout_s + max backoff)`` covers the whole request.
+
+Concurrency: ``asyncio.Semaphore(cfg.concurrency)`` bounds requests in flight. A request makes one
+HTTP call at a time, except on endpoints without ``n`` support, where one attempt makes ``samples``
+concurrent calls. Waiting for a slot is not part of a request's deadline (it is bounded by the
+deadlines of the requests holding the slots).
+
+Load balancing: least requests in flight, ties round-robin. An endpoint with ``fail_threshold``
+consecutive failures is cooled down for ``cooldown_s`` (used only when no other endpoint is
+available); a retry avoids the endpoint that just failed. ``endpoint_stats()`` shows the counters.
+
+The API key is read at construction from the environment variable NAMED by ``cfg.api_key_env`` and
+is only ever put in the ``Authorization`` header: not in reprs, logs or exception text. The httpx
+client is created on first use inside the running event loop (a new loop gets a new client), so the
+judge works from a Ray actor's thread-less asyncio loop and from ``asyncio.run`` in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ivgr_dist.reward.judge import JudgeRequest, JudgeResult
+from ivgr_dist.reward.judge.prompts import build_messages, parser_for
+
+__all__ = ["Balancer", "CallError", "OpenAIJudge", "max_backoff_s", "request_deadline_s", "run_request"]
+
+log = logging.getLogger(__name__)
+
+_BAD_REQUEST = (400, 413, 422)
+"""HTTP statuses that blame the request itself (malformed, too long): not retried."""
+
+BACKOFF_CAP_S = 30.0
+"""Longest single backoff sleep (unless ``backoff_s`` itself is longer)."""
+
+
+class CallError(Exception):
+    """One judge call failed. ``retryable=False`` stops the attempts; ``timeout`` counts as a timeout."""
+
+    def __init__(self, message: str, retryable: bool = True, timeout: bool = False, status: int = 0):
+        super().__init__(message)
+        self.retryable = retryable
+        self.timeout = timeout
+        self.status = status
+
+
+def max_backoff_s(cfg) -> float:
+    """Longest backoff sleep the retry loop can take under ``cfg``."""
+    if cfg.max_retries == 0:
+        return 0.0
+    cap = max(BACKOFF_CAP_S, cfg.backoff_s)
+    return min(cfg.backoff_s * 2 ** (cfg.max_retries - 1), cap)
+
+
+def request_deadline_s(cfg) -> float:
+    """Upper bound on one request's wall time once it holds a slot."""
+    return (cfg.max_retries + 1) * (cfg.timeout_s + max_backoff_s(cfg))
+
+
+@dataclass
+class Endpoint:
+    """One judge target (a URL or an engine) and its counters."""
+
+    name: str
+    index: int
+    in_flight: int = 0
+    attempts: int = 0
+    successes: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    cooldowns: int = 0
+    cooldown_until: float = 0.0
+    supports_n: bool = True
+
+
+class Balancer:
+    """Least in-flight selection with round-robin ties and a failure cool-down."""
+
+    def __init__(self, names: list[str], fail_threshold: int = 3, cooldown_s: float = 10.0):
+        if not names:
+            raise ValueError("a judge needs at least one endpoint")
+        self.endpoints = [Endpoint(name, i) for i, name in enumerate(names)]
+        self.fail_threshold = fail_threshold
+        self.cooldown_s = cooldown_s
+        self._rr = 0
+
+    def pick(self, avoid: Endpoint | None = None) -> Endpoint:
+        now = time.monotonic()
+        eps = self.endpoints
+        tiers = (
+            [e for e in eps if e.cooldown_until <= now and e is not avoid],
+            [e for e in eps if e.cooldown_until <= now],
+            [e for e in eps if e is not avoid],
+            eps,
+        )
+        pool = next(t for t in tiers if t)
+        start = self._rr % len(eps)
+        self._rr += 1
+        rotated = sorted(pool, key=lambda e: (e.index - start) % len(eps))
+        return min(rotated, key=lambda e: e.in_flight)  # min keeps the first of equals: round-robin ties
+
+    def success(self, ep: Endpoint) -> None:
+        ep.successes += 1
+        ep.consecutive_failures = 0
+
+    def failure(self, ep: Endpoint) -> None:
+        ep.failures += 1
+        ep.consecutive_failures += 1
+        if ep.consecutive_failures >= self.fail_threshold:
+            if ep.cooldown_until <= time.monotonic():
+                ep.cooldowns += 1
+                log.warning("judge endpoint %s: %d failures in a row, cooling down", ep.name, ep.consecutive_failures)
+            ep.cooldown_until = time.monotonic() + self.cooldown_s
+
+    def stats(self) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {
+                "endpoint": e.name,
+                "in_flight": e.in_flight,
+                "attempts": e.attempts,
+                "successes": e.successes,
+                "failures": e.failures,
+                "cooldowns": e.cooldowns,
+                "cooling_down": e.cooldown_until > now,
+                "supports_n": e.supports_n,
+            }
+            for e in self.endpoints
+        ]
+
+
+Call = Callable[[Endpoint, JudgeResult], Awaitable[list[str]]]
+
+
+async def run_request(req: JudgeRequest, cfg, balancer: Balancer, call: Call) -> JudgeResult:
+    """Retry loop shared by the backends: ``call(endpoint, result)`` returns the sample texts of one
+    attempt (counting its calls on ``result``) or raises ``CallError``; never raises itself."""
+    parse = parser_for(req.kind)
+    res = JudgeResult(score=req.fallback)
+    t0 = time.monotonic()
+    scores: list[float] = []
+
+    async def attempts() -> None:
+        avoid = None
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                res.retries += 1
+                cap = min(cfg.backoff_s * 2 ** (attempt - 1), max(BACKOFF_CAP_S, cfg.backoff_s))
+                await asyncio.sleep(random.uniform(0.0, cap))
+            ep = balancer.pick(avoid)
+            ep.in_flight += 1
+            ep.attempts += 1
+            try:
+                texts = await asyncio.wait_for(call(ep, res), timeout=cfg.timeout_s)
+            except (asyncio.TimeoutError, CallError) as e:
+                timed_out = isinstance(e, asyncio.TimeoutError) or e.timeout
+                res.timeouts += int(timed_out)
+                balancer.failure(ep)
+                avoid = ep
+                why = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
+                log.debug("judge %s attempt %d on %s failed: %s", req.request_id, attempt, ep.name, why)
+                if isinstance(e, CallError) and not e.retryable:
+                    return
+                continue
+            finally:
+                ep.in_flight -= 1
+            balancer.success(ep)  # the endpoint answered; unparsable text is the model's fault
+            parsed = [parse(t) for t in texts]
+            res.parse_failures += sum(p is None for p in parsed)
+            scores.extend(p for p in parsed if p is not None)
+            if scores:
+                return
+            avoid = None
+
+    try:
+        await asyncio.wait_for(attempts(), timeout=request_deadline_s(cfg))
+    except asyncio.TimeoutError:
+        res.timeouts += 1
+    except Exception as e:  # a backend bug must still not take the reward step down
+        log.error("judge %s: unexpected %s: %s", req.request_id, type(e).__name__, e)
+    if scores:
+        res.score = math.fsum(scores) / len(scores)
+    else:
+        res.score, res.failed = req.fallback, True
+    res.latency_s = time.monotonic() - t0
+    return res
+
+
+class _Secret:
+    """Holds the API key; prints as ``***``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+
+class OpenAIJudge:
+    """Judge over OpenAI-compatible HTTP endpoints (``cfg.urls``, base URLs such as ``http://host:8000/v1``)."""
+
+    def __init__(self, cfg, fail_threshold: int = 3, cooldown_s: float = 10.0):
+        if not cfg.urls:
+            raise ValueError("reward.judge.urls: backend=openai needs at least one endpoint")
+        self.cfg = cfg
+        self.balancer = Balancer([u.rstrip("/") for u in cfg.urls], fail_threshold, cooldown_s)
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self._key = _Secret(key)
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._client = None
+        self._loop = None
+
+    def __repr__(self) -> str:
+        key = "set" if self._key.value else "unset"
+        return f"OpenAIJudge(urls={[e.name for e in self.balancer.endpoints]}, model={self.cfg.model!r}, api_key={key})"
+
+    def endpoint_stats(self) -> list[dict]:
+        """Per-endpoint counters (attempts, failures, cool-downs, in flight, ``n`` support)."""
+        return self.balancer.stats()
+
+    def _http(self):
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            conns = self.cfg.concurrency * self.cfg.samples
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.cfg.timeout_s),
+                limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+            )
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.cfg.concurrency)  # asyncio primitives belong to one loop
+        return self._client
+
+    async def score(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        for r in requests:
+            parser_for(r.kind)  # unknown kinds are caller bugs: raise before any work
+        self._http()
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: JudgeRequest) -> JudgeResult:
+        messages = build_messages(req)
+
+        async def call(ep: Endpoint, res: JudgeResult) -> list[str]:
+            k = self.cfg.samples
+            if k == 1 or not ep.supports_n:
+                return await self._separate(ep, messages, k, res)
+            try:
+                texts = await self._post(ep, messages, k, res)
+            except CallError as e:
+                if e.status not in (400, 422):
+                    raise
+                ep.supports_n = False  # a 4xx on n > 1: try once more without n
+                log.info("judge endpoint %s rejected n=%d; using separate calls", ep.name, k)
+                return await self._separate(ep, messages, k, res)
+            if len(texts) < k:  # the server ignored n: top up with separate calls
+                ep.supports_n = False
+                texts += await self._separate(ep, messages, k - len(texts), res)
+            return texts
+
+        async with self._sem:
+            return await run_request(req, self.cfg, self.balancer, call)
+
+    async def _separate(self, ep: Endpoint, messages: list[dict], k: int, res: JudgeResult) -> list[str]:
+        parts = await asyncio.gather(*(self._post(ep, messages, 1, res) for _ in range(k)), return_exceptions=True)
+        texts = [t for p in parts if not isinstance(p, BaseException) for t in p]
+        if not texts:
+            errors = [p for p in parts if isinstance(p, BaseException)]
+            raise errors[0] if isinstance(errors[0], CallError) else CallError(repr(errors[0]))
+        return texts
+
+    async def _post(self, ep: Endpoint, messages: list[dict], n: int, res: JudgeResult) -> list[str]:
+        import httpx
+
+        body = {
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
+        if n > 1:
+            body["n"] = n
+        headers = {"Authorization": f"Bearer {self._key.value}"} if self._key.value else {}
+        res.calls += 1
+        try:
+            r = await self._http().post(f"{ep.name}/chat/completions", json=body, headers=headers)
+        except httpx.TimeoutException as e:
+            raise CallError(f"{type(e).__name__} from {ep.name}", timeout=True) from None
+        except httpx.HTTPError as e:  # connection refused/dropped, protocol errors
+            raise CallError(f"{type(e).__name__} from {ep.name}") from None
+        if r.status_code != 200:
+            bad = r.status_code in _BAD_REQUEST
+            raise CallError(f"HTTP {r.status_code} from {ep.name}", retryable=not bad, status=r.status_code)
+        try:
+            choices = r.json()["choices"]
+            texts = [c["message"]["content"] or "" for c in choices]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CallError(f"not a chat completion from {ep.name} ({type(e).__name__})") from None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise CallError(f"no text choices from {ep.name}")
+        return texts
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.aclose()
+            except RuntimeError:  # its loop is gone: nothing left to close
+                pass

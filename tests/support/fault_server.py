@@ -1,0 +1,215 @@
+"""A fault-injecting OpenAI-compatible chat server for judge tests (127.0.0.1, a free port, one thread).
+
+Why: the judge's value is in how it survives bad servers; real servers misbehave only by chance.
+Here every request's behaviour is scripted, so each fault is exercised on purpose:
+
+    with FaultServer(script=[Fault.status(503), Fault.ok("<score>0.7</score>")]) as srv:
+        ... srv.url (base URL, ends in /v1), srv.count, srv.requests[i].headers, srv.max_concurrent
+
+``script`` is consumed one entry per chat request, in arrival order; afterwards ``default`` answers.
+``script`` may also be a callable ``(index, body) -> Fault``. Behaviours: ``ok(text)`` (a chat
+completion whose choices hold ``text``, or cycle through a list of texts; honours ``n`` unless
+``honour_n=False``), ``delay(s,
+then)``, ``status(code)``, ``drop()`` (closes the connection without a response), ``garbage()`` (a
+200 body that is not JSON), ``unparsable()`` (a valid completion whose content parses as no score).
+
+Bounded: handler threads are daemons, delays wake up when the server stops, and ``stop()`` returns
+within about a second; the server serves only between ``start()`` and ``stop()``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Fault:
+    """What the server does with one request."""
+
+    kind: str = "ok"
+    text: str | list[str] = "<score>1.0</score>"
+    """Content of every choice, or a list that choice i takes entry i (cycling)."""
+    delay_s: float = 0.0
+    code: int = 200
+
+    @staticmethod
+    def ok(text: str | list[str] = "<score>1.0</score>") -> Fault:
+        return Fault("ok", text)
+
+    @staticmethod
+    def delay(seconds: float, then: str = "<score>1.0</score>") -> Fault:
+        return Fault("ok", then, delay_s=seconds)
+
+    @staticmethod
+    def status(code: int) -> Fault:
+        return Fault("status", code=code)
+
+    @staticmethod
+    def drop() -> Fault:
+        return Fault("drop")
+
+    @staticmethod
+    def garbage() -> Fault:
+        return Fault("garbage")
+
+    @staticmethod
+    def unparsable() -> Fault:
+        return Fault("ok", "I am not sure what the score should be.")
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    path: str
+    headers: dict[str, str]
+    body: Any
+    fault: Fault
+    started: float
+    ended: float = 0.0
+
+
+@dataclass
+class FaultServer:
+    script: Any = field(default_factory=list)
+    default: Fault = field(default_factory=Fault.ok)
+    honour_n: bool = True
+
+    def __post_init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.in_flight = 0
+        self.max_concurrent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FaultServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive threads
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": "judge", "object": "model"}]}))
+                else:
+                    self._send(404, "{}")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = None
+                server._serve(self, body)
+
+            def _send(self, code: int, text: str, ctype: str = "application/json") -> None:
+                data = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None
+
+    def __enter__(self) -> FaultServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """Base URL, as the judge config wants it."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def count(self) -> int:
+        """Chat requests received."""
+        return len(self.requests)
+
+    # ------------------------------------------------------------------------------- serving
+
+    def _next_fault(self, body: Any) -> tuple[Fault, Recorded]:
+        with self._lock:
+            i = len(self.requests)
+            if callable(self.script):
+                fault = self.script(i, body)
+            else:
+                fault = self.script[i] if i < len(self.script) else self.default
+            rec = Recorded(path="", headers={}, body=body, fault=fault, started=time.monotonic())
+            self.requests.append(rec)
+            self.in_flight += 1
+            self.max_concurrent = max(self.max_concurrent, self.in_flight)
+        return fault, rec
+
+    def _serve(self, handler, body: Any) -> None:
+        fault, rec = self._next_fault(body)
+        rec.path, rec.headers = handler.path, {k.lower(): v for k, v in handler.headers.items()}
+        try:
+            if fault.delay_s:
+                self._stop.wait(fault.delay_s)
+                if self._stop.is_set():
+                    return
+            if fault.kind == "status":
+                handler._send(fault.code, json.dumps({"error": {"message": "injected", "code": fault.code}}))
+            elif fault.kind == "drop":
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            elif fault.kind == "garbage":
+                handler._send(200, "<html>this is not json", ctype="text/html")
+            else:
+                n = int((body or {}).get("n") or 1) if self.honour_n else 1
+                handler._send(200, json.dumps(_completion(fault.text, n, (body or {}).get("model", "judge"))))
+        except OSError:  # the client went away (its timeout): nothing to answer
+            pass
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                rec.ended = time.monotonic()
+
+
+def _completion(text: str | list[str], n: int, model: str) -> dict:
+    texts = [text] if isinstance(text, str) else list(text)
+    return {
+        "id": "chatcmpl-fault",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": texts[i % len(texts)]}, "finish_reason": "stop"}
+            for i in range(n)
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
