@@ -101,6 +101,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_reward(args: argparse.Namespace) -> int:
+    """Reward tail: pipelined RewardPool vs the recipe's after-the-batch schedule (one JSON line each)."""
+    from ivgr_dist.reward.bench import run_bench
+
+    rows = run_bench(args)
+    return 0 if all(r["rewards_missing"] == 0 for r in rows) else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ivgr-dist", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("prepare", cmd_prepare, "make missing CPU assets, validate the data and build one batch of prompts")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.rollout_batch_size=32")
+
+    from ivgr_dist.reward.bench import add_arguments as add_bench_reward_arguments
+
+    bench = sub.add_parser("bench", help="benchmark one stage", description="benchmark one stage")
+    stages = bench.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    sp = stages.add_parser("reward", help=cmd_bench_reward.__doc__, description=cmd_bench_reward.__doc__)
+    sp.set_defaults(fn=cmd_bench_reward)
+    add_bench_reward_arguments(sp)
     return p
 
 

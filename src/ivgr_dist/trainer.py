@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ class Trainer:
         from ivgr_dist.data.pipeline import build_pipeline
         from ivgr_dist.learner.batch import SampleEncoder
         from ivgr_dist.learner.group import LearnerGroup
-        from ivgr_dist.reward.scorer import RuleScorer
+        from ivgr_dist.reward.scorer import make_scorer
         from ivgr_dist.rollout.pool import RolloutPool
         from ivgr_dist.sync import make_weight_sync
 
@@ -49,7 +50,7 @@ class Trainer:
         self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus)
         self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates())
         self.sync.setup(self.learners, self.rollouts)
-        self.scorer = RuleScorer(cfg.algorithm)
+        self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.encoder = SampleEncoder(cfg.model.path)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
@@ -185,6 +186,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.scorer.close()
         self.sync.close()
         self.rollouts.shutdown()
         self.learners.shutdown()
@@ -245,5 +247,6 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = cfg.rollout.num_engines + cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
+    need += math.ceil(cfg.reward.num_workers * cfg.reward.cpus_per_worker)  # reward workers (CPU actors)
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)

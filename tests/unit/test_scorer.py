@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ivgr_dist.config import AlgorithmConfig
-from ivgr_dist.reward.scorer import RuleScorer, overlap_consistency
+from ivgr_dist.reward.scorer import RuleScorer
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Prompt, Rollout
 
@@ -89,19 +89,11 @@ def test_reference_state_round_trips_through_json():
     assert restored.references.get(9) == scorer.references.get(9)
 
 
-def test_overlap_consistency_buckets():
-    assert overlap_consistency("a b c d e", "a b c d e") == 1.0
-    assert overlap_consistency("a b c", "a b c d e") == 0.7  # 3/5
-    assert overlap_consistency("a x y z", "a b c d") == 0.0  # 1/7
-    assert overlap_consistency("a b x y", "a b c d") == 0.3  # 2/6
-    assert overlap_consistency("", "a") == 0.0
-
-
 def test_reward_metrics_per_stream():
     a, s = _prompt(1, "grounded"), _prompt(2, "single")
     ra = _group(a, [GOOD_A, WRONG_A])
     rs = _group(s, ["x"])
-    RuleScorer(AlgorithmConfig())._score_grounded(ra, 0)
+    list(RuleScorer(AlgorithmConfig()).score_stream([ra], [a], 0))
     for r in rs:
         r.rewards, r.reward = {"format": 0.0, "accuracy": 1.0}, 1.5
     m = reward_metrics(ra + rs)

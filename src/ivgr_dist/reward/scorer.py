@@ -1,38 +1,55 @@
-"""Scoring finished groups: the interface the driver uses, and its in-process rule implementation.
+"""Scoring finished groups: the interface the driver uses, the scoring logic, and the in-process scorer.
 
 ``Scorer`` is what the driver sees: groups go in as they finish generating, scored groups come
-out, pair-aware (a record's textual group is scored only once its grounded group of this step has
-updated the reference table). ``RuleScorer`` implements it in the driver process with the rule
-rewards of :mod:`ivgr_dist.reward.rules` and a deterministic consistency stand-in:
+out, pair-aware (a record's textual group is judged only once its grounded group of this step has
+been scored and the reference table updated). Two implementations share everything below:
 
-- consistency (stream B): 0 without a reference; otherwise the word-set overlap (Jaccard) of the
-  textual ``<think>`` and the reference ``<think>``, mapped onto the judge's rubric values
-  (>= 0.8 -> 1.0, >= 0.5 -> 0.7, >= 0.2 -> 0.3, else 0.0). This is NOT the paper's LLM judge; it
-  keeps the loop runnable until the reward worker pool (judges, Ray actors) lands behind the
-  same interface.
-- accuracy: :func:`~ivgr_dist.reward.rules.rule_accuracy`; answers only a judge could decide
-  (free-form mismatches, math that math-verify rejects) score 0 and are counted in
-  ``reward/judge_fallbacks``.
+- :class:`InProcessScorer` (``reward.num_workers=0``): the judge runs on an asyncio loop in a
+  background thread of the driver; the reference table lives in the driver.
+- :class:`~ivgr_dist.reward.pool.RewardPool`: Ray reward workers; the table lives in the
+  :class:`~ivgr_dist.reward.reference_cache.ReferenceCache` actor.
+
+Scoring one group (:func:`score_job`, the same code in both): rule rewards
+(:mod:`ivgr_dist.reward.rules`), then ONE batched judge call for the group's questions:
+
+- consistency (stream B): a ``consistency`` request per rollout against the cached reference
+  (fallback ``reward.judge.fallback_consistency``); no reference -> 0 and no judge call;
+- accuracy the rules cannot decide (``rules.rule_accuracy`` -> None: free-form mismatches, math
+  that math-verify rejects): an ``equivalence`` request (fallback 0.0).
+
+Groups travel as small :class:`GroupJob` records (no images); results come back as
+:class:`GroupResult` and are applied to the driver's ``Rollout`` objects. Driver-side scheduling
+(:class:`StreamScorer`) never loses a group: an executor that dies gets its group resubmitted
+(``reward/rescored``); an executor error or a group past its deadline gets a rules-only score in
+the driver (every judge question it held counts in ``judge/failures``).
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import concurrent.futures as cf
+import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ivgr_dist.config import AlgorithmConfig
+from ivgr_dist.config import AlgorithmConfig, JudgeConfig
 from ivgr_dist.reward import rules
-from ivgr_dist.reward.reference import ReferenceTable, select_candidate
+from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, make_judge
+from ivgr_dist.reward.reference import Reference, ReferenceTable, select_candidate
 from ivgr_dist.types import Prompt, Rollout
 
+log = logging.getLogger(__name__)
+
 RUBRIC = (0.0, 0.3, 0.7, 1.0)
+JUDGE_COUNTERS = ("calls", "retries", "timeouts", "failures", "parse_failures", "requests")
 
 
 class Scorer(Protocol):
-    """What the driver needs from reward computation (in-process rules, or a pool of Ray actors)."""
+    """What the driver needs from reward computation (in-process, or a pool of Ray actors)."""
 
     def score_stream(
         self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int
@@ -46,126 +63,359 @@ class Scorer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def overlap_consistency(think: str, reference: str) -> float:
-    """Deterministic stand-in for the consistency judge: word-set Jaccard bucketed onto the rubric."""
-    a, b = set(_WORD.findall(think.lower())), set(_WORD.findall(reference.lower()))
-    if not a or not b:
-        return 0.0
-    j = len(a & b) / len(a | b)
-    return 1.0 if j >= 0.8 else 0.7 if j >= 0.5 else 0.3 if j >= 0.2 else 0.0
+    def close(self) -> None: ...
 
 
-class RuleScorer:
-    """Rule rewards + reference table + consistency stand-in, in the calling process."""
+# ------------------------------------------------------------------------------------- scoring logic
 
-    def __init__(self, algo: AlgorithmConfig):
-        self.algo = algo
-        self.references = ReferenceTable()
-        self._counts: dict[str, float] = defaultdict(float)
 
-    # ---------------------------------------------------------------------------------- scoring
+@dataclass
+class GroupJob:
+    """One group to score, without images: what a reward worker needs."""
 
-    def _accuracy(self, rollout: Rollout) -> float:
-        answer = rules.extract_answer(rollout.response_text)
-        if answer is not None and len(answer) > self.algo.max_answer_chars:
-            return 0.0
-        acc = rules.rule_accuracy(answer, rollout.prompt.answer, rollout.prompt.question_type)
+    key: str
+    stream: str
+    record_key: int
+    question: str
+    answer: str
+    question_type: str
+    target_boxes: list[list[float]]
+    context: dict[str, Any]
+    responses: list[str]
+    step: int
+
+
+@dataclass
+class GroupResult:
+    """Per-rollout reward components and totals of one group, and what scoring it cost."""
+
+    key: str
+    rewards: list[dict[str, float]]
+    totals: list[float]
+    candidate: Reference | None = None
+    """Grounded groups: this step's reference candidate (``select_candidate``)."""
+    reference_updated: bool | None = None
+    """None: the caller still has to offer ``candidate`` to the reference table; else whether it replaced."""
+    counts: dict[str, float] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    busy_s: float = 0.0
+
+
+def job_from_group(group: list[Rollout], step: int) -> GroupJob:
+    p = group[0].prompt
+    objects = p.extra.get("objects") if p.extra else None
+    return GroupJob(
+        key=p.uid,
+        stream=p.stream,
+        record_key=p.original_idx,
+        question=p.question,
+        answer=p.answer,
+        question_type=p.question_type,
+        target_boxes=[list(b) for b in p.target_boxes],
+        context={"objects": objects} if objects is not None else {},
+        responses=[r.response_text for r in group],
+        step=step,
+    )
+
+
+def apply_result(group: list[Rollout], result: GroupResult) -> None:
+    for r, rewards, total in zip(group, result.rewards, result.totals, strict=True):
+        r.rewards, r.reward = dict(rewards), float(total)
+
+
+class FallbackJudge:
+    """Answers every request with its fallback, counted as a failure: the rules-only path."""
+
+    async def score(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
+        return [JudgeResult(score=r.fallback, failed=True) for r in requests]
+
+    async def close(self) -> None:
+        return None
+
+
+async def score_job(
+    job: GroupJob, judge, algo: AlgorithmConfig, fallback_consistency: float, reference: Reference | None
+) -> GroupResult:
+    """Rule rewards + one batched judge call for ``job``; never raises for judge faults."""
+    t0 = time.perf_counter()
+    counts: dict[str, float] = defaultdict(float)
+    rewards: list[dict[str, float]] = []
+    requests: list[tuple[int, str, JudgeRequest]] = []  # (rollout index, reward key, request)
+    for i, text in enumerate(job.responses):
+        out = {"format": rules.format_reward(text)}
+        answer = rules.extract_answer(text)
+        acc = 0.0 if answer is not None and len(answer) > algo.max_answer_chars else None
         if acc is None:
-            self._counts["judge_fallbacks"] += 1
-            return 0.0
-        return acc
-
-    def _score_grounded(self, group: list[Rollout], step: int) -> None:
-        for r in group:
-            fmt = rules.format_reward(r.response_text)
-            acc = self._accuracy(r)
-            valid, iou = rules.grounded_box_rewards(
-                r.response_text, r.prompt.target_boxes, dup_iou=self.algo.dup_box_iou
+            acc = rules.rule_accuracy(answer, job.answer, job.question_type)
+        if acc is None:
+            req = JudgeRequest("equivalence", job.question, answer or "", job.answer, 0.0, job.context, job.key)
+            requests.append((i, "accuracy", req))
+            acc = 0.0
+        out["accuracy"] = acc
+        if job.stream == "grounded":
+            out["box_valid"], out["box_iou"] = rules.grounded_box_rewards(
+                text, job.target_boxes, dup_iou=algo.dup_box_iou
             )
-            r.rewards = {"format": fmt, "accuracy": acc, "box_valid": valid, "box_iou": iou}
-            r.reward = rules.grounded_overall(fmt, valid, iou, acc)
-        candidate = select_candidate(
-            [
-                (rules.think_text(r.response_text), r.rewards["accuracy"], r.rewards["box_iou"], r.group_key)
-                for r in group
-            ],
-            min_iou=self.algo.ref_min_iou,
-            step=step,
-        )
-        if candidate is not None and self.references.update(group[0].prompt.original_idx, candidate):
-            self._counts["reference_updates"] += 1
-
-    def _score_textual(self, group: list[Rollout]) -> None:
-        ref = self.references.get(group[0].prompt.original_idx)
-        for r in group:
-            fmt = rules.format_reward(r.response_text)
-            acc = self._accuracy(r)
-            if ref is None:
-                cons = 0.0
-                self._counts["consistency_no_reference"] += 1
+        elif job.stream == "textual":
+            out["consistency"] = 0.0
+            if reference is None:
+                counts["consistency_no_reference"] += 1
             else:
-                cons = overlap_consistency(rules.think_text(r.response_text), ref.think)
-            r.rewards = {"format": fmt, "accuracy": acc, "consistency": cons}
-            r.reward = rules.textual_overall(fmt, acc, cons)
+                think = rules.think_text(text)
+                req = JudgeRequest(
+                    "consistency", job.question, think, reference.think, fallback_consistency, job.context, job.key
+                )
+                requests.append((i, "consistency", req))
+        rewards.append(out)
+    latencies: list[float] = []
+    if requests:
+        try:
+            results = await judge.score([q for _, _, q in requests])
+            if len(results) != len(requests):
+                raise RuntimeError(f"judge returned {len(results)} results for {len(requests)} requests")
+        except Exception as exc:  # noqa: BLE001 - a judge must not raise; if one does, its questions fall back
+            log.warning("judge raised on group %s (%s); using fallbacks", job.key, exc)
+            results = [JudgeResult(score=q.fallback, failed=True) for _, _, q in requests]
+        for (i, name, _), res in zip(requests, results, strict=True):
+            rewards[i][name] = float(res.score)
+            counts["judge/calls"] += res.calls
+            counts["judge/retries"] += res.retries
+            counts["judge/timeouts"] += res.timeouts
+            counts["judge/parse_failures"] += res.parse_failures
+            counts["judge/failures"] += float(res.failed)
+            counts["judge/requests"] += 1
+            if not res.failed:
+                latencies.append(res.latency_s)
+    if job.stream == "grounded":
+        totals = [rules.grounded_overall(r["format"], r["box_valid"], r["box_iou"], r["accuracy"]) for r in rewards]
+        candidate = select_candidate(
+            [(rules.think_text(t), r["accuracy"], r["box_iou"], f"{job.key}:{i}") for i, (t, r) in
+             enumerate(zip(job.responses, rewards, strict=True))],
+            min_iou=algo.ref_min_iou,
+            step=job.step,
+        )  # fmt: skip
+    elif job.stream == "textual":
+        totals = [rules.textual_overall(r["format"], r["accuracy"], r["consistency"]) for r in rewards]
+        candidate = None
+    else:
+        totals = [rules.single_overall(r["format"], r["accuracy"], algo.single_accuracy_weight) for r in rewards]
+        candidate = None
+    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, time.perf_counter() - t0)
 
-    def _score_single(self, group: list[Rollout]) -> None:
-        for r in group:
-            fmt = rules.format_reward(r.response_text)
-            acc = self._accuracy(r)
-            r.rewards = {"format": fmt, "accuracy": acc}
-            r.reward = rules.single_overall(fmt, acc, self.algo.single_accuracy_weight)
 
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+# ------------------------------------------------------------------------------ driver-side schedule
+
+
+@dataclass
+class _Entry:
+    group: list[Rollout]
+    job: GroupJob
+    deadline: float
+    attempts: int = 1
+
+
+class StreamScorer:
+    """Pair-aware streaming over an executor (subclasses: submit / wait / take / references)."""
+
+    max_attempts = 3
+    """Times a group is submitted before the driver scores it rules-only."""
+
+    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig):
+        self.algo, self.judge_cfg = algo, judge_cfg
+        # A group's judge questions run concurrently; past this the driver scores it rules-only.
+        self.group_deadline_s = max(120.0, 4.0 * judge_cfg.timeout_s * (judge_cfg.max_retries + 1))
+        self._counts: dict[str, float] = defaultdict(float)
+        self._latencies: list[float] = []
+
+    # executor hooks -----------------------------------------------------------------------------
+    def _submit(self, job: GroupJob) -> Any:
+        raise NotImplementedError
+
+    def _wait(self, handles: list, timeout: float) -> list:
+        raise NotImplementedError
+
+    def _take(self, handle) -> tuple[str, GroupResult | None]:
+        raise NotImplementedError
+
+    def _cancel(self, handle) -> None:
+        return None
+
+    def _reference(self, record_key: int) -> Reference | None:
+        raise NotImplementedError
+
+    def _offer_reference(self, record_key: int, candidate: Reference) -> bool:
+        raise NotImplementedError
+
+    def _cache_stats(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    # the stream ---------------------------------------------------------------------------------
     def score_stream(
         self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int
     ) -> Iterator[list[Rollout]]:
-        """Pair-aware: a textual group whose grounded partner is in ``prompts`` waits until that is scored."""
-        grounded_due = {p.original_idx for p in prompts if p.stream == "grounded"}
-        waiting: dict[int, list[list[Rollout]]] = defaultdict(list)
+        """Submit each group as it arrives; B waits for its A of this batch; yield groups as they are scored."""
+        self._due = {p.original_idx for p in prompts if p.stream == "grounded"}  # grounded not yet scored
+        self._arrived: set[int] = set()
+        self._waiting: dict[int, list[list[Rollout]]] = defaultdict(list)
+        self._pending: dict[Any, _Entry] = {}
+        self._step = step
         for group in groups:
-            t0 = time.perf_counter()
-            prompt = group[0].prompt
-            idx = prompt.original_idx
-            ready: list[list[Rollout]] = []
-            if prompt.stream == "grounded":
-                self._score_grounded(group, step)
-                grounded_due.discard(idx)
-                ready.append(group)
-                for textual in waiting.pop(idx, []):
-                    self._score_textual(textual)
-                    ready.append(textual)
-            elif prompt.stream == "textual" and idx in grounded_due:
-                waiting[idx].append(group)
-            elif prompt.stream == "textual":
-                self._score_textual(group)
-                ready.append(group)
+            if not group:
+                continue
+            idx, stream = group[0].prompt.original_idx, group[0].prompt.stream
+            if stream == "textual" and idx in self._due:
+                self._waiting[idx].append(group)
             else:
-                self._score_single(group)
-                ready.append(group)
-            self._counts["busy_s"] += time.perf_counter() - t0
-            yield from ready
-        # A textual group whose grounded partner never arrived (its generation failed) is still scored,
-        # against whatever reference the table holds, and counted.
-        for textual in (g for gs in waiting.values() for g in gs):
-            self._counts["textual_without_partner"] += 1
-            self._score_textual(textual)
-            yield textual
+                if stream == "grounded":
+                    self._arrived.add(idx)
+                self._start(group)
+            yield from self._collect(0.0)
+        for idx in [i for i in self._waiting if i not in self._arrived]:  # partner never generated
+            for group in self._waiting.pop(idx):
+                self._counts["textual_without_partner"] += 1
+                self._start(group)
+        while self._pending:
+            yield from self._collect(0.5)
 
-    # ---------------------------------------------------------------------------------- state
+    def _start(self, group: list[Rollout], job: GroupJob | None = None, attempts: int = 1) -> None:
+        job = job or job_from_group(group, self._step)
+        handle = self._submit(job)
+        self._pending[handle] = _Entry(group, job, time.monotonic() + self.group_deadline_s, attempts)
 
+    def _collect(self, timeout: float) -> Iterator[list[Rollout]]:
+        if not self._pending:
+            return
+        ready = self._wait(list(self._pending), timeout)
+        for handle in ready:
+            entry = self._pending.pop(handle)
+            kind, result = self._take(handle)
+            if kind == "retry" and entry.attempts < self.max_attempts:
+                self._counts["rescored"] += 1
+                self._start(entry.group, entry.job, entry.attempts + 1)
+                continue
+            if result is None:
+                self._counts["worker_errors" if kind == "fallback" else "retries_exhausted"] += 1
+                result = self._fallback(entry.job)
+            yield from self._finish(entry, result)
+        now = time.monotonic()
+        for handle in [h for h, e in self._pending.items() if now > e.deadline]:
+            entry = self._pending.pop(handle)
+            log.warning("reward group %s passed its %.0f s deadline; scoring it rules-only", entry.job.key,
+                        self.group_deadline_s)  # fmt: skip
+            self._cancel(handle)
+            self._counts["group_timeouts"] += 1
+            yield from self._finish(entry, self._fallback(entry.job))
+
+    def _fallback(self, job: GroupJob) -> GroupResult:
+        ref = self._reference(job.record_key) if job.stream == "textual" else None
+        return asyncio.run(score_job(job, FallbackJudge(), self.algo, self.judge_cfg.fallback_consistency, ref))
+
+    def _finish(self, entry: _Entry, result: GroupResult) -> Iterator[list[Rollout]]:
+        apply_result(entry.group, result)
+        for k, v in result.counts.items():
+            self._counts[k] += v
+        self._latencies.extend(result.latencies)
+        self._counts["busy_s"] += result.busy_s
+        if entry.job.stream == "grounded":
+            updated = result.reference_updated
+            if updated is None and result.candidate is not None:
+                updated = self._offer_reference(entry.job.record_key, result.candidate)
+            self._counts["reference_updates"] += float(bool(updated))
+            idx = entry.job.record_key
+            self._due.discard(idx)
+            for group in self._waiting.pop(idx, []):
+                self._start(group)
+        yield entry.group
+
+    # metrics and state ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        out = {f"reward/{k}": v for k, v in self._counts.items()}
-        stats = self.references.stats()
-        out["refcache/size"] = float(stats["size"])
-        out["refcache/mean_box_iou"] = float(stats["mean_box_iou"])
+        out = {f"judge/{k}": 0.0 for k in JUDGE_COUNTERS}
+        for k, v in self._counts.items():
+            out[k if k.startswith("judge/") else f"reward/{k}"] = v
+        out["judge/latency_p50_s"] = _percentile(self._latencies, 0.5)
+        out["judge/latency_p99_s"] = _percentile(self._latencies, 0.99)
+        try:
+            stats = self._cache_stats()
+            out["refcache/size"] = float(stats["size"])
+            out["refcache/mean_box_iou"] = float(stats["mean_box_iou"])
+        except Exception as exc:  # noqa: BLE001 - metrics must not stop training
+            log.warning("reference cache stats unavailable: %s", exc)
         self._counts.clear()
+        self._latencies.clear()
         return out
+
+
+class InProcessScorer(StreamScorer):
+    """Scoring in the driver: the judge on an asyncio loop in a background thread, the table in the driver."""
+
+    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig | None = None, judge=None):
+        super().__init__(algo, judge_cfg or JudgeConfig())
+        self.references = ReferenceTable()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ivgr-reward-loop", daemon=True)
+        self._thread.start()
+        self.judge = judge if judge is not None else make_judge(self.judge_cfg)
+
+    def _submit(self, job: GroupJob) -> cf.Future:
+        ref = self.references.get(job.record_key) if job.stream == "textual" else None
+        coro = score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, ref)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _wait(self, handles: list, timeout: float) -> list:
+        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        return [h for h in handles if h in done]
+
+    def _take(self, handle: cf.Future) -> tuple[str, GroupResult | None]:
+        exc = handle.exception()
+        if exc is not None:
+            log.warning("in-process reward scoring failed (%r); scoring the group rules-only", exc)
+            return "fallback", None
+        return "ok", handle.result()
+
+    def _cancel(self, handle: cf.Future) -> None:
+        handle.cancel()
+
+    def _reference(self, record_key: int) -> Reference | None:
+        return self.references.get(record_key)
+
+    def _offer_reference(self, record_key: int, candidate: Reference) -> bool:
+        return self.references.update(record_key, candidate)
+
+    def _cache_stats(self) -> dict[str, float]:
+        return self.references.stats()
 
     def state_dict(self) -> dict:
         return {"references": self.references.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.references.load_state_dict(state["references"])
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.judge.close(), self._loop).result(timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("closing the judge: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+RuleScorer = InProcessScorer
+"""Former name of the in-process scorer (its consistency is now the judge's, ``rule`` by default)."""
+
+
+def make_scorer(reward_cfg, algo: AlgorithmConfig, namespace: str | None = None) -> StreamScorer:
+    """``reward.num_workers == 0``: :class:`InProcessScorer`; else a :class:`~ivgr_dist.reward.pool.RewardPool`."""
+    if reward_cfg.num_workers == 0:
+        return InProcessScorer(algo, reward_cfg.judge)
+    from ivgr_dist.reward.pool import RewardPool
+
+    return RewardPool(reward_cfg, algo, namespace=namespace)

@@ -1,0 +1,238 @@
+"""``RewardPool``: M CPU reward workers (Ray actors) scoring whole groups while generation goes on.
+
+Shape (ARCHITECTURE.md, "RewardPool"):
+
+- ``RewardWorker`` (``num_cpus=reward.cpus_per_worker``): an async actor holding one judge from
+  ``make_judge(reward.judge)``. ``score(job)`` runs :func:`~ivgr_dist.reward.scorer.score_job`;
+  many groups run at once on the actor's event loop, bounded by the judge's own concurrency. A
+  textual job reads its reference from the :class:`~ivgr_dist.reward.reference_cache.ReferenceCache`
+  actor; a grounded job offers its candidate to the cache before it returns.
+- The driver side is :class:`~ivgr_dist.reward.scorer.StreamScorer`'s pair-aware schedule: every
+  group is submitted the moment it finishes generating (least-loaded worker), textual groups as
+  soon as their grounded group of the batch is scored; scored groups are yielded as ``ray.wait``
+  reports them.
+
+Faults never cost a reward and never raise into the driver:
+
+- a worker that dies: its slot gets a fresh actor (``reward/worker_restarts``) and each of its
+  groups is resubmitted elsewhere (``reward/rescored``, at most ``max_attempts`` submissions);
+- a worker error (the task raised): the driver scores that group rules-only, each judge question
+  counted in ``judge/failures`` (``reward/worker_errors``), logged;
+- a group past ``group_deadline_s``: cancelled and scored rules-only (``reward/group_timeouts``);
+- no worker left (respawns exhausted): groups are scored rules-only in the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
+from ivgr_dist.reward.reference import Reference
+from ivgr_dist.reward.reference_cache import get_reference_cache
+from ivgr_dist.reward.scorer import GroupJob, GroupResult, StreamScorer, score_job
+
+__all__ = ["RewardPool", "RewardWorker"]
+
+log = logging.getLogger(__name__)
+
+_NO_WORKER = "__ivgr_no_reward_worker__"
+
+
+class RewardWorker:
+    """One reward actor: rule rewards + a judge client; scores whole groups, many at once."""
+
+    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache):
+        from ivgr_dist.reward.judge import make_judge
+
+        self.judge_cfg, self.algo, self.cache = judge_cfg, algo, cache
+        self.judge = make_judge(judge_cfg)
+
+    async def score(self, job: GroupJob) -> GroupResult:
+        reference = await self.cache.get.remote(job.record_key) if job.stream == "textual" else None
+        result = await score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, reference)
+        if job.stream == "grounded":
+            result.reference_updated = (
+                bool(await self.cache.update.remote(job.record_key, result.candidate))
+                if result.candidate is not None
+                else False
+            )
+        return result
+
+    async def ping(self) -> int:
+        return os.getpid()
+
+    async def close(self) -> None:
+        await self.judge.close()
+
+
+class RewardPool(StreamScorer):
+    """Driver-side handle of the reward workers and the reference cache (implements ``Scorer``)."""
+
+    max_respawns = 3
+    """Fresh actors per worker slot before the slot is given up."""
+
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        algo: AlgorithmConfig,
+        namespace: str | None = None,
+        ready_timeout_s: float = 120.0,
+        rpc_timeout_s: float = 60.0,
+    ):
+        import ray
+
+        if cfg.num_workers < 1:
+            raise ValueError(f"reward.num_workers={cfg.num_workers}: RewardPool needs >= 1 (0 = in-process scorer)")
+        need, free = cfg.num_workers * cfg.cpus_per_worker, ray.available_resources().get("CPU", 0.0)
+        if need > free + 1e-9:  # fail now, not after ready_timeout_s of unschedulable actors
+            raise RuntimeError(
+                f"reward pool needs reward.num_workers={cfg.num_workers} x reward.cpus_per_worker="
+                f"{cfg.cpus_per_worker} = {need:g} CPUs but the cluster has {free:g} free: add CPUs, or set "
+                "reward.cpus_per_worker=0 (workers mostly wait on the judge) or reward.num_workers=0 (in the driver)"
+            )
+        super().__init__(algo, cfg.judge)
+        self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
+        self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
+        self.cache = get_reference_cache(self.namespace)
+        self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, max_restarts=0, max_concurrency=1000)(RewardWorker)
+        self.workers: list[Any | None] = [self._spawn() for _ in range(cfg.num_workers)]
+        self._gen = [0] * cfg.num_workers
+        self._respawns = [0] * cfg.num_workers
+        self._load = [0] * cfg.num_workers
+        self._where: dict[Any, tuple[int, int]] = {}  # ref -> (slot, generation)
+        try:
+            ray.get([w.ping.remote() for w in self.workers] + [self.cache.ping.remote()], timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(
+                f"reward workers not ready after {ready_timeout_s:.0f} s: the cluster may lack "
+                f"{cfg.num_workers} x reward.cpus_per_worker={cfg.cpus_per_worker} free CPUs "
+                f"(cluster: {ray.cluster_resources().get('CPU', 0)} CPUs)"
+            ) from None
+
+    def _spawn(self):
+        return self._actor.remote(self.cfg.judge, self.algo, self.cache)
+
+    # executor hooks -----------------------------------------------------------------------------
+    def _submit(self, job: GroupJob):
+        import ray
+
+        live = [i for i, w in enumerate(self.workers) if w is not None]
+        if not live:
+            ref = ray.put(_NO_WORKER)
+            self._where[ref] = (-1, -1)
+            return ref
+        slot = min(live, key=lambda i: self._load[i])
+        ref = self.workers[slot].score.remote(job)
+        self._load[slot] += 1
+        self._where[ref] = (slot, self._gen[slot])
+        return ref
+
+    def _wait(self, handles: list, timeout: float) -> list:
+        import ray
+
+        ready, rest = ray.wait(handles, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
+
+    def _release(self, ref) -> tuple[int, int]:
+        slot, gen = self._where.pop(ref, (-1, -1))
+        if slot >= 0:
+            self._load[slot] -= 1
+        return slot, gen
+
+    def _take(self, ref) -> tuple[str, GroupResult | None]:
+        import ray
+
+        slot, gen = self._release(ref)
+        try:
+            value = ray.get(ref, timeout=self.rpc_timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # the task ran and raised: a worker error
+            log.warning("reward worker %d failed a group (%s); scoring it rules-only", slot, exc)
+            return "fallback", None
+        except ray.exceptions.RayActorError as exc:  # the worker died
+            self._worker_died(slot, gen, exc)
+            return "retry", None
+        except Exception as exc:  # noqa: BLE001 - any other fault: rules-only, never raise
+            log.warning("reward group lost (%r); scoring it rules-only", exc)
+            return "fallback", None
+        if isinstance(value, str) and value == _NO_WORKER:
+            return "fallback", None
+        return "ok", value
+
+    def _worker_died(self, slot: int, gen: int, exc: Exception) -> None:
+        if slot < 0 or gen != self._gen[slot]:
+            return  # already replaced
+        self._gen[slot] += 1
+        if self._respawns[slot] >= self.max_respawns:
+            log.error("reward worker %d died again (%s); giving the slot up", slot, type(exc).__name__)
+            self.workers[slot] = None
+            return
+        log.warning("reward worker %d died (%s); starting a fresh one", slot, type(exc).__name__)
+        self._respawns[slot] += 1
+        self._counts["worker_restarts"] += 1
+        self.workers[slot] = self._spawn()
+
+    def _cancel(self, ref) -> None:
+        import ray
+
+        self._release(ref)
+        try:
+            ray.cancel(ref)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("cancel: %s", exc)
+
+    def _reference(self, record_key: int) -> Reference | None:
+        import ray
+
+        try:
+            return ray.get(self.cache.get.remote(record_key), timeout=self.rpc_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a rules-only fallback must still come out
+            log.warning("reference cache read failed (%s); consistency without reference", exc)
+            return None
+
+    def _offer_reference(self, record_key: int, candidate: Reference) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.cache.update.remote(record_key, candidate), timeout=self.rpc_timeout_s))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("reference cache update failed (%s)", exc)
+            return False
+
+    def _cache_stats(self) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.cache.stats.remote(), timeout=self.rpc_timeout_s)
+
+    # state and lifecycle ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        import ray
+
+        return {"references": ray.get(self.cache.state_dict.remote(), timeout=self.rpc_timeout_s)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import ray
+
+        ray.get(self.cache.load_state_dict.remote(state["references"]), timeout=self.rpc_timeout_s)
+
+    def close(self) -> None:
+        import ray
+
+        live = [w for w in getattr(self, "workers", []) if w is not None]
+        try:
+            ray.get([w.close.remote() for w in live], timeout=10)
+        except Exception as exc:  # noqa: BLE001 - closing must not raise
+            log.debug("closing reward workers: %s", exc)
+        for actor in [*live, getattr(self, "cache", None)]:
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("kill: %s", exc)
+        self.workers = []
