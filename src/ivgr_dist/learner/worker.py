@@ -386,8 +386,9 @@ class LearnerWorker:
         for name, tensor in self.policy.state_dict().items():
             if self._tied and name == "lm_head.weight":
                 continue
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            full = full.detach().to(dtype) if dtype is not None else full.detach()
+            # Cast the local shard before gathering: a bf16 sync moves half the bytes of fp32 over the wire.
+            local = tensor.detach().to(dtype) if dtype is not None else tensor.detach()
+            full = local.full_tensor() if isinstance(local, DTensor) else local
             size += tensor.numel() * full.element_size()  # global shape: same on every rank
             if self.rank == 0:
                 bucket.append((checkpoint_name(name), full))
