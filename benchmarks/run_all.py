@@ -55,6 +55,13 @@ BENCHES = {
             ratio="per_engine_ratio",
             target=("<=", 3.0),
         ),
+        Bench(
+            "reward",
+            "bench_reward.py",
+            ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),
+            ratio="tail_ratio_pipelined_over_after",
+            target=("<=", 1 / 3),
+        ),
     )
 }
 
