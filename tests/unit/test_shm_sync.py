@@ -10,9 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ivgr_dist.sync import make_weight_sync
-from ivgr_dist.sync.shm import BACKEND_NAME, BucketRef, ShmWeightSync, make_shm_dir, read_bucket, write_buckets
+from ivgr_dist.sync.shm import (
+    BACKEND_NAME,
+    BucketRef,
+    ShmWeightSync,
+    make_shm_dir,
+    merge_rank_buckets,
+    read_bucket,
+    read_sharded_bucket,
+    write_buckets,
+    write_rank_buckets,
+)
 
 
 def _buckets() -> list[list[tuple[str, torch.Tensor]]]:
@@ -79,6 +90,100 @@ def test_bucket_files_appear_atomically_under_their_final_name(tmp_path, monkeyp
     assert not list(out.glob("*.safetensors"))
 
 
+# ------------------------------------------------------------------------ sharded (per-rank) files
+
+
+def _fsdp2_piece(full: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """Rank ``rank``'s local rows of ``full`` as FSDP2 holds them (``DTensor.to_local()`` of a ``Shard(0)``
+    parameter: torch.chunk rows, ceil(n / world) per rank, the last ranks short or empty, no padding)
+    and their dim-0 offset. Checked against ``full_tensor()`` with 3 gloo ranks: shapes (7, 3) -> 3/3/1
+    rows at 0/3/6, (1, 5) -> 1/0/0, (2,) -> 1/1/0, (5,) -> 2/2/1."""
+    rows = full.shape[0]
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return full[start : min(start + chunk, rows)], start
+
+
+def _full_state() -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, full tensor, sharded?) in state-dict order."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        ("model.embed_tokens.weight", torch.randn(11, 4, generator=g).to(torch.bfloat16), True),  # uneven dim 0
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(8, 3, generator=g).to(torch.bfloat16), True),
+        ("model.layers.0.self_attn.k_proj.bias", torch.randn(2, generator=g).to(torch.bfloat16), True),  # < world
+        ("model.layers.0.tiny", torch.randn(1, 5, generator=g).to(torch.bfloat16), True),  # one row
+        ("visual.blocks.0.conv", torch.randn(5, 2, 2, 3, generator=g).to(torch.bfloat16), True),
+        ("model.norm.weight", torch.randn(4, generator=g).to(torch.bfloat16), False),  # plain: rank 0 only
+        ("visual.counts", torch.arange(5, dtype=torch.int64), False),
+        ("scalar", torch.tensor(3.5, dtype=torch.float64), False),
+    ]
+
+
+def _rank_buckets(rank: int, world: int, cuts=(2, 5)) -> list[list]:
+    """This rank's buckets, as ``LearnerWorker._iter_local_shards`` yields them (same cuts on every rank)."""
+    items = []
+    for name, full, sharded in _full_state():
+        if sharded:
+            piece, offset = _fsdp2_piece(full, rank, world)
+        else:
+            piece, offset = (full if rank == 0 else None), 0
+        items.append((name, tuple(full.shape), piece, offset))
+    bounds = [0, *cuts, len(items)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _write_all_ranks(out_dir, world: int) -> list[dict]:
+    return merge_rank_buckets([write_rank_buckets(_rank_buckets(r, world), out_dir, r) for r in range(world)])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_shards_reassemble_into_exactly_the_full_tensors(tmp_path, world):
+    buckets = _write_all_ranks(tmp_path, world)
+    want = {name: full for name, full, _ in _full_state()}
+    assert [b["names"] for b in buckets] == [list(want)[:2], list(want)[2:5], list(want)[5:]]
+    got = {}
+    for b in buckets:
+        assert [f["path"] for f in b["files"]] == sorted(f["path"] for f in b["files"])  # rank order
+        assert b["nbytes"] == sum(want[n].numel() * want[n].element_size() for n in b["names"])
+        pairs = list(read_sharded_bucket(b["names"], b["shapes"], b["dtypes"], b["files"]))
+        assert [n for n, _ in pairs] == b["names"]
+        got.update(pairs)
+    for name, full in want.items():
+        assert got[name].dtype == full.dtype and got[name].shape == full.shape, name
+        assert torch.equal(got[name], full), name
+    # rank 0 alone writes the unsharded tensors; empty shards are not written at all
+    for b in buckets:
+        for f in b["files"]:
+            rank = int(Path(f["path"]).stem.rsplit("_r", 1)[1])
+            assert list(load_file(f["path"])) == list(f["offsets"])  # plain safetensors files
+            for name in f["offsets"]:
+                full, sharded = want[name], dict((n, s) for n, _, s in _full_state())[name]
+                assert sharded or rank == 0, (name, rank)
+                piece, offset = _fsdp2_piece(full, rank, world) if sharded else (full, 0)
+                assert f["offsets"][name] == offset and piece.numel() > 0
+    if world == 4:  # k_proj.bias (2 rows) lives only in the files of ranks 0 and 1
+        bias = buckets[1]["files"]
+        assert [Path(f["path"]).name for f in bias if "model.layers.0.self_attn.k_proj.bias" in f["offsets"]] == [
+            "bucket_00001_r000.safetensors",
+            "bucket_00001_r001.safetensors",
+        ]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sharded_bucket_errors_name_the_parameter(tmp_path):
+    buckets = _write_all_ranks(tmp_path / "a", 2)
+    b = buckets[0]
+    with pytest.raises(ValueError, match="model.embed_tokens.weight: pieces cover 6 of 11 rows"):
+        list(read_sharded_bucket(b["names"], b["shapes"], b["dtypes"], b["files"][:1]))  # rank 1's file left out
+    wrong = [list(b["shapes"][0]), [8, 2]]
+    with pytest.raises(ValueError, match="q_proj.weight: piece"):
+        list(read_sharded_bucket(b["names"], wrong, b["dtypes"], b["files"]))
+    r0 = write_rank_buckets(_rank_buckets(0, 2), tmp_path / "b", 0)
+    r1 = write_rank_buckets(_rank_buckets(1, 2, cuts=(3, 5)), tmp_path / "b", 1)
+    with pytest.raises(ValueError, match="bucket 0: ranks disagree"):
+        merge_rank_buckets([r0, r1])
+
+
 def test_make_shm_dir_gives_a_fresh_folder_per_push(tmp_path):
     a, b = make_shm_dir(str(tmp_path), prefix="ivgr_sync_v1_"), make_shm_dir(str(tmp_path), prefix="ivgr_sync_v1_")
     assert a != b and a.is_dir() and b.is_dir() and a.name.startswith("ivgr_sync_v1_") and a.parent == tmp_path
@@ -130,6 +235,23 @@ def test_engine_loads_each_bucket_through_the_model(engine_cls, tmp_path):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(model.loaded, want, strict=True))
     assert engine.loaded_bytes == sum(r.nbytes for r in refs) and engine.load_seconds > 0
     assert engine_cls.update_info_cls is not None and engine.supports_draft_weight_update is False
+
+
+def test_engine_loads_sharded_buckets_as_full_tensors(engine_cls, tmp_path):
+    model = FakeModel()
+    engine = _engine(engine_cls, model)
+    buckets = _write_all_ranks(tmp_path, 3)
+    for b in buckets:
+        engine.update_weights(b)  # the merged descriptor is the update info as it is
+    want = _full_state()
+    assert [n for n, _ in model.loaded] == [n for n, _, _ in want] and model.calls == len(buckets)
+    assert all(torch.equal(a, b) for (_, a), (_, b, _) in zip(model.loaded, want, strict=True))
+    assert engine.loaded_bytes == sum(b["nbytes"] for b in buckets)
+    # one rank's file missing: the engine says which and why before loading anything of the bucket
+    Path(buckets[0]["files"][1]["path"]).unlink()
+    with pytest.raises(FileNotFoundError, match="bucket_00000_r001.safetensors is not on this node"):
+        engine.update_weights(buckets[0])
+    assert model.calls == len(buckets)
 
 
 def test_engine_names_the_missing_bucket_and_the_fix(engine_cls, tmp_path):

@@ -175,9 +175,12 @@ class LearnerGroup:
         return self._gather(refs, "full_state_buckets")[0]
 
     def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
-        """Full weights as shared-memory bucket files written by rank 0 (see ``ivgr_dist.sync.shm``)."""
+        """Every rank writes its own shards as shared-memory bucket files (see ``ivgr_dist.sync.shm``);
+        returns the merged bucket descriptors once every rank's files exist."""
+        from ivgr_dist.sync.shm import merge_rank_buckets
+
         refs = [a.write_state_shm.remote(out_dir, bucket_bytes, dtype) for a in self.actors]
-        return self._gather(refs, "write_state_shm")[0]
+        return merge_rank_buckets(self._gather(refs, "write_state_shm"))
 
     def init_nccl_sync(
         self,

@@ -405,19 +405,59 @@ class LearnerWorker:
         return [[(n, t.to("cpu", copy=True)) for n, t in b] for b in buckets if self.rank == 0]
 
     def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
-        """Weight sync (``ivgr_shm`` backend): rank 0 writes the full weights as bucket files (collective).
+        """Weight sync (``ivgr_shm`` backend): every rank writes its own shards as bucket files (no gather).
 
-        Returns rank 0's bucket descriptors (other ranks return ``[]`` after taking part in the gathers).
-        ``dtype`` (e.g. the engines' ``bfloat16``) halves the bytes moved when the learner holds fp32.
+        Each rank writes the dim-0 shards it holds (rank 0 also the unsharded tensors) to its own
+        files, in parallel with the others; returns this rank's partial bucket descriptors, which
+        ``ivgr_dist.sync.shm.merge_rank_buckets`` joins. Bucket boundaries come from global sizes, so
+        every rank cuts the same buckets. ``dtype`` (e.g. the engines' ``bfloat16``) halves the bytes
+        written when the learner holds fp32.
         """
-        from ivgr_dist.sync.shm import write_buckets
+        from ivgr_dist.sync.shm import write_rank_buckets
 
-        buckets = self.iter_full_state(bucket_bytes, getattr(torch, dtype) if dtype else None)
-        if self.rank != 0:
-            for _ in buckets:
-                pass
-            return []
-        return [ref.to_update_info() for ref in write_buckets(buckets, out_dir)]
+        return write_rank_buckets(
+            self._iter_local_shards(bucket_bytes, getattr(torch, dtype) if dtype else None), out_dir, self.rank
+        )
+
+    def _iter_local_shards(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list]:
+        """Buckets of ``(checkpoint name, global shape, this rank's piece or None, dim-0 offset)``.
+
+        FSDP2 parameters (``Shard(0)`` on a 1-D mesh) give this rank's unpadded local rows at their
+        global offset; replicated DTensors and plain tensors come from rank 0 only. Any other layout
+        falls back to ``full_tensor()`` (collective, but every rank meets it at the same parameter).
+        """
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        self.policy.reshard()
+        bucket: list = []
+        size = 0
+        for name, tensor in self.policy.state_dict().items():
+            if self._tied and name == "lm_head.weight":
+                continue
+            shape = tuple(tensor.shape)
+            offset = 0
+            if not isinstance(tensor, DTensor):
+                piece = tensor.detach() if self.rank == 0 else None
+            elif tensor.ndim > 0 and tuple(tensor.placements) == (Shard(0),):
+                piece = tensor.detach().to_local()
+                _, global_offset = compute_local_shape_and_global_offset(shape, tensor.device_mesh, tensor.placements)
+                offset = global_offset[0]
+            elif all(isinstance(p, Replicate) for p in tensor.placements):
+                piece = tensor.detach().to_local() if self.rank == 0 else None
+            else:
+                full = tensor.detach().full_tensor()
+                piece = full if self.rank == 0 else None
+            if piece is not None and dtype is not None:
+                piece = piece.to(dtype)
+            itemsize = (torch.empty((), dtype=dtype) if dtype is not None else tensor).element_size()
+            bucket.append((checkpoint_name(name), shape, piece, offset))
+            size += tensor.numel() * itemsize  # global size: every rank cuts the same buckets
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
 
     # ---------------------------------------------------------------- weight sync: vLLM NCCL (GPU)
 

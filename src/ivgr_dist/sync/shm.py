@@ -17,6 +17,7 @@ entry point (``ivgr_dist.sync.vllm_plugin``), which vLLM loads in every engine p
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -71,6 +72,168 @@ def read_bucket(path: str, names: list[str] | None = None) -> Iterator[tuple[str
             yield name, f.get_tensor(name)
 
 
+# ------------------------------------------------------------------------- sharded (gather-free) buckets
+#
+# Each learner rank writes its own dim-0 shards of a bucket's parameters to its own file
+# ``bucket_{i:05d}_r{rank:03d}.safetensors`` (rank 0 also writes the unsharded tensors). A bucket's
+# descriptor lists, for every parameter, the global shape and dtype, and for every rank file the
+# dim-0 offset of each piece in it; an engine reads every piece straight into one full tensor.
+
+
+def _bucket_path(out_dir: str | Path, index: int, rank: int) -> Path:
+    return Path(out_dir) / f"bucket_{index:05d}_r{rank:03d}.safetensors"
+
+
+def write_rank_buckets(
+    buckets: Iterable[list[tuple[str, tuple[int, ...], torch.Tensor | None, int]]], out_dir: str | Path, rank: int
+) -> list[dict[str, Any]]:
+    """Write one rank's pieces of each bucket; returns this rank's partial descriptor of every bucket.
+
+    A bucket is a list of ``(name, global shape, piece, dim-0 offset)``: ``piece`` is this rank's rows
+    ``[offset, offset + len(piece))`` of the full tensor (the whole tensor at offset 0 for an unsharded
+    one), or ``None`` where this rank holds none of it. Every rank must pass the same names and shapes
+    in the same buckets (the global layout); :func:`merge_rank_buckets` joins the ranks' descriptors.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    descs = []
+    for i, bucket in enumerate(buckets):
+        if not bucket:
+            continue
+        names, shapes, dtypes, nbytes = [], [], [], 0
+        tensors: dict[str, torch.Tensor] = {}
+        offsets: dict[str, int] = {}
+        for name, shape, piece, offset in bucket:
+            names.append(name)
+            shapes.append([int(d) for d in shape])
+            if piece is not None and piece.numel() > 0:
+                tensors[name] = piece.detach().to("cpu").contiguous()
+                offsets[name] = int(offset)
+            dtypes.append(str(piece.dtype).removeprefix("torch.") if piece is not None else "")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            nbytes += numel * (piece.element_size() if piece is not None else 0)
+        files = []
+        if tensors:
+            path = _bucket_path(out, i, rank)
+            tmp = path.with_suffix(".tmp")
+            _save_safetensors(tensors, tmp)
+            os.replace(tmp, path)
+            files.append({"path": str(path), "offsets": offsets})
+        descs.append({"index": i, "names": names, "shapes": shapes, "dtypes": dtypes, "nbytes": nbytes, "files": files})
+    return descs
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written straight from the tensors' memory (``safetensors.torch.save_file``
+    first copies every tensor into a ``bytes`` object: one more pass over the bucket)."""
+    import json
+
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header: dict[str, Any] = {}
+    start = 0
+    for name, t in tensors.items():
+        end = start + t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [start, end]}
+        start = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def merge_rank_buckets(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Join the ranks' partial descriptors (rank order) into one update descriptor per bucket."""
+    merged: dict[int, dict[str, Any]] = {}
+    for descs in per_rank:
+        for d in descs:
+            m = merged.get(d["index"])
+            if m is None:
+                m = {"names": list(d["names"]), "shapes": list(d["shapes"]), "dtypes": [""] * len(d["names"])}
+                merged[d["index"]] = m = {**m, "nbytes": 0, "files": []}
+            if d["names"] != m["names"] or d["shapes"] != m["shapes"]:
+                raise ValueError(f"bucket {d['index']}: ranks disagree on the parameters it holds")
+            m["dtypes"] = [a or b for a, b in zip(m["dtypes"], d["dtypes"], strict=True)]
+            m["files"].extend(d["files"])
+    for m in merged.values():
+        m["nbytes"] = sum(
+            math.prod(shape) * getattr(torch, dt).itemsize
+            for shape, dt in zip(m["shapes"], m["dtypes"], strict=True)
+            if dt
+        )
+    return [merged[i] for i in sorted(merged)]
+
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_header(f) -> tuple[dict[str, Any], int]:
+    import json
+    import struct
+
+    (size,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(size)), 8 + size
+
+
+def read_sharded_bucket(
+    names: list[str], shapes: list[list[int]], dtypes: list[str], files: list[dict[str, Any]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) pairs of one sharded bucket, in ``names`` order: each tensor is allocated once
+    and every rank's piece is read from its file straight into its rows (one copy from shared memory)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        handles = []
+        for entry in files:
+            f = stack.enter_context(open(entry["path"], "rb", buffering=0))  # noqa: SIM115
+            header, base = _read_header(f)
+            handles.append((f, header, base, entry["offsets"]))
+        for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
+            full = None
+            covered = 0
+            for f, header, base, offsets in handles:
+                if name not in offsets:
+                    continue
+                info = header[name]
+                piece_dtype = _ST_DTYPES[info["dtype"]]
+                if full is None:
+                    full = torch.empty(shape, dtype=piece_dtype)
+                rows = info["shape"][0] if info["shape"] else 1
+                if list(info["shape"][1:]) != list(shape[1:]) or piece_dtype != full.dtype:
+                    raise ValueError(f"{name}: piece {info['shape']} {info['dtype']} does not fit {shape} {full.dtype}")
+                start, end = info["data_offsets"]
+                dst = full.view(-1) if not shape else full[offsets[name] : offsets[name] + rows]
+                view = memoryview(dst.view(torch.uint8).numpy())
+                f.seek(base + start)
+                got = 0
+                while got < end - start:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise EOFError(f"{name}: short read from {f.name}")
+                    got += n
+                covered += rows
+            if full is None:
+                full = torch.empty(shape, dtype=getattr(torch, dtype))
+            if full.numel() and covered != (shape[0] if shape else 1):
+                raise ValueError(f"{name}: pieces cover {covered} of {shape[0] if shape else 1} rows")
+            yield name, full
+
+
 def make_shm_dir(root: str = DEFAULT_SHM_ROOT, prefix: str = "ivgr_sync_") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
@@ -92,9 +255,12 @@ def _engine_class():
 
     @dataclass
     class ShmUpdateInfo(WeightTransferUpdateInfo):
-        path: str = ""
+        path: str = ""  # one file of full tensors (write_buckets), or "" for per-rank shard files
         names: list[str] = field(default_factory=list)
         nbytes: int = 0
+        shapes: list[list[int]] = field(default_factory=list)  # global shapes (sharded buckets)
+        dtypes: list[str] = field(default_factory=list)
+        files: list[dict[str, Any]] = field(default_factory=list)  # {"path", "offsets": {name: dim-0 offset}}
 
     class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         """Receives checkpoint-format buckets from shared-memory files."""
@@ -124,13 +290,21 @@ def _engine_class():
             self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, update_info: ShmUpdateInfo) -> None:
-            if not os.path.isfile(update_info.path):
-                raise FileNotFoundError(
-                    f"weight bucket {update_info.path} is not on this node: the {BACKEND_NAME} backend needs "
-                    "the learner's rank 0 and every rollout engine on one node (use the nccl backend on GPUs)"
-                )
+            paths = [update_info.path] if update_info.path else [f["path"] for f in update_info.files]
+            for path in paths:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"weight bucket {path} is not on this node: the {BACKEND_NAME} backend needs "
+                        "every learner rank and every rollout engine on one node (use the nccl backend on GPUs)"
+                    )
             t0 = time.perf_counter()
-            self.model.load_weights(read_bucket(update_info.path, update_info.names or None))
+            if update_info.path:
+                weights = read_bucket(update_info.path, update_info.names or None)
+            else:
+                weights = read_sharded_bucket(
+                    update_info.names, update_info.shapes, update_info.dtypes, update_info.files
+                )
+            self.model.load_weights(weights)
             self.loaded_bytes += update_info.nbytes
             self.load_seconds += time.perf_counter() - t0
 
