@@ -123,12 +123,13 @@ class Trainer:
         return self.metrics.log(step, metrics)
 
     def _timed(self, groups: Iterator[list[Rollout]], timer: Timer) -> Iterator[list[Rollout]]:
-        """Pass groups through, recording when the last one arrived (generation end)."""
+        """Pass groups through, recording when the last one arrived (generation end; the consumer's
+        scoring time between groups is not counted)."""
         t0 = time.perf_counter()
+        timer.seconds["generate"] = 0.0
         for group in groups:
-            yield group
             timer.seconds["generate"] = time.perf_counter() - t0
-        timer.seconds["generate"] = time.perf_counter() - t0
+            yield group
 
     def _update(self, samples: list, temperature: float) -> dict[str, float]:
         """ppo_epochs passes of optimizer steps over mini-batches of global_batch_size groups."""
