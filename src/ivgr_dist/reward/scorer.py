@@ -44,7 +44,6 @@ from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
 
-RUBRIC = (0.0, 0.3, 0.7, 1.0)
 JUDGE_COUNTERS = ("calls", "retries", "timeouts", "failures", "parse_failures", "requests")
 
 
