@@ -1,14 +1,17 @@
-"""CPU weight sync: buckets of full weights in shared memory, loaded through vLLM's update lifecycle.
+"""CPU weight sync: weight buckets in shared memory, loaded through vLLM's update lifecycle.
 
-The learner's rank 0 writes each bucket of full (gathered) parameters once, as a safetensors file
-under ``/dev/shm`` (RAM), and every rollout engine on that node maps the file and loads it through
-the same lifecycle vLLM's NCCL backend uses: ``start_weight_update`` (initialise layerwise reload)
--> ``update_weights`` per bucket (``model.load_weights`` on checkpoint-format tensors) ->
-``finish_weight_update`` (process weights after loading: CPU kernels repack here). Plain
-``load_weights`` outside that lifecycle corrupts repacked CPU weights (CPU_STACK.md).
+Every learner rank writes the dim-0 FSDP shards it holds (rank 0 also the unsharded tensors) of
+each bucket to its own safetensors file under ``/dev/shm`` (RAM), in parallel and without a
+gather; every rollout engine on that node reads each parameter's pieces straight into one full
+tensor and loads it through the same lifecycle vLLM's NCCL backend uses: ``start_weight_update``
+(initialise layerwise reload) -> ``update_weights`` per bucket (``model.load_weights`` on
+checkpoint-format tensors) -> ``finish_weight_update`` (process weights after loading: CPU kernels
+repack here). Plain ``load_weights`` outside that lifecycle corrupts repacked CPU weights
+(CPU_STACK.md). The older one-file-per-bucket format of full tensors (:func:`write_buckets`) is
+still read, for tools and the file-format benchmark.
 
-Cost per engine is one read of each bucket from RAM plus vLLM's own loading copy; the trainer
-pays one write per bucket for all engines together. Same-node only: on several CPU nodes each
+Cost per engine is one read of each bucket from RAM plus vLLM's own loading copy; the learners pay
+one write of their shards for all engines together. Same-node only: on several CPU nodes each
 node would need its own copy of the files (the GPU path uses NCCL broadcast instead).
 
 The engine class is registered with vLLM as backend ``ivgr_shm`` by the ``vllm.general_plugins``
