@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ivgr_dist._ext_fix import install as _install_ext_fix
 
@@ -86,12 +87,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """GRPO training of both streams on Ray (local cluster unless RAY_ADDRESS / trainer.ray_address)."""
-    from ivgr_dist.trainer import Trainer, init_ray, summarize
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised warm start on the learner group; writes a model directory (see ivgr_dist.sft)."""
+    from ivgr_dist.sft import run_sft
+    from ivgr_dist.trainer import init_ray, seed_everything
 
     cfg = _config(args)
+    seed_everything(cfg.trainer.seed)
     init_ray(cfg)
+    out = run_sft(cfg, overwrite=args.overwrite)
+    print(json.dumps({"sft_model_dir": str(out), "metrics": str(Path(cfg.trainer.output_dir) / "sft_logs")}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
+    from ivgr_dist.sft import run_sft, sft_config_for_rl
+    from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
+
+    cfg = _config(args)
+    seed_everything(cfg.trainer.seed)
+    init_ray(cfg)
+    if cfg.sft.enabled:
+        run_sft(cfg)
+        cfg = sft_config_for_rl(cfg)
     trainer = Trainer(cfg)
     try:
         records = trainer.train()
@@ -135,6 +154,16 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
     sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
+
+    sp = add("sft", cmd_sft, "supervised warm start with the learner group; writes a model directory")
+    sp.add_argument("--overwrite", action="store_true", help="retrain even if the SFT model directory exists")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=50")
+
+    from ivgr_dist.evaluate import add_arguments as add_eval_arguments
+    from ivgr_dist.evaluate import cmd_eval
+
+    sp = add("eval", cmd_eval, "evaluate a model on parquet files: T and G accuracy per datasource")
+    add_eval_arguments(sp)
 
     sp = add("prepare", cmd_prepare, "make missing CPU assets, validate the data and build one batch of prompts")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.rollout_batch_size=32")

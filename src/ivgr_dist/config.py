@@ -29,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "RewardConfig",
     "RolloutConfig",
+    "SFTConfig",
     "SyncConfig",
     "SyntheticConfig",
     "TinyModelConfig",
@@ -250,6 +251,9 @@ class DataConfig:
     """``raise``: stop at the first bad row with its file and row; ``skip``: drop, count and log it."""
     max_bad_row_fraction: float = 0.05
     """With ``skip``, raise anyway when more than this share of rows is bad (a broken data set)."""
+    streams: list[str] = field(default_factory=lambda: ["grounded", "textual"])
+    """Streams a paired record is trained in: both (iVGR), or one of them (the single-stream ablations;
+    without ``grounded`` there is no consistency reference, so consistency stays 0)."""
     paired_datasources: list[str] = field(default_factory=list)
     """Datasources always expanded into A/B pairs, even without target boxes."""
     single_datasources: list[str] = field(default_factory=list)
@@ -274,6 +278,14 @@ class DataConfig:
             self.max_bad_row_fraction,
             "must be in [0, 1]",
         )
+        _check(
+            len(self.streams) >= 1 and len(set(self.streams)) == len(self.streams),
+            "data.streams",
+            self.streams,
+            "must name grounded and/or textual, each once",
+        )
+        for stream in self.streams:
+            _check_choice("data.streams[]", stream, ["grounded", "textual"])
         both = set(self.paired_datasources) & set(self.single_datasources)
         _check(
             not both,
@@ -550,6 +562,47 @@ class SyncConfig:
         _check(self.bucket_mb >= 1, "sync.bucket_mb", self.bucket_mb, "must be >= 1")
 
 
+# ----------------------------------------------------------------------------------------------- sft
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised warm start on the learner group (``ivgr-dist sft``; ``ivgr-dist train`` runs it first
+    when ``enabled``). The learner section's ranks, precision and micro-batching apply; the values
+    below replace its optimiser settings for this stage."""
+
+    enabled: bool = True
+    """``ivgr-dist train`` starts RL from the warm start's model (training it first unless its output
+    already exists). Off in the recipe configs, whose ``model.path`` already is an SFT checkpoint."""
+    output_dir: str | None = None
+    """Model directory the warm start writes; default ``<trainer.output_dir>/sft_model``."""
+    steps: int = 150
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Records per step (a paired record gives one sample per stream in ``streams``)."""
+    lr: float = 1e-3
+    """AdamW learning rate (the tiny random model needs a large one)."""
+    warmup_ratio: float = 0.05
+    """Linear warm-up over this share of ``steps``."""
+    response_column: str | None = None
+    """Parquet column holding target responses (real data); unset: templated responses built from
+    the answer and target boxes (the synthetic set; see ``ivgr_dist.data.targets``)."""
+    streams: list[str] = field(default_factory=lambda: ["grounded", "textual"])
+    """Streams a paired record is trained in (templated targets)."""
+    seed: int = 0
+    """Record order (a seeded permutation per epoch)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sft.steps", self.steps, "must be >= 1")
+        _check(self.batch_size >= 1, "sft.batch_size", self.batch_size, "must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "sft.lr", self.lr, "must be finite and > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "sft.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(len(self.streams) >= 1, "sft.streams", self.streams, "must name at least one stream")
+        for stream in self.streams:
+            _check_choice("sft.streams[]", stream, ["grounded", "textual"])
+        _check(self.response_column != "", "sft.response_column", self.response_column, "must be a column name or null")
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -560,7 +613,8 @@ class TrainerConfig:
     output_dir: str = "outputs/run"
     """Metrics, checkpoints and logs go here."""
     seed: int = 0
-    """Global seed."""
+    """Seeds the driver's random, NumPy and torch generators. The sampler (``data.seed``), engines
+    (``rollout.engine.seed``), warm start (``sft.seed``) and synthetic set have seeds of their own."""
     max_steps: int = 20
     """RL steps to run."""
     save_every: int = 10
@@ -589,7 +643,13 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def sft_model_dir(self) -> str:
+        """Where the warm start writes (and ``train`` reads) its model."""
+        return self.sft.output_dir or str(Path(self.trainer.output_dir) / "sft_model")
 
     def __post_init__(self) -> None:
         needed = self.data.max_prompt_length + self.rollout.max_response_length

@@ -78,7 +78,26 @@ class Trainer:
             )
             if self._should_save(step):
                 self.save(step)
+        if records:
+            self.export_model()
         return records
+
+    @property
+    def model_dir(self) -> Path:
+        """Hugging Face export of the latest policy (``ivgr-dist eval --model`` takes it)."""
+        return self.out / "model"
+
+    def export_model(self) -> Path:
+        """Write the current policy as a Hugging Face model directory (temporary sibling + rename)."""
+        import shutil
+
+        tmp = self.out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.learners.export_hf(tmp, dtype=self.cfg.model.dtype)
+        shutil.rmtree(self.model_dir, ignore_errors=True)
+        tmp.rename(self.model_dir)
+        log.info("policy exported to %s", self.model_dir)
+        return self.model_dir
 
     def rl_step(self, step: int) -> dict:
         from ivgr_dist.rollout.pool import PoolStats
@@ -203,32 +222,63 @@ def _mismatch(rollouts: list[Rollout], learner_logprobs: list[list[float]]) -> f
     return total / max(count, 1)
 
 
-def summarize(cfg: Config, records: list[dict]) -> str:
-    """Final summary: first vs last rewards, where metrics and checkpoints are."""
+SUMMARY_KEYS = (
+    "reward/grounded/overall",
+    "reward/grounded/accuracy",
+    "reward/grounded/box_iou",
+    "reward/textual/overall",
+    "reward/textual/accuracy",
+    "reward/textual/consistency",
+    "reward/single/overall",
+)
+
+
+def window_means(records: list[dict], key: str, window: int) -> tuple[float, float] | None:
+    """Mean of ``key`` over the first and over the last ``window`` records that have it."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    if not values:
+        return None
+    w = max(1, min(window, len(values) // 2 or 1))
+    return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
+    """Final summary: rewards of the first vs the last steps (window means), where metrics, checkpoints
+    and the exported policy are."""
     out = Path(cfg.trainer.output_dir)
     lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
     if not records:
         lines.append(f"  nothing to do: the newest checkpoint is already at trainer.max_steps={cfg.trainer.max_steps}")
     if records:
-        first, last = records[0], records[-1]
-        for key in (
-            "reward/grounded/overall",
-            "reward/grounded/accuracy",
-            "reward/grounded/box_iou",
-            "reward/textual/overall",
-            "reward/textual/accuracy",
-            "reward/textual/consistency",
-        ):
-            if first.get(key) is not None and last.get(key) is not None:
-                lines.append(
-                    f"  {key:32s} step {first['step']:>4}: {first[key]:.3f}   step {last['step']:>4}: {last[key]:.3f}"
-                )
+        w = max(1, min(window, len(records) // 2 or 1))
+        first, last = records[:w], records[-w:]
+        span = f"steps {first[0]['step']}-{first[-1]['step']}", f"steps {last[0]['step']}-{last[-1]['step']}"
+        lines.append(f"  {'mean reward':32s} {span[0]:>14s}  {span[1]:>14s}")
+        for key in SUMMARY_KEYS:
+            means = window_means(records, key, w)
+            if means is not None:
+                lines.append(f"  {key:32s} {means[0]:14.3f}  {means[1]:14.3f}  ({means[1] - means[0]:+.3f})")
         lines.append(
-            f"  weight version {last['weight_version']:.0f}; engines in sync: {bool(last['sync/engines_in_sync'])}"
+            f"  weight version {records[-1]['weight_version']:.0f}; "
+            f"engines in sync: {bool(records[-1]['sync/engines_in_sync'])}"
         )
     ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
     lines.append(f"  latest checkpoint: {ckpts[-1] if ckpts else 'none'}")
+    if (out / "model" / "config.json").is_file():
+        lines.append(f"  policy (Hugging Face format): {out / 'model'}")
+        lines.append(f"  evaluate: ivgr-dist eval --model {out / 'model'} --data {cfg.data.val_files[0]} --mode both")
     return "\n".join(lines)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the driver's ``random``, NumPy and torch generators (engines, sampler and data have their own seeds)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def cluster_has_gpus() -> bool:

@@ -39,6 +39,8 @@ class Prompt:
     """Resized PIL images, in prompt order."""
     target_boxes: list[list[float]] = field(default_factory=list)
     """Target boxes [x1, y1, x2, y2] in RESIZED-image pixels (empty when the record has none)."""
+    target_labels: list[str] = field(default_factory=list)
+    """The ``label`` of each target instance ("" where a target has none), parallel to ``target_boxes``."""
     question: str = ""
     """The question without image markers (``query``), for judges and logs."""
     extra: dict[str, Any] = field(default_factory=dict)

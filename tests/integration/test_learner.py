@@ -164,6 +164,24 @@ def test_zero_advantages_without_kl_only_apply_weight_decay(make_worker, samples
         assert not torch.equal(after[name], p) or not p.any()
 
 
+def test_sft_objective_is_the_token_mean_nll_and_lowers_it(make_worker, encoder, samples, tiny_model_dir):
+    """``objective="sft"``: loss/nll is the token mean of -log p(response) over ALL samples (advantages and
+    old/ref log-probs play no part), and repeated steps on the same batch drive it down."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    worker = make_worker(kl_coef=0.0, grad_clip=1.0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    logps = torch.cat([_hf_logprobs(model, encoder, s, 1.0) for s in samples])
+    metrics = worker.train_step(samples, objective="sft")
+    assert metrics["loss/nll"] == pytest.approx(-float(logps.mean()), abs=1e-4)
+    assert "loss/policy" not in metrics and metrics["grad_norm"] > 0
+    for _ in range(5):
+        last = worker.train_step(samples, objective="sft")
+    assert last["loss/nll"] < metrics["loss/nll"] - 0.5
+    with pytest.raises(ValueError, match="objective='dpo'"):
+        worker.train_step(samples, objective="dpo")
+
+
 def _optim_state(worker) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 

@@ -139,3 +139,15 @@ def test_default_synthetic_prompts_fit_the_tiny_budget(tmp_path, builder):
     for r in pq.read_table(tmp_path / "train.parquet").to_pylist():
         for s in ("grounded", "textual", "single"):
             assert builder.build(r, 0, s, tmp_path).num_prompt_tokens <= DataConfig().max_prompt_length
+
+
+def test_string_image_cell_and_json_target_instances(tmp_path, builder):
+    """Real-data conversions often store one image path as a string and targets as JSON text."""
+    import json
+
+    rec = _image_record(tmp_path, "a.png", (300, 150), box=(200, 40, 260, 110), color="blue")
+    plain = builder.build(rec, 3, "grounded", tmp_path)
+    rec = {**rec, "images": "a.png", "target_instances": json.dumps(rec["target_instances"])}
+    p = builder.build(rec, 3, "grounded", tmp_path)
+    assert p.prompt_token_ids == plain.prompt_token_ids and len(p.images) == 1
+    assert p.target_boxes == plain.target_boxes and p.target_labels == ["blue square"]

@@ -163,3 +163,18 @@ def test_state_from_another_sampler_is_rejected():
         PairSampler(PAIRED[:-1], SINGLE, 16, 0.9, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size=16: must equal this sampler's batch_size=8"):
         PairSampler(PAIRED, SINGLE, 8, 0.9, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("streams", [["textual"], ["grounded"]])
+def test_single_pair_stream_fills_the_batch_with_that_stream(streams):
+    """Ablations: one stream per paired record, so a batch of 16 at ratio 0.9 draws 14 paired records."""
+    s = PairSampler(list(range(40)), list(range(100, 110)), 16, 0.9, seed=0, pair_streams=streams)
+    batch = s.next_batch()
+    assert len(batch) == 16 and s.n_pairs == 14 and s.n_singles == 2
+    assert [st for _, st in batch[:14]] == streams * 14 and len({i for i, _ in batch[:14]}) == 14
+    state = s.state_dict()
+    other = PairSampler(list(range(40)), list(range(100, 110)), 16, 0.9, seed=0)
+    with pytest.raises(ValueError, match="pair_streams"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="pair_streams"):
+        PairSampler(list(range(40)), [], 16, 0.9, seed=0, pair_streams=["single"])

@@ -33,7 +33,6 @@ than ``data.max_prompt_length`` in any of its streams is dropped as a whole, so 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, smart_resize
-from ivgr_dist.data.prompts import PromptBuilder
+from ivgr_dist.data.prompts import PromptBuilder, instances_list
 from ivgr_dist.types import Prompt
 
 __all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable"]
@@ -151,25 +150,11 @@ def _as_box(value: Any) -> list[float] | None:
         return None
 
 
-def _instances(value: Any) -> list[Any]:
-    """A ``target_instances`` cell as a list (JSON strings parsed; a bad value becomes one malformed target)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else []
-        except json.JSONDecodeError:
-            return [value]
-    if isinstance(value, dict):
-        return [value]
-    return list(value)
-
-
 def _boxes_python(col) -> tuple[np.ndarray, np.ndarray]:
     """Fallback for other ``target_instances`` types: JSON strings, lists of 4-lists ..."""
     rows, boxes = [], []
     for r, cell in enumerate(col.to_pylist()):
-        for inst in _instances(cell):
+        for inst in instances_list(cell):
             box = _as_box(inst)
             rows.append(r)
             boxes.append(box if box is not None else [math.nan] * 4)
@@ -409,7 +394,7 @@ class RecordTable:
             def detail(r: int) -> str:
                 j = k - starts[r]
                 cell = table.slice(r, 1).column("target_instances").to_pylist()[0]
-                inst = _instances(cell)[j] if j < len(_instances(cell)) else None
+                inst = instances_list(cell)[j] if j < len(instances_list(cell)) else None
                 shown = inst.get("bbox") if isinstance(inst, dict) else inst
                 where = ""
                 if code[k] == 4 and sizes is not None:

@@ -115,5 +115,6 @@ def build_pipeline(model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "t
             paired_ratio=data_cfg.paired_ratio,
             seed=data_cfg.seed,
             shuffle=data_cfg.shuffle,
+            pair_streams=data_cfg.streams,
         )
     return DataPipeline(tokenizer=tokenizer, builder=builder, records=records, sampler=draw)

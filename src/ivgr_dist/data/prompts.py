@@ -12,6 +12,7 @@ rollout engine) later expands it to one token per merged 28x28 patch of the resi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ __all__ = [
     "KNOWN_COLUMNS",
     "PromptBuilder",
     "target_bboxes",
+    "target_labels",
+    "image_list",
+    "instances_list",
 ]
 
 _FORMAT = "Reply as <think> reasoning </think> <answer> final answer </answer>."
@@ -50,12 +54,38 @@ KNOWN_COLUMNS = frozenset({"problem", "query", "answer", "images", "target_insta
 """Columns the pipeline interprets; every other column is kept in ``Prompt.extra``."""
 
 
-def target_bboxes(instances: Any) -> list[list[float]]:
-    """The ``bbox`` of each entry of a ``target_instances`` value (list of dicts, or bare 4-lists)."""
-    if instances is None:
+def instances_list(value: Any) -> list[Any]:
+    """A ``target_instances`` cell as a list (JSON strings parsed; a bad value becomes one malformed target)."""
+    if value is None:
         return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError:
+            return [value]
+    if isinstance(value, dict):
+        return [value]
+    return list(value)
+
+
+def image_list(value: Any) -> list[str]:
+    """An ``images`` cell as a list of paths (a single path string is one image; blank or null: none)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return list(value)
+
+
+def target_labels(instances: Any) -> list[str]:
+    """The ``label`` of each entry of a ``target_instances`` value ("" for entries without one)."""
+    return [str(inst.get("label") or "") if isinstance(inst, dict) else "" for inst in instances_list(instances)]
+
+
+def target_bboxes(instances: Any) -> list[list[float]]:
+    """The ``bbox`` of each entry of a ``target_instances`` value (list of dicts or bare 4-lists, or its JSON)."""
     out = []
-    for inst in instances:
+    for inst in instances_list(instances):
         box = inst.get("bbox") if isinstance(inst, dict) else inst
         out.append([float(v) for v in box])
     return out
@@ -83,7 +113,7 @@ class PromptBuilder:
         """The one-turn chat for ``record`` in ``stream``: image parts where the markers were, then the text."""
         if stream not in STREAMS:
             raise ValueError(f"stream={stream!r}: must be one of {list(STREAMS)}")
-        n_images = len(record.get("images") or [])
+        n_images = len(image_list(record.get("images")))
         problem = record.get("problem") or record.get("query") or ""
         qtype = str(record.get("question_type") or "")
         tail = "\n".join(t for t in (ANSWER_HINTS.get(qtype, ""), INSTRUCTIONS[stream]) if t)
@@ -143,7 +173,7 @@ class PromptBuilder:
 
         text = self.render(record, stream)
         ids = self.token_ids([text])[0]
-        paths = list(record.get("images") or [])
+        paths = image_list(record.get("images"))
         n_pads = sum(1 for t in ids if t == self.image_pad_id)
         if n_pads != len(paths):
             raise ValueError(
@@ -176,6 +206,7 @@ class PromptBuilder:
             datasource=str(record.get("datasource") or "unknown"),
             images=images,
             target_boxes=target_boxes,
+            target_labels=target_labels(record.get("target_instances")) if boxes else [],
             question=_question(record),
             extra=extra,
         )

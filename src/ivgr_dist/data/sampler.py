@@ -3,6 +3,8 @@
 A batch of ``batch_size`` prompts holds ``n_pairs = round(paired_ratio * batch_size / 2)`` pairs
 (rounding half up, at most ``batch_size // 2``), each pair written as ``(i, "grounded"), (i, "textual")``
 next to each other, followed by ``batch_size - 2 * n_pairs`` singles ``(j, "single")``.
+``pair_streams`` (``data.streams``) may name one stream only, for the single-stream ablations: then
+each paired record gives one prompt and the same formulas hold with 1 in place of 2.
 If one pool is empty the other fills the batch: all singles, or all pairs, which needs an even
 ``batch_size`` (an odd one with no singles is rejected at construction).
 
@@ -91,6 +93,7 @@ class PairSampler:
         paired_ratio: float,
         seed: int,
         shuffle: bool = True,
+        pair_streams: Sequence[str] = ("grounded", "textual"),
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
@@ -104,24 +107,34 @@ class PairSampler:
                 raise ValueError(f"{name}: has repeated records; each record must appear once in its pool")
         if not paired_ids and not single_ids:
             raise ValueError("paired_ids and single_ids are both empty: nothing to sample")
+        pair_streams = list(pair_streams)
+        if (
+            not pair_streams
+            or len(set(pair_streams)) != len(pair_streams)
+            or set(pair_streams) - {"grounded", "textual"}
+        ):
+            raise ValueError(f"pair_streams={pair_streams!r}: must be grounded and/or textual, each once")
+        self.pair_streams = pair_streams
+        """Prompts each paired record becomes (both streams, or one of them for single-stream ablations)."""
+        k = len(pair_streams)
         self.batch_size = int(batch_size)
         self.paired_ratio = float(paired_ratio)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
 
-        n_pairs = min(self.batch_size // 2, int(math.floor(self.paired_ratio * self.batch_size / 2 + 0.5)))
+        n_pairs = min(self.batch_size // k, int(math.floor(self.paired_ratio * self.batch_size / k + 0.5)))
         if not single_ids:
-            if self.batch_size % 2:
+            if self.batch_size % k:
                 raise ValueError(
                     f"batch_size={batch_size!r}: must be even when there are no single records "
                     "(a batch of A/B pairs only has an even size)"
                 )
-            n_pairs = self.batch_size // 2
+            n_pairs = self.batch_size // k
         elif not paired_ids:
             n_pairs = 0
         self.n_pairs = n_pairs
-        """A/B pairs per batch."""
-        self.n_singles = self.batch_size - 2 * n_pairs
+        """Paired records per batch (A/B pairs, or one stream each with a single pair stream)."""
+        self.n_singles = self.batch_size - k * n_pairs
         """``single`` prompts per batch."""
         self._pools = {
             "paired": _Pool(paired_ids, self.seed, 0, self.shuffle),
@@ -142,7 +155,7 @@ class PairSampler:
         out: list[tuple[int, str]] = []
         if self.n_pairs:
             for i in self._pools["paired"].draw(self.n_pairs):
-                out += [(i, "grounded"), (i, "textual")]
+                out += [(i, stream) for stream in self.pair_streams]
         if self.n_singles:
             out += [(i, "single") for i in self._pools["single"].draw(self.n_singles)]
         self.batches += 1
@@ -162,6 +175,7 @@ class PairSampler:
             "shuffle": self.shuffle,
             "batch_size": self.batch_size,
             "paired_ratio": self.paired_ratio,
+            "pair_streams": self.pair_streams,
             "batches": self.batches,
             "pools": {
                 name: {"epoch": p.epoch, "cursor": p.cursor, "size": len(p.ids), "fingerprint": p.fingerprint()}
@@ -173,10 +187,11 @@ class PairSampler:
         """Resume from :meth:`state_dict`; ``ValueError`` when it belongs to another data set or setting."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"sampler state version={state.get('version')!r}: must be {_STATE_VERSION}")
-        for key in ("seed", "shuffle", "batch_size", "paired_ratio"):
-            if state.get(key) != getattr(self, key):
+        for key in ("seed", "shuffle", "batch_size", "paired_ratio", "pair_streams"):
+            saved = state.get(key, ["grounded", "textual"] if key == "pair_streams" else None)  # older states: both
+            if saved != getattr(self, key):
                 raise ValueError(
-                    f"sampler state {key}={state.get(key)!r}: must equal this sampler's {key}={getattr(self, key)!r}"
+                    f"sampler state {key}={saved!r}: must equal this sampler's {key}={getattr(self, key)!r}"
                 )
         for name in _POOLS:
             saved, pool = state["pools"][name], self._pools[name]

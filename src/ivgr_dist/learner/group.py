@@ -149,8 +149,10 @@ class LearnerGroup:
                 out[i] = v
         return out
 
-    def train_step(self, samples: Sequence[LearnerSample], temperature: float = 1.0) -> dict[str, float]:
-        """One optimizer update over the global batch ``samples``.
+    def train_step(
+        self, samples: Sequence[LearnerSample], temperature: float = 1.0, objective: str = "grpo"
+    ) -> dict[str, float]:
+        """One optimizer update over the global batch ``samples`` (``objective``: ``grpo`` or ``sft``).
 
         The workers all-reduce their metric sums themselves (losses carry the global denominator,
         fractions are token-weighted), so every rank returns the same global metrics and rank 0's
@@ -160,7 +162,7 @@ class LearnerGroup:
             raise ValueError("train_step needs at least one sample")
         shards = shard_by_group(samples, self.num_ranks)
         refs = [
-            a.train_step.remote([samples[i] for i in shard], temperature)
+            a.train_step.remote([samples[i] for i in shard], temperature, objective)
             for a, shard in zip(self.actors, shards, strict=True)
         ]
         metrics = dict(self._gather(refs, "train_step")[0])

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import LearnerSample, append_dummy_image, collate, make_micro_batches
-from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits
+from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean
 
 __all__ = ["LearnerWorker", "checkpoint_name", "pick_master_address", "warmup_factor"]
 
@@ -275,13 +275,21 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------ update
 
-    def train_step(self, samples: Sequence[LearnerSample], temperature: float = 1.0) -> dict[str, float]:
+    def train_step(
+        self, samples: Sequence[LearnerSample], temperature: float = 1.0, objective: str = "grpo"
+    ) -> dict[str, float]:
         """One optimizer update on this rank's share of the global batch (collective).
 
-        Missing ``old_logprobs`` mean on-policy (ratio 1: the current log-probs, detached).
+        ``objective="grpo"``: the clipped GRPO loss; missing ``old_logprobs`` mean on-policy (ratio 1:
+        the current log-probs, detached). ``objective="sft"``: the token-mean negative log-likelihood
+        of the response tokens (the supervised warm start; advantages and log-probs are ignored).
+        Both share micro-batching, the global token denominator, clipping and the optimizer.
         Returns global metrics (identical on every rank).
         """
-        if self.loss_cfg.uses_reference and any(s.ref_logprobs is None for s in samples):
+        if objective not in ("grpo", "sft"):
+            raise ValueError(f"objective={objective!r}: must be 'grpo' or 'sft'")
+        sft = objective == "sft"
+        if not sft and self.loss_cfg.uses_reference and any(s.ref_logprobs is None for s in samples):
             raise ValueError(
                 f"kl_coef={self.loss_cfg.kl_coef} > 0 needs ref_logprobs on every sample; "
                 "call compute_logprobs(samples, 'reference') first"
@@ -303,12 +311,18 @@ class LearnerWorker:
             mb, batch = self._micro_batch(samples, idx)
             logp, s = self._forward_logprobs(self.policy, batch, temperature)
             mask = batch["response_mask"][:, s:].to(self._device)
-            old = batch["old_logprobs"]
-            old = logp.detach() if old is None else old[:, s:].to(self._device)
-            ref = batch["ref_logprobs"]
-            ref = None if ref is None or not self.loss_cfg.uses_reference else ref[:, s:].to(self._device)
-            adv = batch["advantages"][:, s:].to(self._device)
-            loss, m = grpo_loss(logp, old, ref, adv, mask, denom=denom, **self.loss_cfg.loss_kwargs())
+            if sft:
+                loss = -token_mean(logp, mask, denom)
+                zero = torch.zeros((), device=self._device)
+                m = dict.fromkeys(("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl"), zero)
+                m["pg_loss"] = m["loss"] = loss.detach()
+            else:
+                old = batch["old_logprobs"]
+                old = logp.detach() if old is None else old[:, s:].to(self._device)
+                ref = batch["ref_logprobs"]
+                ref = None if ref is None or not self.loss_cfg.uses_reference else ref[:, s:].to(self._device)
+                adv = batch["advantages"][:, s:].to(self._device)
+                loss, m = grpo_loss(logp, old, ref, adv, mask, denom=denom, **self.loss_cfg.loss_kwargs())
             loss.backward()
             n = mask.sum()
             kl = m.get("kl_loss", torch.zeros((), device=self._device))
@@ -335,22 +349,27 @@ class LearnerWorker:
         fb_time, n_dummy = self._all_reduce([fb_time, n_dummy], dist.ReduceOp.MAX)
         tokens = max(tot["tokens"], 1.0)
         w = self.world_size
-        return {
-            "loss/policy": tot["pg"] / w,
-            "loss/kl": tot["kl"] / w,
-            "loss/total": tot["total"] / w,
+        common = {
             "grad_norm": grad_norm,
             "lr": lr,
-            "clip/frac": tot["clip"] / tokens,
-            "clip/frac_high": tot["clip_high"] / tokens,
-            "clip/frac_low": tot["clip_low"] / tokens,
-            "policy/approx_kl": tot["approx_kl"] / tokens,
             "learner/tokens": tot["tokens"],
             "learner/padding_ratio": 1.0 - tot["real"] / tot["slots"] if tot["slots"] else 0.0,
             "learner/micro_batches": float(len(batches)),
             "learner/dummy_micro_batches": n_dummy,
             "learner/skipped_step": float(skipped),
             "time/learner_forward_backward_s": fb_time,
+        }
+        if sft:
+            return {"loss/nll": tot["total"] / w, **common}
+        return {
+            "loss/policy": tot["pg"] / w,
+            "loss/kl": tot["kl"] / w,
+            "loss/total": tot["total"] / w,
+            "clip/frac": tot["clip"] / tokens,
+            "clip/frac_high": tot["clip_high"] / tokens,
+            "clip/frac_low": tot["clip_low"] / tokens,
+            "policy/approx_kl": tot["approx_kl"] / tokens,
+            **common,
         }
 
     def _clip_grad_norm(self) -> float:
