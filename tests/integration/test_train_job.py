@@ -48,6 +48,8 @@ def _overrides(tmp: Path, model: Path, steps: int) -> list[str]:
         "data.rollout_batch_size=8",
         "rollout.max_response_length=48",
         "learner.global_batch_size=8",
+        "sft.steps=4",  # the main job runs the warm start first; keep it short here
+        "sft.batch_size=4",
         f"trainer.output_dir={tmp}/run",
         f"trainer.max_steps={steps}",
         "trainer.save_every=1",
@@ -138,6 +140,10 @@ def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):
     assert "succeeded" in job.stdout.lower(), log
     _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2])
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+    # The warm start ran first and RL started from it; the final policy is exported for eval.
+    assert len((tmp_path / "run" / "sft_logs" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "run" / "sft_model" / "config.json").is_file()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
     # Resume on the same cluster from the CLI: step 3 only, weight version continues at 3.
     env_local = {**ray_head["env"], "RAY_ADDRESS": ray_head["gcs"]}
@@ -146,6 +152,8 @@ def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     records = _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2, 3])
     assert "resumed from" in again.stderr and "step_000002" in again.stderr
+    assert "reusing it" in again.stderr  # the finished warm start is not trained again
+    assert len((tmp_path / "run" / "sft_logs" / "metrics.jsonl").read_text().splitlines()) == 4
     assert records[-1]["data/batches"] == 3  # the sampler continued where the job stopped
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["weight_version"] == 3 and state["step"] == 3

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from ivgr_dist.config import Config, ConfigError, load_config, to_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
+YAMLS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 
 def test_configs_dir_is_not_empty():
@@ -114,3 +114,25 @@ def test_cli_show_config_prints_overrides():
     )
     assert proc.returncode == 0, proc.stderr
     assert OmegaConf.create(proc.stdout).trainer.max_steps == 11
+
+
+def test_ablation_configs_differ_only_in_streams_and_output():
+    """A fair ablation: same warm start, steps, batch and optimiser; only the RL streams (and where results go)."""
+    import dataclasses
+
+    cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / "ablation").glob("*.yaml"))}
+    assert set(cfgs) == {"dual_stream", "textual_only", "grounded_only"}
+    assert {k: c.data.streams for k, c in cfgs.items()} == {
+        "dual_stream": ["grounded", "textual"],
+        "textual_only": ["textual"],
+        "grounded_only": ["grounded"],
+    }
+    assert len({c.sft_model_dir for c in cfgs.values()}) == 1
+    assert len({c.trainer.output_dir for c in cfgs.values()}) == 3
+
+    def normalised(c):
+        data = dataclasses.replace(c.data, streams=["textual"])
+        return dataclasses.replace(c, data=data, trainer=dataclasses.replace(c.trainer, output_dir="x"))
+
+    base = normalised(cfgs["dual_stream"])
+    assert all(normalised(c) == base for c in cfgs.values())
