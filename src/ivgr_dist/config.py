@@ -445,6 +445,11 @@ class LearnerConfig:
     warmup_ratio: float = 0.1
     """Linear warm-up over this share of trainer.max_steps optimizer updates (recipe: 2%; the tiny
     model's large learning rate needs a longer one)."""
+    lr_schedule: str = "cosine"
+    """After the warm-up: ``constant`` (the recipe) or ``cosine`` decay to ``min_lr_ratio * lr`` at the last
+    update (tiny default: at a constant 5e-4 the tiny policy's accuracy swung late in the run)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule: the final learning rate as a share of ``lr``."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (recipe: 1.0); 0 disables clipping."""
     global_batch_size: int = 16
@@ -471,6 +476,8 @@ class LearnerConfig:
             "must be two numbers in [0, 1)",
         )
         _check(0.0 <= self.warmup_ratio < 1.0, "learner.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check_choice("learner.lr_schedule", self.lr_schedule, ["constant", "cosine"])
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "learner.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.grad_clip >= 0, "learner.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(self.global_batch_size >= 1, "learner.global_batch_size", self.global_batch_size, "must be >= 1")
         _check(self.micro_batch_tokens >= 64, "learner.micro_batch_tokens", self.micro_batch_tokens, "must be >= 64")

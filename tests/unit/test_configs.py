@@ -44,6 +44,8 @@ def test_recipe_numbers_in_7b_config():
     assert (cfg.data.rollout_batch_size, cfg.data.paired_ratio, cfg.data.max_pixels) == (512, 0.9, 3211264)
     assert cfg.rollout.max_response_length == 4096 and cfg.trainer.max_steps == 360
     assert cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size == 8
+    assert (cfg.learner.lr, cfg.learner.warmup_ratio, cfg.learner.lr_schedule) == (1e-6, 0.02, "constant")
+    assert not cfg.sft.enabled  # the recipe starts from an SFT checkpoint
 
 
 def test_dotted_overrides_apply_and_nest():

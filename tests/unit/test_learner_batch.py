@@ -21,7 +21,7 @@ from ivgr_dist.learner.batch import (
     padding_ratio,
 )
 from ivgr_dist.learner.group import balance_shards, shard_by_group
-from ivgr_dist.learner.worker import checkpoint_name, warmup_factor
+from ivgr_dist.learner.worker import checkpoint_name, lr_factor, warmup_factor
 from ivgr_dist.types import Rollout
 
 PAD = 0
@@ -215,3 +215,14 @@ def test_shards_keep_groups_whole_and_balance_tokens():
     assert all(shard_by_group(one_group, 3))
     assert balance_shards([[0], [1]], [5, 5], 3)[2] == []
     assert math.isclose(sum(len(s) for s in balance_shards([[i] for i in range(7)], [1] * 7, 3)), 7)
+
+
+def test_lr_factor_warmup_then_cosine_to_the_floor():
+    assert [lr_factor(s, 2, 10, "constant") for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, 2, 10, "cosine", 0.1) for s in range(12)]
+    assert cos[:3] == [0.5, 1.0, 1.0]  # warm-up, then the decay starts at 1
+    assert cos[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay span
+    assert cos[10] == pytest.approx(0.1) and cos[11] == pytest.approx(0.1)  # floor, also past the end
+    assert all(a >= b for a, b in zip(cos[2:-1], cos[3:], strict=True))
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        lr_factor(5, 2, 10, "linear")

@@ -21,7 +21,8 @@ whole global batch whatever the split (ALGORITHM.md: token-mean aggregation).
 
 Departures from the recipe (verl): every rank loads the full checkpoint on CPU before sharding
 (host RAM ~ ranks x fp32 model; meta-device init is a later improvement); weight decay applies to
-all parameters, as in the recipe; the warm-up is linear, then the learning rate stays constant; a
+all parameters, as in the recipe; the warm-up is linear, then the learning rate stays constant
+(``learner.lr_schedule=cosine`` decays it instead); a
 step whose gradient norm is not finite is skipped (reported as ``learner/skipped_step``).
 """
 
@@ -45,7 +46,7 @@ from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import LearnerSample, append_dummy_image, collate, make_micro_batches
 from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean
 
-__all__ = ["LearnerWorker", "checkpoint_name", "pick_master_address", "warmup_factor"]
+__all__ = ["LearnerWorker", "checkpoint_name", "lr_factor", "pick_master_address", "warmup_factor"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
@@ -62,6 +63,20 @@ def checkpoint_name(name: str) -> str:
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then 1."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.0
+) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then ``constant`` (1) or
+    ``cosine`` decay from 1 to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps or schedule == "constant":
+        return warmup_factor(step, warmup_steps)
+    if schedule != "cosine":
+        raise ValueError(f"schedule={schedule!r}: must be 'constant' or 'cosine'")
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def pick_master_address() -> tuple[str, int]:
@@ -157,7 +172,10 @@ class LearnerWorker:
             foreach=True,
         )
         warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
+        schedule, floor, total = self.cfg.lr_schedule, self.cfg.min_lr_ratio, self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, total, schedule, floor)
+        )
 
     def _load_sharded(self, trainable: bool):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -1,0 +1,74 @@
+"""SFT batches (ivgr_dist.sft.SFTData): templated targets per stream, or a response column for real data."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ivgr_dist.config import SyntheticConfig, load_config
+from ivgr_dist.data.synthetic import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sftdata")
+    make_synthetic(out, SyntheticConfig(), num_records=24)
+    return out
+
+
+def _sft_data(tiny_model_dir, files, *overrides):
+    from ivgr_dist.data.pipeline import build_pipeline
+    from ivgr_dist.learner.batch import SampleEncoder
+    from ivgr_dist.sft import SFTData
+
+    cfg = load_config(
+        None,
+        [f"model.path={tiny_model_dir}", f"data.train_files=[{files}]", f"data.val_files=[{files}]", *overrides],
+    )
+    return SFTData(cfg, build_pipeline(cfg.model, cfg.data, "train", sampler=False), SampleEncoder(tiny_model_dir))
+
+
+def test_templated_batches_cover_both_streams_and_end_with_im_end(tiny_model_dir, data_dir):
+    data = _sft_data(tiny_model_dir, data_dir / "train.parquet", "sft.batch_size=5")
+    ids = data.next_ids()
+    assert len(ids) == 5 and len(set(ids)) == 5
+    paired = [i for i in ids if i in data.paired]
+    pairs = [p for i in paired for p in data.pairs(i)]
+    assert [p.stream for p, _ in pairs] == ["grounded", "textual"] * len(paired)
+    sample = data.encode(*pairs[0])
+    assert sample.input_ids[-1] == data.end_id == data.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sample.prompt_len == pairs[0][0].num_prompt_tokens and sample.advantage == 1.0
+    text = data.tokenizer.decode(sample.input_ids[sample.prompt_len : -1])
+    assert text == pairs[0][1] and "<box>" in text
+    # Epochs: 21 usable records, so 5 draws of 5 wrap into epoch 1 without losing any record.
+    seen = set(ids)
+    for _ in range(4):
+        seen.update(data.next_ids())
+    assert data.epoch == 1 and seen == set(data.ids.tolist())
+
+
+def test_response_column_picks_the_stream_from_the_text(tiny_model_dir, data_dir, tmp_path):
+    table = pq.read_table(data_dir / "train.parquet")
+    rows = table.to_pylist()
+    responses = []
+    for k, r in enumerate(rows):
+        if not r["target_instances"]:
+            responses.append("<think>sum</think> <answer>" + r["answer"] + "</answer>")
+        elif k % 2:
+            responses.append("<think>the shape <box>[1,2,30,40]</box></think> <answer>" + r["answer"] + "</answer>")
+        else:
+            responses.append("<think>the shape</think> <answer>" + r["answer"] + "</answer>")
+    table = table.append_column("response", pa.array(responses))
+    (tmp_path / "images").symlink_to(data_dir / "images")
+    pq.write_table(table, tmp_path / "train.parquet")
+    data = _sft_data(tiny_model_dir, tmp_path / "train.parquet", "sft.response_column=response")
+    for i in data.ids.tolist():
+        ((prompt, text),) = data.pairs(i)
+        assert text == responses[i]
+        expected = "single" if i not in data.paired else ("grounded" if i % 2 else "textual")
+        assert prompt.stream == expected
+
+    missing = _sft_data(tiny_model_dir, tmp_path / "train.parquet", "sft.response_column=target")
+    with pytest.raises(ValueError, match="sft.response_column='target': no such column"):
+        missing.pairs(int(missing.ids[0]))
