@@ -4,8 +4,8 @@ iVGR starts RL from an SFT checkpoint. :func:`run_sft` builds that checkpoint wi
 itself, not a second trainer: the :class:`~ivgr_dist.learner.group.LearnerGroup` (same ranks,
 precision, micro-batching, global token-mean denominator, grad clip, AdamW) runs
 ``train_step(objective="sft")``, the token-mean negative log-likelihood of the response tokens.
-Only the optimiser settings come from the ``sft`` section (``lr``, ``warmup_ratio``); no reference
-policy is loaded.
+Only the optimiser settings come from the ``sft`` section (``lr``, ``warmup_ratio``; the rate stays
+constant after the warm-up, whatever ``learner.lr_schedule`` says for RL); no reference policy is loaded.
 
 Samples: records are drawn in a seeded permutation per epoch, ``sft.batch_size`` per step. A
 paired record gives one sample per stream in ``sft.streams`` (templated responses), or one sample
@@ -127,7 +127,9 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
         raise ValueError(f"sft.output_dir={str(out)!r} is model.path: the warm start would overwrite its own base")
     pipeline = build_pipeline(cfg.model, cfg.data, "train", sampler=False)
     data = SFTData(cfg, pipeline, SampleEncoder(cfg.model.path))
-    learner_cfg = dataclasses.replace(cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio)
+    learner_cfg = dataclasses.replace(
+        cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, lr_schedule="constant"
+    )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
     logs = MetricsLogger(Path(cfg.trainer.output_dir) / "sft_logs", tensorboard=cfg.trainer.tensorboard)
     group = LearnerGroup(cfg.model, learner_cfg, algo_cfg, cfg.sft.steps)

@@ -47,6 +47,8 @@ def test_sft_trains_writes_a_loadable_model_and_is_reused(tiny_model_dir, tmp_pa
         nll = [r["loss/nll"] for r in logs]
         assert sum(nll[-3:]) / 3 < sum(nll[:3]) / 3 - 1.0, nll  # templated targets are easy to fit
         assert max(r["sft/epoch"] for r in logs) >= 1  # 48 draws from 21 records: wrapped around
+        # sft.lr after a 1-step warm-up, constant: RL's learner.lr_schedule (cosine by default) is not used.
+        assert {r["lr"] for r in logs} == {2e-3}
 
         from transformers import AutoModelForImageTextToText
 
