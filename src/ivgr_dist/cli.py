@@ -116,6 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         records = trainer.train()
     finally:
         trainer.close()
+    import ray
+
+    ray.shutdown()  # flush the actors' last log lines before the summary, so it is what the user sees last
     print(summarize(cfg, records))
     return 0
 
