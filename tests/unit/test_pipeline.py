@@ -76,7 +76,8 @@ def test_prepare_command_end_to_end(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["train_records"] + summary["val_records"] == 64
-    assert summary["batch_prompts"] == 16 and summary["data/bad_rows/total"] == 0
+    batch = load_config(None).data.rollout_batch_size  # the embedded default
+    assert summary["batch_prompts"] == batch and summary["data/bad_rows/total"] == 0
     assert "--- grounded prompt" in proc.stdout and "<box>[x1,y1,x2,y2]</box>" in proc.stdout
 
     bad = subprocess.run(
