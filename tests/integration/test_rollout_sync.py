@@ -353,7 +353,13 @@ def test_a_killed_engine_is_dropped_and_its_groups_finish_on_the_other(pool, dat
     # long fixed-length responses (~1 s per wave of groups) so that groups are still generating at the kill
     gen = pool.generate(batch, max_tokens=96, stats=stats, ignore_eos=True)
     groups = [next(gen)]  # the generator is paused here: 4 groups submitted (2 per engine), 3 queued
+    # Same-length groups of a wave finish together, and the replacement group the pool just submitted
+    # may not have reached its engine yet: wait until some engine reports a group in flight.
+    deadline = time.monotonic() + 30
     loads = ray.get([a.load.remote() for a in pool.actors], timeout=30)
+    while max(loads) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        loads = ray.get([a.load.remote() for a in pool.actors], timeout=30)
     victim = max(range(2), key=lambda e: loads[e])
     assert loads[victim] > 0, loads  # at least one group is generating on the engine we kill
     survivor = 1 - victim
