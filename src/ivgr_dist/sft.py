@@ -13,8 +13,8 @@ with the response column's text; a single record gives one ``single`` sample. Re
 ``<|im_end|>``, the token the rollout engines stop on. See :mod:`ivgr_dist.data.targets`.
 
 Output: a Hugging Face model directory at ``cfg.sft_model_dir`` that transformers and vLLM load
-(written to a temporary sibling and renamed when complete, so a present directory is a finished
-one), and per-step metrics (``loss/nll``, ``grad_norm``, ``lr`` ...) in
+(``LearnerGroup.export_hf`` writes a temporary sibling and renames it when complete, so a present
+directory is a finished one), and per-step metrics (``loss/nll``, ``grad_norm``, ``lr`` ...) in
 ``<trainer.output_dir>/sft_logs/metrics.jsonl``. The stage is short and not resumable: an
 interrupted warm start runs again from the base model.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -133,7 +132,6 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
     logs = MetricsLogger(Path(cfg.trainer.output_dir) / "sft_logs", tensorboard=cfg.trainer.tensorboard)
     group = LearnerGroup(cfg.model, learner_cfg, algo_cfg, cfg.sft.steps)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
         bar = tqdm(range(1, cfg.sft.steps + 1), desc="sft steps", unit="step")
         first = last = None
@@ -148,11 +146,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
             last = logs.log(step, metrics)
             first = first or last
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        group.export_hf(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        group.export_hf(out)  # complete or absent: a present directory is a finished warm start
     finally:
         logs.close()
         group.shutdown()

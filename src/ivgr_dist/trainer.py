@@ -88,14 +88,8 @@ class Trainer:
         return self.out / "model"
 
     def export_model(self) -> Path:
-        """Write the current policy as a Hugging Face model directory (temporary sibling + rename)."""
-        import shutil
-
-        tmp = self.out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.learners.export_hf(tmp, dtype=self.cfg.model.dtype)
-        shutil.rmtree(self.model_dir, ignore_errors=True)
-        tmp.rename(self.model_dir)
+        """Write the current policy as a Hugging Face model directory (complete or absent)."""
+        self.learners.export_hf(self.model_dir, dtype=self.cfg.model.dtype)
         log.info("policy exported to %s", self.model_dir)
         return self.model_dir
 

@@ -212,8 +212,18 @@ class LearnerGroup:
     def load_checkpoint(self, path: str | Path) -> None:
         self._gather([a.load_checkpoint.remote(str(path)) for a in self.actors], "load_checkpoint")
 
-    def export_hf(self, path: str | Path, dtype: str | None = None) -> None:
-        self._gather([a.export_hf.remote(str(path), dtype) for a in self.actors], "export_hf")
+    def export_hf(self, path: str | Path, dtype: str | None = None) -> Path:
+        """A Hugging Face model directory at ``path``, complete or absent: the ranks write a temporary
+        sibling (``.<name>.tmp``), which then replaces ``path``."""
+        import shutil
+
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._gather([a.export_hf.remote(str(tmp), dtype) for a in self.actors], "export_hf")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return out
 
     def num_params(self) -> int:
         return self._gather([self.actors[0].num_params.remote()], "num_params")[0]
