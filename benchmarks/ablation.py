@@ -43,8 +43,12 @@ def _eval(config: Path, model: Path, val: str, out: Path, overrides: list[str]) 
 
 
 def _last_window(metrics: Path, key: str, window: int = 5) -> float | None:
-    values = [r[key] for r in map(json.loads, metrics.read_text().splitlines()) if r.get(key) is not None]
-    return sum(values[-window:]) / len(values[-window:]) if values else None
+    """The last-window mean of the run's final summary (``ivgr_dist.trainer.window_means``)."""
+    from ivgr_dist.metrics import read_metrics
+    from ivgr_dist.trainer import window_means
+
+    means = window_means(read_metrics(metrics), key, window)
+    return None if means is None else means[1]
 
 
 def main(overrides: list[str]) -> int:

@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from ivgr_dist._ext_fix import install as _install_ext_fix
 
@@ -96,7 +95,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     out = run_sft(cfg, overwrite=args.overwrite)
-    print(json.dumps({"sft_model_dir": str(out), "metrics": str(Path(cfg.trainer.output_dir) / "sft_logs")}))
+    print(json.dumps({"sft_model_dir": str(out), "metrics": cfg.sft_logs_dir}))
     return 0
 
 

@@ -663,6 +663,11 @@ class Config:
         """Where the warm start writes (and ``train`` reads) its model."""
         return self.sft.output_dir or str(Path(self.trainer.output_dir) / "sft_model")
 
+    @property
+    def sft_logs_dir(self) -> str:
+        """Where the warm start writes its metrics.jsonl (and TensorBoard events)."""
+        return str(Path(self.trainer.output_dir) / "sft_logs")
+
     def __post_init__(self) -> None:
         needed = self.data.max_prompt_length + self.rollout.max_response_length
         _check(

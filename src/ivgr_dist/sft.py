@@ -130,7 +130,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
         cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, lr_schedule="constant"
     )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
-    logs = MetricsLogger(Path(cfg.trainer.output_dir) / "sft_logs", tensorboard=cfg.trainer.tensorboard)
+    logs = MetricsLogger(cfg.sft_logs_dir, tensorboard=cfg.trainer.tensorboard)
     group = LearnerGroup(cfg.model, learner_cfg, algo_cfg, cfg.sft.steps)
     try:
         bar = tqdm(range(1, cfg.sft.steps + 1), desc="sft steps", unit="step")

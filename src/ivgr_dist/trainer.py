@@ -227,12 +227,17 @@ SUMMARY_KEYS = (
 )
 
 
+def _window_size(n: int, window: int) -> int:
+    """``window``, shrunk to half of ``n`` values (at least 1) so the first and last windows do not overlap."""
+    return max(1, min(window, n // 2 or 1))
+
+
 def window_means(records: list[dict], key: str, window: int) -> tuple[float, float] | None:
     """Mean of ``key`` over the first and over the last ``window`` records that have it."""
     values = [r[key] for r in records if r.get(key) is not None]
     if not values:
         return None
-    w = max(1, min(window, len(values) // 2 or 1))
+    w = _window_size(len(values), window)
     return sum(values[:w]) / w, sum(values[-w:]) / w
 
 
@@ -244,7 +249,7 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
     if not records:
         lines.append(f"  nothing to do: the newest checkpoint is already at trainer.max_steps={cfg.trainer.max_steps}")
     if records:
-        w = max(1, min(window, len(records) // 2 or 1))
+        w = _window_size(len(records), window)
         first, last = records[:w], records[-w:]
         span = f"steps {first[0]['step']}-{first[-1]['step']}", f"steps {last[0]['step']}-{last[-1]['step']}"
         lines.append(f"  {'mean reward':32s} {span[0]:>14s}  {span[1]:>14s}")
