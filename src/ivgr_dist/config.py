@@ -364,6 +364,10 @@ class RolloutConfig:
     """Groups in flight per engine before the pool holds back (0: engine.max_num_seqs // n)."""
     group_timeout_s: float = 600.0
     """A rollout batch fails with an error naming the engine when no group finishes for this long."""
+    seed_groups: bool = True
+    """Seed each group's sampling from (engine.seed, step, prompt uid), so a run's samples do not depend
+    on which engine a group lands on or when. vLLM then samples seeded requests one by one (and skips
+    FlashInfer's sampler on GPU): set false for peak GPU throughput."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """vLLM engine arguments."""
 

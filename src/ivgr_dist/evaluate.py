@@ -271,8 +271,9 @@ def run_eval(
         scorer = EvalScorer(cfg.algorithm, cfg.reward.judge)
         stats = PoolStats()
         table = EvalTable()
+        seed = cfg.rollout.engine.seed if cfg.rollout.seed_groups else None
         with (out / "predictions.jsonl").open("w") as preds:
-            for r in _generate_and_score(data.records, items, pool, scorer, stats, n, temperature):
+            for r in _generate_and_score(data.records, items, pool, scorer, stats, n, temperature, seed):
                 table.add(r)
                 preds.write(json.dumps(_prediction(r)) + "\n")
         judge = {k: v for k, v in scorer.metrics().items() if k.startswith("judge/")}
@@ -316,7 +317,9 @@ def run_eval(
     return result
 
 
-def _generate_and_score(records, items, pool, scorer, stats, n: int, temperature: float) -> Iterator[Rollout]:
+def _generate_and_score(
+    records, items, pool, scorer, stats, n: int, temperature: float, seed: int | None
+) -> Iterator[Rollout]:
     """Scored rollouts, chunk by chunk (a record's streams stay in one chunk); a tqdm bar over groups."""
     from tqdm import tqdm
 
@@ -328,7 +331,7 @@ def _generate_and_score(records, items, pool, scorer, stats, n: int, temperature
                 seen.add(items[end][0])
                 end += 1
             prompts = records.prompts(items[start:end])
-            groups = pool.generate(prompts, n=n, temperature=temperature, stats=stats)
+            groups = pool.generate(prompts, n=n, temperature=temperature, stats=stats, seed=seed)
             for group in scorer.score_stream(groups, prompts, step=0):
                 bar.update(1)
                 yield from group

