@@ -8,9 +8,10 @@ the next prompt to the engine with the fewest groups in flight, so a faster (or 
 engine takes more work. Finished groups are yielded as soon as they complete, not at the end of
 the batch, so rewards can be computed while other groups are still generating.
 
-Failures are never silent: an engine whose actor dies is dropped, counted and logged, and its
-groups are re-dispatched to the remaining engines; with no engine left, or a group that does not
-finish within ``group_timeout_s``, :class:`RolloutError` names the engine and the prompt.
+Failures are never silent: an engine whose actor or vLLM EngineCore dies is dropped, counted and
+logged, and its groups are re-dispatched to the remaining engines; with no engine left, or a group
+that does not finish within ``group_timeout_s``, :class:`RolloutError` names the engine and the
+prompt. Any other error of a group (a bad request) fails the batch with the engine and the prompt.
 
 Given a ``seed``, every group is sampled with its own vLLM seed, :func:`group_seed` of (seed, prompt
 uid): which engine a group lands on, and what else that engine is running, then no longer decides
@@ -31,6 +32,14 @@ from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
+
+
+def _engine_dead(exc: BaseException) -> bool:
+    """Whether a failed ``generate_group`` call means its engine is gone: vLLM raises ``EngineDeadError``
+    for every request once its EngineCore process has died (crash, OOM kill), while the actor lives on.
+    Matched by name: importing vLLM in the driver only for the class costs seconds."""
+    kinds = [*type(exc).__mro__, *type(getattr(exc, "cause", None)).__mro__]
+    return any(k.__name__ == "EngineDeadError" for k in kinds)
 
 
 def group_seed(seed: int, uid: str) -> int:
@@ -173,7 +182,9 @@ class RolloutPool:
             load[engine] -= 1
             try:
                 group = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) and not _engine_dead(exc):
+                    raise RolloutError(f"engine {engine} failed on prompt {prompts[i].uid}: {exc}") from exc
                 self._drop_engine(engine, exc, stats)
                 requeue = [ii for r, (ii, e, _) in list(inflight.items()) if e == engine]
                 for r in [r for r, (_, e, _) in inflight.items() if e == engine]:
@@ -184,8 +195,6 @@ class RolloutPool:
                     raise RolloutError(f"all rollout engines failed; last error: {exc}") from exc
                 submit()
                 continue
-            except ray.exceptions.RayTaskError as exc:
-                raise RolloutError(f"engine {engine} failed on prompt {prompts[i].uid}: {exc}") from exc
             stats.groups += 1
             stats.tokens += sum(len(r.response_ids) for r in group)
             stats.groups_per_engine[engine] = stats.groups_per_engine.get(engine, 0) + 1
@@ -193,12 +202,18 @@ class RolloutPool:
             yield group
 
     def _drop_engine(self, engine: int, exc: BaseException, stats: PoolStats) -> None:
+        import ray
+
         if engine in self.alive:
             self.alive.remove(engine)
-            first_line = (str(exc).splitlines() or [""])[0]
-            self.failures.append(f"engine {engine}: {type(exc).__name__}: {first_line}")
+            cause = getattr(exc, "cause", None)  # a task error's own exception (EngineDeadError), not Ray's wrapper
+            what = cause if isinstance(cause, BaseException) else exc
+            first_line = (str(what).splitlines() or [""])[0]
+            self.failures.append(f"engine {engine}: {type(what).__name__}: {first_line}")
             stats.engine_failures += 1
             log.error("rollout engine %d died (%s); %d engines left", engine, exc, len(self.alive))
+            # An actor whose vLLM engine died is still alive: free its bundle and memory.
+            ray.kill(self.actors[engine], no_restart=True)
 
     # ------------------------------------------------------------------------------ weight sync
 
