@@ -57,6 +57,25 @@ def test_missing_data_without_permission_is_a_clear_error(tmp_path, tiny_model_d
         ensure_synthetic(cfg.data)
 
 
+def test_a_synthetic_set_made_with_other_settings_is_used_with_a_warning(tmp_path, tiny_model_dir, caplog):
+    from ivgr_dist.data.synthetic import generated_with
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "data.synthetic.num_records=20")
+    ensure_synthetic(cfg.data)  # generates
+    stored = generated_with(tmp_path / "data" / "train.parquet")
+    assert stored["num_records"] == 20 and stored["colors"] == list(cfg.data.synthetic.colors)
+    assert stored == generated_with(tmp_path / "data" / "val.parquet")
+    with caplog.at_level("WARNING", logger="ivgr_dist.data.pipeline"):
+        ensure_synthetic(cfg.data)  # same settings: reused silently
+        assert not caplog.records
+        other = _cfg(tmp_path, tiny_model_dir, "data.synthetic.num_records=20", "data.synthetic.colors=[red,blue]")
+        ensure_synthetic(other.data)
+    (warning,) = caplog.records
+    assert "data.synthetic.colors" in warning.getMessage() and "['red', 'blue'] in the config" in warning.getMessage()
+    assert "num_records" not in warning.getMessage()
+    assert generated_with(tmp_path / "data" / "train.parquet") == stored  # left as it was
+
+
 def test_image_factor_follows_the_processor(tmp_path, tiny_model_dir):
     assert image_factor(tiny_model_dir) == 28
     fake = tmp_path / "qwen3"

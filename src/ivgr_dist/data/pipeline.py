@@ -6,6 +6,7 @@ This is the one place that wires ``model`` + ``data`` config into the pipeline, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ def ensure_synthetic(cfg: DataConfig) -> None:
     files = [Path(f) for f in [*cfg.train_files, *cfg.val_files]]
     missing = [f for f in files if not f.is_file()]
     if not missing:
+        _warn_if_stale(files[0], cfg)
         return
     if not cfg.make_synthetic_if_missing:
         raise FileNotFoundError(
@@ -63,6 +65,29 @@ def ensure_synthetic(cfg: DataConfig) -> None:
 
     log.info("generating the synthetic data set in %s", out)
     make_synthetic(out, cfg.synthetic)
+
+
+def _warn_if_stale(path: Path, cfg: DataConfig) -> None:
+    """A synthetic set made with other ``data.synthetic`` settings is used as it is, with a warning
+    naming the keys that differ (a set from ``make-synthetic --n/--seed`` differs on purpose)."""
+    from ivgr_dist.data.synthetic import generated_with
+
+    stored = generated_with(path)
+    if stored is None or not cfg.make_synthetic_if_missing:
+        return
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg.synthetic)))  # lists/tuples as JSON has them
+    diff = [
+        f"data.synthetic.{k}: {stored.get(k)!r} in the files, {v!r} in the config"
+        for k, v in wanted.items()
+        if stored.get(k) != v
+    ]
+    if diff:
+        log.warning(
+            "%s was generated with other settings than this config's (%s); using it as it is. "
+            "Delete its folder to generate the set again with the config's settings.",
+            path,
+            "; ".join(diff),
+        )
 
 
 def image_factor(model_path: str | Path) -> int:

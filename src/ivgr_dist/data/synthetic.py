@@ -40,6 +40,7 @@ run are deleted first, so an interrupted run never leaves a ``train.parquet`` wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -322,6 +323,18 @@ def _check_cfg(cfg: SyntheticConfig, num_records: int, seed: int) -> None:
         raise ValueError(f"seed={seed!r}: must be >= 0")
 
 
+SETTINGS_KEY = b"ivgr_synthetic"
+"""Parquet schema-metadata key holding the generator settings (JSON) a synthetic table was made with."""
+
+
+def generated_with(path: str | Path) -> dict | None:
+    """The generator settings stored in a synthetic parquet file, or None (other data, older sets)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else None
+
+
 def _atomic_write_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -346,6 +359,7 @@ def make_synthetic(
     seed = cfg.seed if seed is None else int(seed)
     _check_cfg(cfg, n_total, seed)
     n_val = min(n_total - 1, max(1, round(n_total * cfg.val_fraction)))
+    settings = json.dumps({**dataclasses.asdict(cfg), "num_records": n_total, "seed": seed}, sort_keys=True)
     splits = [("train", 0, n_total - n_val), ("val", n_total - n_val, n_val)]
 
     out = Path(out_dir)
@@ -400,7 +414,7 @@ def make_synthetic(
                         }
                     )
                 bar.update(1)
-            tables[split] = pa.Table.from_pylist(rows, schema=SCHEMA)
+            tables[split] = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({SETTINGS_KEY: settings}))
 
     _atomic_write_parquet(tables["val"], out / "val.parquet")
     _atomic_write_parquet(tables["train"], out / "train.parquet")  # last: its presence means "complete"
