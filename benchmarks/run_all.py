@@ -44,7 +44,7 @@ BENCHES = {
         Bench(
             "rollout",
             "bench_rollout.py",
-            ("prompts", "n", "pool_engines", "bare_vllm_tokens_per_s", "pool_tokens_per_s"),
+            ("prompts", "n", "pool_engines", "bare_vllm_tokens_per_s", "pool_tokens_per_s", "seeded_over_unseeded"),
             ratio="pool_over_bare",
             target=(">=", 0.95),
         ),
