@@ -153,7 +153,10 @@ class SyntheticConfig:
     colour questions learn within minutes on the tiny model; more objects and named-shape
     questions are much slower at that scale. Objects cover 40-80% of the image side, so that box
     IoU, which the tiny model learns slowly, starts high enough for RL to improve it within
-    minutes (at 25-50%, 30 RL steps left the IoU flat at ~0.02).
+    minutes (at 25-50%, 30 RL steps left the IoU flat at ~0.02). All eleven palette colours, several
+    of them close (red/orange/brown/pink, black/gray), keep the answer from saturating during the
+    warm start that well-formed boxes need: after 200 warm-start steps the sampled accuracy was
+    0.98 with four colours, 0.86-0.91 with eight and 0.79-0.80 with eleven.
     """
 
     num_records: int = 640
@@ -170,7 +173,11 @@ class SyntheticConfig:
     """Fewest shapes per image."""
     max_objects: int = 1
     """Most shapes per image."""
-    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    colors: list[str] = field(
+        default_factory=lambda: [
+            "red", "green", "blue", "yellow", "purple", "orange", "black", "gray", "brown", "pink", "cyan"
+        ]
+    )  # fmt: skip
     """Colour vocabulary (names known to the generator's palette)."""
     shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
     """Shape vocabulary."""
@@ -591,9 +598,10 @@ class SFTConfig:
     already exists). Off in the recipe configs, whose ``model.path`` already is an SFT checkpoint."""
     output_dir: str | None = None
     """Model directory the warm start writes; default ``<trainer.output_dir>/sft_model``."""
-    steps: int = 120
-    """Optimizer steps (tiny default: the format is learned and sampled accuracy is ~0.8, box IoU ~0.02,
-    leaving RL room on both)."""
+    steps: int = 200
+    """Optimizer steps (tiny default: the format is learned, sampled accuracy is ~0.8 and half or more
+    of the boxes are well-formed, leaving RL room on both accuracy and IoU; at 120 steps few boxes
+    were well-formed and RL's IoU gain varied from none to large between runs)."""
     batch_size: int = 16
     """Records per step (a paired record gives one sample per stream in ``streams``)."""
     lr: float = 1e-3
