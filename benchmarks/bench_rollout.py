@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     from vllm import LLM, SamplingParams
-    from vllm.platforms import current_platform
 
     from ivgr_dist.rollout.worker import engine_kwargs
 
-    kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm", cpu=current_platform.is_cpu())
+    kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm")
     kwargs.pop("weight_transfer_config")
     llm = LLM(**kwargs)
     params = SamplingParams(
@@ -64,22 +63,21 @@ def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, flo
 
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_engines), include_dashboard=False)
     rollouts = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False)
-    best = {None: 0.0, 0: 0.0}
+    best = {"unseeded": 0.0, "seeded": 0.0}
     try:
         list(rollouts.generate(prompts[:4], n=n, max_tokens=max_tokens, ignore_eos=True))  # warm-up
         for r in range(rounds):
-            seeds = (None, r) if cfg.rollout.seed_groups else (None,)
-            for seed in seeds:  # a new seed each round: no cache could help the seeded side
+            kinds = {"unseeded": None, "seeded": r} if cfg.rollout.seed_groups else {"unseeded": None}
+            for kind, seed in kinds.items():  # a new seed each round: no cache could help the seeded side
                 stats, t0 = PoolStats(), time.perf_counter()
                 groups = rollouts.generate(prompts, n=n, max_tokens=max_tokens, stats=stats, ignore_eos=True, seed=seed)
                 for _group in groups:
                     pass
-                key = None if seed is None else 0
-                best[key] = max(best[key], stats.tokens / (time.perf_counter() - t0))
+                best[kind] = max(best[kind], stats.tokens / (time.perf_counter() - t0))
     finally:
         rollouts.shutdown()
         ray.shutdown()
-    return best[None], (best[0] or None)
+    return best["unseeded"], (best["seeded"] or None)
 
 
 def main() -> None:

@@ -271,7 +271,7 @@ def run_eval(
         scorer = EvalScorer(cfg.algorithm, cfg.reward.judge)
         stats = PoolStats()
         table = EvalTable()
-        seed = cfg.rollout.engine.seed if cfg.rollout.seed_groups else None
+        seed = pool.sampling_seed()
         with (out / "predictions.jsonl").open("w") as preds:
             for r in _generate_and_score(data.records, items, pool, scorer, stats, n, temperature, seed):
                 table.add(r)

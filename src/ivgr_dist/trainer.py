@@ -93,11 +93,6 @@ class Trainer:
         log.info("policy exported to %s", self.model_dir)
         return self.model_dir
 
-    def sampling_seed(self, step: int) -> int | None:
-        """Run seed of step ``step``'s groups (``rollout.seed_groups``): a resumed run draws the same samples."""
-        rollout = self.cfg.rollout
-        return rollout.engine.seed * 1_000_003 + step if rollout.seed_groups else None
-
     def rl_step(self, step: int) -> dict:
         from ivgr_dist.rollout.pool import PoolStats
 
@@ -105,7 +100,9 @@ class Trainer:
         t0 = time.perf_counter()
         with timer("step"):
             prompts = self.data.next_prompts()
-            generated = self._timed(self.rollouts.generate(prompts, stats=gen, seed=self.sampling_seed(step)), timer)
+            generated = self._timed(
+                self.rollouts.generate(prompts, stats=gen, seed=self.rollouts.sampling_seed(step)), timer
+            )
             groups = list(self.scorer.score_stream(generated, prompts, step))  # overlaps generation
             # Back to batch order: which groups share a mini-batch must not depend on which finished first.
             position = {p.uid: i for i, p in enumerate(prompts)}

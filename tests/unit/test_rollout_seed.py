@@ -47,3 +47,6 @@ def test_a_seed_without_seed_groups_is_refused_before_any_engine_sees_it():
     with pytest.raises(ValueError, match=r"generate\(seed=3\) needs rollout.seed_groups=true"):
         next(pool.generate([], seed=3))
     assert list(pool.generate([])) == []  # unseeded and empty: nothing to do, no error
+    assert pool.sampling_seed(7) is None  # what the trainer and eval pass then
+    pool.cfg = dataclasses.replace(pool.cfg, seed_groups=True, engine=dataclasses.replace(pool.cfg.engine, seed=2))
+    assert [pool.sampling_seed(s) for s in (0, 1, 7)] == [2_000_006, 2_000_007, 2_000_013]  # one per step

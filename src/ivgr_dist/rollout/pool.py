@@ -130,6 +130,12 @@ class RolloutPool:
 
     # -------------------------------------------------------------------------------- generation
 
+    def sampling_seed(self, step: int = 0) -> int | None:
+        """The ``seed`` to pass to :meth:`generate` for training step ``step`` (eval: step 0): derived
+        from ``rollout.engine.seed``, so a resumed run draws the same samples; None when
+        ``rollout.seed_groups`` is off."""
+        return self.cfg.engine.seed * 1_000_003 + step if self.cfg.seed_groups else None
+
     def generate(
         self,
         prompts: Sequence[Prompt],

