@@ -367,11 +367,14 @@ class RolloutConfig:
     num_engines: int = 2
     """vLLM engines (each a Ray actor); scaled independently of the learners."""
     tensor_parallel_size: int = 1
-    """GPUs per engine (recipe: 2). Always 1 on CPU."""
+    """Devices per engine (recipe: 2): one placement group of this many one-device bundles per engine, on one
+    node. On CPU machines each TP rank is a vLLM worker process with a core of its own."""
     max_inflight_groups: int = 0
     """Groups in flight per engine before the pool holds back (0: engine.max_num_seqs // n)."""
     group_timeout_s: float = 600.0
     """A rollout batch fails with an error naming the engine when no group finishes for this long."""
+    placement_timeout_s: float = 300.0
+    """Wait at most this long for an engine's placement group; the error names the resources missing."""
     seed_groups: bool = True
     """Seed each group's sampling from (engine.seed, step, prompt uid), so a run's samples do not depend
     on which engine a group lands on or when. vLLM then samples seeded requests one by one (and skips
@@ -388,6 +391,7 @@ class RolloutConfig:
         _check(
             self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", self.tensor_parallel_size, "must be >= 1"
         )
+        _check(self.placement_timeout_s > 0, "rollout.placement_timeout_s", self.placement_timeout_s, "must be > 0")
 
 
 # ----------------------------------------------------------------------------------------- algorithm
@@ -444,6 +448,8 @@ class LearnerConfig:
     """GPUs per learner rank; -1 = 1 when the cluster has GPUs, else 0."""
     cpus_per_rank: int = 1
     """CPUs reserved per learner rank."""
+    placement_timeout_s: float = 300.0
+    """Wait at most this long for the learner placement group; the error names the resources missing."""
     precision: str = "auto"
     """``bf16`` (bf16 compute, fp32 master weights and gradient reduction), ``fp32``, or ``auto``
     (bf16 on GPU, fp32 on CPU)."""
@@ -468,6 +474,9 @@ class LearnerConfig:
     """Prompts (groups of n rollouts) per optimizer step, across all ranks (recipe: 128)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch per rank (padded length x rows); bounds activation memory."""
+    attn_implementation: str = "auto"
+    """Learner attention: ``auto`` (FlashAttention-2 when the ``flash_attn`` package imports and the ranks have
+    CUDA, else PyTorch SDPA), ``sdpa`` or ``flash_attention_2`` (fails at start without flash-attn or CUDA)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory, costs ~30% compute)."""
     ppo_epochs: int = 1
@@ -478,6 +487,7 @@ class LearnerConfig:
         _check_choice("learner.backend", self.backend, ["auto", "nccl", "gloo"])
         _check(self.gpus_per_rank >= -1, "learner.gpus_per_rank", self.gpus_per_rank, "must be -1 (auto), 0 or more")
         _check(self.cpus_per_rank >= 0, "learner.cpus_per_rank", self.cpus_per_rank, "must be >= 0")
+        _check(self.placement_timeout_s > 0, "learner.placement_timeout_s", self.placement_timeout_s, "must be > 0")
         _check_choice("learner.precision", self.precision, ["auto", "bf16", "fp32"])
         _check(self.lr > 0 and math.isfinite(self.lr), "learner.lr", self.lr, "must be finite and > 0")
         _check(self.weight_decay >= 0, "learner.weight_decay", self.weight_decay, "must be >= 0")
@@ -494,6 +504,7 @@ class LearnerConfig:
         _check(self.global_batch_size >= 1, "learner.global_batch_size", self.global_batch_size, "must be >= 1")
         _check(self.micro_batch_tokens >= 64, "learner.micro_batch_tokens", self.micro_batch_tokens, "must be >= 64")
         _check(self.ppo_epochs >= 1, "learner.ppo_epochs", self.ppo_epochs, "must be >= 1")
+        _check_choice("learner.attn_implementation", self.attn_implementation, ["auto", "sdpa", "flash_attention_2"])
 
 
 # ------------------------------------------------------------------------------------------ reward

@@ -218,7 +218,7 @@ def synced(pool, learners, prompts, cfg, tmp_path_factory):
 
     image_prompts = list({p.original_idx: p for p in prompts if p.images}.values())[:3]  # 3 different images
     before = {
-        "digests": pool.weight_checksums(),
+        "digests": [ranks[0] for ranks in pool.weight_checksums()],  # TP 1: one rank per engine
         "greedy": _greedy(pool.actors[0], image_prompts),
         "state": learners.state_checksum(),
     }
@@ -261,12 +261,12 @@ def test_weight_sync_puts_exactly_the_learner_weights_in_every_engine(pool, sync
     assert {r.weight_version for g in pool.generate(prompts[:2]) for r in g} == {1}  # rollouts carry it
     print(f"\n[b] push {push}")
 
-    synced_digests = pool.weight_checksums()
+    synced_digests = [ranks[0] for ranks in pool.weight_checksums()]
     synced_greedy = [_greedy(a, synced["image_prompts"]) for a in pool.actors]
     model_cfg = dataclasses.replace(cfg.model, path=str(synced["export"]))
     fresh = RolloutPool(model_cfg, dataclasses.replace(cfg.rollout, num_engines=1), "ivgr_shm", False, 300)
     try:
-        (fresh_digests,) = fresh.weight_checksums()
+        ((fresh_digests,),) = fresh.weight_checksums()
         fresh_greedy = _greedy(fresh.actors[0], synced["image_prompts"])
         assert ray.get(fresh.actors[0].weight_version.remote(), timeout=30) == 0
     finally:

@@ -6,8 +6,8 @@ answer. An error on any rank is raised at once with the rank number and the meth
 then unusable (the other ranks may be stuck in a collective) and should be shut down.
 
 Placement: one bundle per rank (``cpus_per_rank`` CPUs, 1 GPU per rank when the cluster has GPUs
-unless ``gpus_per_rank`` says otherwise) in a PACK placement group, so ranks share a node where
-they fit. Rendezvous: rank 0's actor picks its node address and a free port; every rank then joins
+unless ``gpus_per_rank`` says otherwise) in one PACK placement group, so ranks share a node where
+they fit (rollout engines have placement groups of their own: ``ivgr_dist.placement``). Rendezvous: rank 0's actor picks its node address and a free port; every rank then joins
 the process group at that address.
 
 Sharding a batch over ranks:
@@ -67,10 +67,14 @@ class LearnerGroup:
         algo_cfg: AlgorithmConfig,
         total_steps: int,
         timeout_s: float = 1800.0,
+        worker_cls: type = LearnerWorker,
     ):
+        """Reserve the ranks' placement group, start one ``worker_cls`` actor per rank (tests pass a
+        stand-in) and join them into one process group."""
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from ivgr_dist.placement import reserve
 
         self.num_ranks = n = learner_cfg.num_ranks
         self.timeout_s = timeout_s
@@ -80,18 +84,11 @@ class LearnerGroup:
         cpus = learner_cfg.cpus_per_rank
         # Ray rejects empty bundles; a rank configured with no resources still needs a slot.
         bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0} or {"CPU": 0.01}
-        self._pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-        try:
-            ray.get(self._pg.ready(), timeout=timeout_s)
-        except Exception as exc:
-            ray.util.remove_placement_group(self._pg)
-            raise RuntimeError(
-                f"learner placement group ({n} x {bundle}) not ready within {timeout_s}s; "
-                f"cluster has {ray.cluster_resources()}"
-            ) from exc
+        what = f"learner group ({n} ranks)"
+        self._pg = reserve([dict(bundle) for _ in range(n)], "PACK", what, learner_cfg.placement_timeout_s)
         threads = str(max(1, cpus))
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        actor_cls = ray.remote(LearnerWorker)
+        actor_cls = ray.remote(worker_cls)
         self.actors = [
             actor_cls.options(
                 num_cpus=bundle.get("CPU", 0),

@@ -1,7 +1,8 @@
 """``RolloutPool``: N rollout engines as Ray actors, least-loaded dispatch, groups streamed back.
 
-Each engine gets its own placement-group bundle: ``tensor_parallel_size`` GPUs on GPU clusters,
-one CPU on CPU machines, so rollout capacity scales independently of the learner group.
+Each engine gets its own placement group (:class:`~ivgr_dist.placement.EnginePlacement`):
+``tensor_parallel_size`` bundles of one device each, on one node, so no two engines can share a device and
+rollout capacity scales independently of the learner group.
 
 :meth:`RolloutPool.generate` keeps at most ``max_inflight_groups`` groups on each engine and hands
 the next prompt to the engine with the fewest groups in flight, so a faster (or less loaded)
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.placement import EnginePlacement
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 
@@ -77,7 +79,7 @@ class PoolStats:
 
 
 class RolloutPool:
-    """Holds the engine actors and their placement group; explicit methods, no dispatch magic."""
+    """Holds the engine actors and their placement groups; explicit methods, no dispatch magic."""
 
     def __init__(
         self,
@@ -86,47 +88,45 @@ class RolloutPool:
         weight_backend: str,
         use_gpus: bool,
         start_timeout_s: float = 600.0,
+        worker_cls: type = RolloutWorker,
     ):
+        """Reserve one placement group per engine, start the engine actors (``worker_cls``: the class
+        made into a Ray actor; tests pass a stand-in) and wait until every engine reports ready."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg = rollout_cfg
         self.use_gpus = use_gpus
-        tp = rollout_cfg.tensor_parallel_size
-        if not use_gpus and tp != 1:
-            raise ValueError(f"rollout.tensor_parallel_size={tp}: must be 1 without GPUs")
-        bundle = {"GPU": float(tp), "CPU": 1.0} if use_gpus else {"CPU": 1.0}
-        self.placement = placement_group([dict(bundle) for _ in range(rollout_cfg.num_engines)], strategy="PACK")
-        try:
-            ray.get(self.placement.ready(), timeout=start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RolloutError(
-                f"could not reserve {rollout_cfg.num_engines} rollout bundles of {bundle} within {start_timeout_s}s; "
-                f"cluster resources: {ray.cluster_resources()}"
-            ) from None
-        remote_cls = ray.remote(RolloutWorker)
-        self.actors = []
-        for i in range(rollout_cfg.num_engines):
-            # TP == 1: the actor itself holds the GPU. TP > 1: vLLM's Ray executor places its TP workers
-            # into this bundle, so the actor reserves no GPU of its own.
-            gpus = 1.0 if (use_gpus and tp == 1) else 0.0
-            actor = remote_cls.options(
-                num_cpus=1,
-                num_gpus=gpus,
-                max_concurrency=4096,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement, placement_group_bundle_index=i
-                ),
-                runtime_env={"env_vars": _engine_env(use_gpus, rollout_cfg.num_engines)},
-                name=None,
-            ).remote(model_cfg, rollout_cfg, i, weight_backend)
-            self.actors.append(actor)
-        self.alive = list(range(len(self.actors)))
+        tp, n = rollout_cfg.tensor_parallel_size, rollout_cfg.num_engines
+        self.placements: list[EnginePlacement] = []
+        self.actors: list = []
+        self.alive: list[int] = []
         self.failures: list[str] = []  # "engine i: error" of each dropped engine, for error messages
-        infos = ray.get([a.start.remote() for a in self.actors], timeout=start_timeout_s)
-        self.start_info = infos
-        log.info("rollout pool: %d engines started (%s)", len(infos), ", ".join(f"{i['start_s']:.1f}s" for i in infos))
+        remote_cls = ray.remote(worker_cls)
+        try:
+            for i in range(n):
+                placement = EnginePlacement.reserve(i, tp, use_gpus, rollout_cfg.placement_timeout_s)
+                self.placements.append(placement)
+                env = {**_engine_env(use_gpus, n, tp), **placement.env()}
+                actor = remote_cls.options(
+                    **placement.actor_options(), max_concurrency=4096, runtime_env={"env_vars": env}
+                ).remote(model_cfg, rollout_cfg, i, weight_backend)
+                self.actors.append(actor)
+            refs = [a.start.remote() for a in self.actors]
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=start_timeout_s)
+            if pending:
+                late = [i for i, r in enumerate(refs) if r in pending]
+                raise RolloutError(f"rollout engine(s) {late} did not start within {start_timeout_s:g}s")
+            self.start_info = ray.get(refs)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.alive = list(range(n))
+        log.info(
+            "rollout pool: %d engines x tensor_parallel_size %d started (%s)",
+            n,
+            tp,
+            ", ".join(f"{i['start_s']:.1f}s" for i in self.start_info),
+        )
 
     # -------------------------------------------------------------------------------- generation
 
@@ -221,8 +221,9 @@ class RolloutPool:
             self.failures.append(f"engine {engine}: {type(what).__name__}: {first_line}")
             stats.engine_failures += 1
             log.error("rollout engine %d died (%s); %d engines left", engine, exc, len(self.alive))
-            # An actor whose vLLM engine died is still alive: free its bundle and memory.
+            # An actor whose vLLM engine died is still alive: free its memory and its devices.
             ray.kill(self.actors[engine], no_restart=True)
+            self.placements[engine].release()
 
     # ------------------------------------------------------------------------------ weight sync
 
@@ -242,14 +243,15 @@ class RolloutPool:
 
         return ray.get([self.actors[e].weight_version.remote() for e in self.alive], timeout=timeout_s)
 
-    def weight_checksums(self, timeout_s: float = 120.0) -> list[dict[str, str]]:
+    def weight_checksums(self, timeout_s: float = 120.0) -> list[list[dict[str, str]]]:
+        """Per live engine, vLLM's parameter digests of each TP rank (see ``RolloutWorker.weight_checksums``)."""
         import ray
 
         return ray.get([self.actors[e].weight_checksums.remote() for e in self.alive], timeout=timeout_s)
 
     def shutdown(self) -> None:
+        """Stop every engine and remove its placement group (safe to call twice, or after a failed start)."""
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
             try:
@@ -257,19 +259,22 @@ class RolloutPool:
             except Exception:  # noqa: BLE001 - best effort during teardown; the kill below is what matters
                 pass
             ray.kill(actor)
-        remove_placement_group(self.placement)
-        self.actors, self.alive = [], []
+        for placement in self.placements:
+            placement.release()
+        self.actors, self.alive, self.placements = [], [], []
 
 
-def _engine_env(use_gpus: bool, num_engines: int) -> dict[str, str]:
-    """Environment of engine actors. On CPU the engines split this node's cores between them (no pinning,
-    so several engines and the learner ranks can share a small machine), less one core per engine for
-    the engine's scheduler process and the actor's own loop, as vLLM's auto binding reserves one. Without
-    that reserve the OpenMP compute threads fight those processes for cores: on 2 cores one engine with 2
-    threads ran at 0.44x the throughput of bare vLLM (auto-bound to 1 core), with 1 thread at 0.98x."""
+def _engine_env(use_gpus: bool, num_engines: int, tp: int = 1) -> dict[str, str]:
+    """Environment of engine actors. On CPU the engines' TP worker processes split this node's cores between
+    them (no pinning, so several engines and the learner ranks can share a small machine), less one core per
+    engine for the engine's scheduler process and the actor's own loop, as vLLM's auto binding reserves one.
+    Without that reserve the OpenMP compute threads fight those processes for cores: on 2 cores one engine with
+    2 threads ran at 0.44x the throughput of bare vLLM (auto-bound to 1 core), with 1 thread at 0.98x.
+    ``nobind`` also because vLLM's auto binding asserts one NUMA node per TP worker ("Not enough allowed NUMA
+    nodes to bind threads of 2 local CPUWorkers") on a one-node machine."""
     if use_gpus:
         return {}
     import os
 
-    threads = str(max(1, (os.cpu_count() or 1) // num_engines - 1))
+    threads = str(max(1, (os.cpu_count() or 1) // (num_engines * tp) - 1))
     return {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

