@@ -21,7 +21,7 @@ from ivgr_dist.learner.batch import (
     padding_ratio,
 )
 from ivgr_dist.learner.group import balance_shards, shard_by_group
-from ivgr_dist.learner.worker import checkpoint_name, lr_factor, warmup_factor
+from ivgr_dist.learner.worker import lr_factor, resolve_attn_implementation, warmup_factor
 from ivgr_dist.types import Rollout
 
 PAD = 0
@@ -189,11 +189,26 @@ def test_dummy_image_leaves_the_logits_of_real_tokens_unchanged(tiny_model_dir):
 # ------------------------------------------------------------------------------ small helpers
 
 
-def test_checkpoint_name_maps_transformers5_names_to_checkpoint_names():
-    assert checkpoint_name("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
-    assert checkpoint_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
-    assert checkpoint_name("model.visual.blocks.1.attn.qkv.bias") == "visual.blocks.1.attn.qkv.bias"
-    assert checkpoint_name("lm_head.weight") == "lm_head.weight"
+@pytest.mark.parametrize("have_flash", [False, True])
+def test_attn_implementation_auto_picks_flash_only_with_cuda_and_the_package(monkeypatch, have_flash):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n: object() if n == "flash_attn" and have_flash else real(n) if n != "flash_attn" else None,
+    )
+    assert resolve_attn_implementation("auto", cuda=False) == "sdpa"
+    assert resolve_attn_implementation("auto", cuda=True) == ("flash_attention_2" if have_flash else "sdpa")
+    assert resolve_attn_implementation("sdpa", cuda=True) == "sdpa"
+    if have_flash:
+        assert resolve_attn_implementation("flash_attention_2", cuda=True) == "flash_attention_2"
+    else:
+        with pytest.raises(ValueError, match="flash_attn package is not installed"):
+            resolve_attn_implementation("flash_attention_2", cuda=True)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_attn_implementation("flash_attention_2", cuda=False)
 
 
 def test_warmup_is_linear_then_flat():

@@ -237,6 +237,21 @@ def test_engine_loads_each_bucket_through_the_model(engine_cls, tmp_path):
     assert engine_cls.update_info_cls is not None and engine.supports_draft_weight_update is False
 
 
+def test_engine_records_what_the_model_loaded_and_coverage_names_the_gaps(engine_cls, tmp_path):
+    from ivgr_dist.sync.shm import check_coverage
+
+    engine = _engine(engine_cls, FakeModel())
+    for ref in write_buckets(_buckets(), tmp_path):
+        engine.receive_weights(engine.parse_update_info(ref.to_update_info()))
+    names = {n for bucket in _buckets() for n, _ in bucket}
+    assert engine.loaded == names
+    check_coverage(names, engine.loaded)  # a full push: nothing to say
+    with pytest.raises(
+        RuntimeError, match=r"left 1 of \d+ engine parameters without new values \(e.g. \['extra.weight'\]\)"
+    ):
+        check_coverage(names | {"extra.weight"}, engine.loaded)
+
+
 def test_engine_loads_sharded_buckets_as_full_tensors(engine_cls, tmp_path):
     model = FakeModel()
     engine = _engine(engine_cls, model)

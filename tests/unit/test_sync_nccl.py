@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from ivgr_dist.learner.worker import checkpoint_name
+from ivgr_dist.models.naming import checkpoint_names
 from ivgr_dist.sync import BACKENDS, make_weight_sync, resolve_backend
 from ivgr_dist.sync.nccl import (
     EngineFanoutClient,
@@ -62,11 +62,20 @@ def values(refs, timeout_s, what):
 
 
 class TinyVL(nn.Module):
-    """Transformers-5 naming of Qwen2.5-VL in miniature (language_model / visual / lm_head)."""
+    """Transformers-5 naming of Qwen2.5-VL in miniature (language_model / visual / lm_head), with the load-time
+    renames ``from_pretrained`` attaches to a Qwen2.5-VL (so its checkpoint names are the legacy ones)."""
 
     def __init__(self, tied: bool = False):
         super().__init__()
+        from transformers.core_model_loading import WeightRenaming
+
         torch.manual_seed(0)
+        self._weight_conversions = [
+            WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
+            WeightRenaming(
+                source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
+            ),
+        ]
         self.config = SimpleNamespace(tie_word_embeddings=tied)
         self.model = nn.Module()
         self.model.language_model = nn.Module()
@@ -130,7 +139,8 @@ def test_source_metadata_names_and_dtypes(tied):
     source = checkpoint_source(model, "bfloat16")
     assert isinstance(source, WeightSource)
     meta = source.metadata()
-    expected = [checkpoint_name(n) for n in model.state_dict() if not (tied and n == "lm_head.weight")]
+    names = checkpoint_names(model)
+    expected = [names[n] for n in model.state_dict() if not (tied and n == "lm_head.weight")]
     assert [m.name for m in meta] == expected
     assert {"model.embed_tokens.weight", "model.layers.0.weight", "visual.blocks.0.weight"} <= set(expected)
     assert "model.position_ids" in expected
@@ -163,7 +173,8 @@ def test_source_over_fsdp2_module_uses_global_shapes():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         model = TinyVL()
-        plain = {checkpoint_name(n): t.clone() for n, t in model.state_dict().items()}
+        names = checkpoint_names(model)
+        plain = {names[n]: t.clone() for n, t in model.state_dict().items()}
         mesh = init_device_mesh("cpu", (1,))
         for layer in model.model.language_model.layers:
             fully_shard(layer, mesh=mesh)
@@ -251,7 +262,7 @@ def test_sender_drives_every_engine_through_one_update(no_cuda_transport):
 
     info = side.send(version=3)
 
-    names = [checkpoint_name(n) for n in model.state_dict()]
+    names = list(checkpoint_names(model).values())
     assert [n for n, _ in no_cuda_transport.wire] == names
     for e in engines:
         assert [c[0] for c in e.calls] == ["init", "start", "update", "finish"]

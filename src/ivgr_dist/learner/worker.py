@@ -45,19 +45,11 @@ from torch import Tensor
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import LearnerSample, append_dummy_image, collate, make_micro_batches
 from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean
+from ivgr_dist.models.naming import checkpoint_names
 
-__all__ = ["LearnerWorker", "checkpoint_name", "lr_factor", "pick_master_address", "warmup_factor"]
+__all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-
-
-def checkpoint_name(name: str) -> str:
-    """In-memory parameter name (transformers 5) -> the name in the HF checkpoint / vLLM's loader."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("model.visual."):
-        return name[len("model.") :]
-    return name
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -77,6 +69,27 @@ def lr_factor(
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_attn_implementation(choice: str, cuda: bool) -> str:
+    """``learner.attn_implementation`` -> what transformers gets: ``auto`` is FlashAttention-2 where the
+    ``flash_attn`` package imports on a CUDA rank, else SDPA; an explicit ``flash_attention_2`` that cannot
+    run fails here, naming why, rather than inside the first forward."""
+    import importlib.util
+
+    have_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return "flash_attention_2" if (cuda and have_flash) else "sdpa"
+    if choice == "flash_attention_2" and not (cuda and have_flash):
+        why = (
+            "no CUDA device on this rank"
+            if not cuda
+            else "the flash_attn package is not installed (pip install -e '.[flash]')"
+        )
+        raise ValueError(f"learner.attn_implementation=flash_attention_2: {why}")
+    if choice not in ("sdpa", "flash_attention_2"):
+        raise ValueError(f"learner.attn_implementation={choice!r}: must be auto, sdpa or flash_attention_2")
+    return choice
 
 
 def pick_master_address() -> tuple[str, int]:
@@ -149,6 +162,9 @@ class LearnerWorker:
         if precision == "auto":
             precision = "bf16" if self._device.type == "cuda" else "fp32"
         self.precision = precision
+        self.attn_implementation = resolve_attn_implementation(
+            self.cfg.attn_implementation, self._device.type == "cuda"
+        )
 
         self.policy = self._load_sharded(trainable=True)
         if self.loss_cfg.uses_reference:
@@ -163,6 +179,8 @@ class LearnerWorker:
             patch_dim = getattr(vc, "in_channels", 3) * vc.temporal_patch_size * vc.patch_size**2
             self._vision = (patch_dim, vc.spatial_merge_size)
         self._tied = bool(getattr(hf, "tie_word_embeddings", False))
+        # Checkpoint names for the engines and the export, as transformers saves this architecture.
+        self._ckpt_names = checkpoint_names(self.policy)
 
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(),
@@ -187,7 +205,7 @@ class LearnerWorker:
         model = AutoModelForImageTextToText.from_pretrained(
             self.model_cfg.path,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=self.attn_implementation,
             trust_remote_code=self.model_cfg.trust_remote_code,
         )
         model.config.use_cache = False
@@ -428,7 +446,7 @@ class LearnerWorker:
             full = local.full_tensor() if isinstance(local, DTensor) else local
             size += tensor.numel() * full.element_size()  # global shape: same on every rank
             if self.rank == 0:
-                bucket.append((checkpoint_name(name), full))
+                bucket.append((self._ckpt_names[name], full))
             del full
             if size >= bucket_bytes:
                 yield bucket
@@ -488,7 +506,7 @@ class LearnerWorker:
             if piece is not None and dtype is not None:
                 piece = piece.to(dtype)
             itemsize = (torch.empty((), dtype=dtype) if dtype is not None else tensor).element_size()
-            bucket.append((checkpoint_name(name), shape, piece, offset))
+            bucket.append((self._ckpt_names[name], shape, piece, offset))
             size += tensor.numel() * itemsize  # global size: every rank cuts the same buckets
             if size >= bucket_bytes:
                 yield bucket
@@ -531,7 +549,7 @@ class LearnerWorker:
         names, sums = [], []
         for name, tensor in self.policy.state_dict().items():
             local = tensor.to_local() if isinstance(tensor, DTensor) else (tensor if self.rank == 0 else None)
-            names.append(checkpoint_name(name))
+            names.append(self._ckpt_names[name])
             sums.append(float(local.double().sum()) if local is not None else 0.0)
         return dict(zip(names, self._all_reduce(sums), strict=True))
 

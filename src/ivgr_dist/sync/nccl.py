@@ -13,7 +13,7 @@ has ``1 + num_engines * tp`` ranks. Per push:
    ``finish_weight_update`` with the version, which also resets the engines' prefix, encoder and
    multimodal caches (:meth:`RolloutWorker.wt_finish`).
 
-Weights travel in checkpoint naming (:func:`~ivgr_dist.learner.worker.checkpoint_name`), cast to
+Weights travel in checkpoint naming (:func:`~ivgr_dist.models.naming.checkpoint_names`), cast to
 the engines' dtype on the learner, in packed buffers of ``bucket_bytes`` (two in flight); vLLM's
 engines load them with the layerwise-reload lifecycle, as the CPU backend does.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ivgr_dist.learner.worker import checkpoint_name
+from ivgr_dist.models.naming import checkpoint_names
 
 BACKEND_NAME = "nccl"
 
@@ -110,6 +110,7 @@ def _source_class():
             self.model, self.dtype = model, dtype
             tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
             self.skip = {"lm_head.weight"} if tied else set()
+            self.names = checkpoint_names(model)
 
         def _entries(self) -> Iterator[tuple[str, torch.Tensor]]:
             reshard = getattr(self.model, "reshard", None)
@@ -117,7 +118,7 @@ def _source_class():
                 reshard()
             for name, tensor in self.model.state_dict().items():
                 if name not in self.skip:
-                    yield checkpoint_name(name), tensor
+                    yield self.names[name], tensor
 
         def _wire_dtype(self, tensor: torch.Tensor) -> torch.dtype:
             return self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype

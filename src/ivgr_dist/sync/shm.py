@@ -275,18 +275,23 @@ def _engine_class():
         def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
             self.loaded_bytes = 0
             self.load_seconds = 0.0
+            self.expected: set[str] = set()  # engine parameters a push must reach (set per update)
+            self.loaded: set[str] = set()
 
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
             self.loaded_bytes = 0
             self.load_seconds = 0.0
+            self.expected = {name for name, _ in self.model.named_parameters()}
+            self.loaded = set()
             initialize_layerwise_reload(self.model)
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
+            check_coverage(self.expected, self.loaded)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
             # The base class synchronises the accelerator after receiving; nothing to wait for on CPU.
@@ -307,7 +312,7 @@ def _engine_class():
                 weights = read_sharded_bucket(
                     update_info.names, update_info.shapes, update_info.dtypes, update_info.files
                 )
-            self.model.load_weights(weights)
+            self.loaded |= set(self.model.load_weights(weights) or ())
             self.loaded_bytes += update_info.nbytes
             self.load_seconds += time.perf_counter() - t0
 
@@ -315,6 +320,18 @@ def _engine_class():
             pass
 
     return ShmWeightTransferEngine
+
+
+def check_coverage(expected: set[str], loaded: set[str]) -> None:
+    """A full push must give every engine parameter a new value: names vLLM does not know already fail in
+    its loader ("no module or parameter named ..."); a parameter the push never reached would keep the
+    old weights silently, so it fails here, named (engine naming)."""
+    missing = sorted(expected - loaded)
+    if missing:
+        raise RuntimeError(
+            f"weight update left {len(missing)} of {len(expected)} engine parameters without new values "
+            f"(e.g. {missing[:3]}): the learner sent no weight for them"
+        )
 
 
 def register_with_vllm() -> None:
