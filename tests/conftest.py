@@ -28,3 +28,12 @@ def tiny_model_dir(tmp_path_factory):
     from ivgr_dist.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """A tiny random Qwen3-VL model directory (built once)."""
+    from ivgr_dist.config import TinyModelConfig
+    from ivgr_dist.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", TinyModelConfig(family="qwen3_vl"))

@@ -34,10 +34,13 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ivgr_dist.models.tiny import make_tiny_model
 
     cfg = _config(args)
-    out = make_tiny_model(args.dir, cfg.model.tiny, overwrite=args.overwrite)
+    tiny = cfg.model.tiny if args.family is None else dataclasses.replace(cfg.model.tiny, family=args.family)
+    out = make_tiny_model(args.dir, tiny, overwrite=args.overwrite)
     print(json.dumps({"model_dir": str(out)}))
     return 0
 
@@ -131,6 +134,8 @@ def cmd_bench_reward(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ivgr_dist.config import TINY_FAMILIES
+
     p = argparse.ArgumentParser(prog="ivgr-dist", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,8 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("show-config", cmd_show_config, "print the resolved configuration as YAML")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.paired_ratio=0.8")
 
-    sp = add("make-tiny-model", cmd_make_tiny_model, "write a tiny random Qwen2.5-VL model directory")
+    sp = add("make-tiny-model", cmd_make_tiny_model, "write a tiny random Qwen2.5-VL or Qwen3-VL model directory")
     sp.add_argument("dir", help="output model directory")
+    sp.add_argument(
+        "--family", choices=TINY_FAMILIES, default=None, help="architecture (default: model.tiny.family, qwen2_5_vl)"
+    )
     sp.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.tiny.num_layers=4")
 

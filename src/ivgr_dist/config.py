@@ -55,15 +55,20 @@ def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Shape of the tiny random Qwen2.5-VL built by ``ivgr-dist make-tiny-model`` (CPU development).
+    """Shape of the tiny random model built by ``ivgr-dist make-tiny-model`` (CPU development).
 
     The sizes are the smallest that both transformers and vLLM's CPU kernels accept
     (see CPU_STACK.md): vLLM's CPU attention rejects head_dim 16, and the M-RoPE sections must sum
-    to head_dim / 2.
+    to head_dim / 2. The same sizes serve both families.
     """
 
+    family: str = "qwen2_5_vl"
+    """Architecture: ``qwen2_5_vl`` (Qwen2.5-VL) or ``qwen3_vl`` (dense Qwen3-VL)."""
     hidden_size: int = 128
     """Text decoder width."""
     num_layers: int = 2
@@ -90,6 +95,7 @@ class TinyModelConfig:
     """Seed for the random weights and the tokenizer's training text."""
 
     def __post_init__(self) -> None:
+        _check_choice("model.tiny.family", self.family, TINY_FAMILIES)
         _check(self.hidden_size > 0 and self.num_heads > 0, "model.tiny.hidden_size", self.hidden_size, "must be > 0")
         _check(
             self.hidden_size % self.num_heads == 0,

@@ -301,7 +301,9 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    need = cfg.rollout.num_engines + cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
+    # one CPU per engine TP rank (their placement-group bundles), one or more per learner rank
+    need = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
+    need += cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
     need += math.ceil(cfg.reward.num_workers * cfg.reward.cpus_per_worker)  # reward workers (CPU actors)
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)

@@ -48,6 +48,13 @@ def test_recipe_numbers_in_7b_config():
     assert not cfg.sft.enabled  # the recipe starts from an SFT checkpoint
 
 
+def test_qwen3_recipe_config_fits_the_qwen3_vl_processor():
+    cfg = load_config(CONFIG_DIR / "qwen3_vl_8b.yaml")
+    assert cfg.data.min_pixels >= 256 * 256  # Qwen3-VL checkpoints' size.shortest_edge
+    assert cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size + cfg.learner.num_ranks == 16
+    assert "16 GPUs" in (CONFIG_DIR / "qwen3_vl_8b.yaml").read_text()
+
+
 def test_dotted_overrides_apply_and_nest():
     cfg = load_config(
         None, ["data.paired_ratio=0.5", "rollout.engine.max_model_len=2048", "data.synthetic.colors=[a,b]"]

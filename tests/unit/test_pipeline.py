@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ivgr_dist.config import load_config
-from ivgr_dist.data.pipeline import build_pipeline, ensure_model, ensure_synthetic, image_factor
+from ivgr_dist.data.pipeline import build_pipeline, ensure_model, ensure_synthetic
 
 
 def _cfg(tmp_path: Path, model_dir: Path, *extra: str):
@@ -74,14 +74,6 @@ def test_a_synthetic_set_made_with_other_settings_is_used_with_a_warning(tmp_pat
     assert "data.synthetic.colors" in warning.getMessage() and "['red', 'blue'] in the config" in warning.getMessage()
     assert "num_records" not in warning.getMessage()
     assert generated_with(tmp_path / "data" / "train.parquet") == stored  # left as it was
-
-
-def test_image_factor_follows_the_processor(tmp_path, tiny_model_dir):
-    assert image_factor(tiny_model_dir) == 28
-    fake = tmp_path / "qwen3"
-    fake.mkdir()
-    (fake / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16, "merge_size": 2}))
-    assert image_factor(fake) == 32
 
 
 def test_prepare_command_end_to_end(tmp_path, tiny_model_dir):

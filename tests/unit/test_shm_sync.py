@@ -237,19 +237,28 @@ def test_engine_loads_each_bucket_through_the_model(engine_cls, tmp_path):
     assert engine_cls.update_info_cls is not None and engine.supports_draft_weight_update is False
 
 
-def test_engine_records_what_the_model_loaded_and_coverage_names_the_gaps(engine_cls, tmp_path):
-    from ivgr_dist.sync.shm import check_coverage
+def test_engine_records_what_the_model_loaded_and_what_the_update_missed(engine_cls, tmp_path, monkeypatch):
+    from types import SimpleNamespace
 
-    engine = _engine(engine_cls, FakeModel())
+    import vllm.model_executor.model_loader.reload as reload
+
+    from ivgr_dist.rollout.worker_ext import IvgrWorkerExtension
+
+    monkeypatch.setattr(reload, "initialize_layerwise_reload", lambda model: None)
+    monkeypatch.setattr(reload, "finalize_layerwise_reload", lambda model, config: None)
+    model = FakeModel()
+    names = [n for bucket in _buckets() for n, _ in bucket]
+    model.named_parameters = lambda: [(n, None) for n in [*names, "extra.weight"]]
+    engine = _engine(engine_cls, model)
+    engine.model_config = None
+    engine.start_weight_update()
     for ref in write_buckets(_buckets(), tmp_path):
         engine.receive_weights(engine.parse_update_info(ref.to_update_info()))
-    names = {n for bucket in _buckets() for n, _ in bucket}
-    assert engine.loaded == names
-    check_coverage(names, engine.loaded)  # a full push: nothing to say
-    with pytest.raises(
-        RuntimeError, match=r"left 1 of \d+ engine parameters without new values \(e.g. \['extra.weight'\]\)"
-    ):
-        check_coverage(names | {"extra.weight"}, engine.loaded)
+    engine.finish_weight_update()
+    assert engine.loaded == set(names)
+    missing = IvgrWorkerExtension.ivgr_missing_parameters
+    assert missing(SimpleNamespace(weight_transfer_engine=engine)) == ["extra.weight"]
+    assert missing(SimpleNamespace(weight_transfer_engine=object())) == []  # another backend: nothing known
 
 
 def test_engine_loads_sharded_buckets_as_full_tensors(engine_cls, tmp_path):

@@ -6,8 +6,12 @@ The pixel count is kept within ``[min_pixels, max_pixels]``. The rule here mirro
 transformers image processor (which the rollout engines use), so a prompt's token count computed
 here matches what the engine sees; it is idempotent: a size the rule produced maps to itself.
 
-Qwen2.5-VL reasons in absolute pixel coordinates of the image it is shown, so target boxes are
-rescaled from original-image pixels into resized-image pixels with the per-axis scale factors.
+Boxes follow the model family's convention (``ivgr_dist.models.family``): Qwen2.5-VL reasons in
+absolute pixel coordinates of the image it is shown, so target boxes are rescaled from original-image
+pixels into resized-image pixels with the per-axis scale factors (:func:`rescale_box`); Qwen3-VL
+writes integers 0-1000 relative to the image's width and height (:func:`relative_box`), which resizing
+does not change. The side multiple (28 here) is the Qwen2.5-VL default only: callers pass the model's
+own ``patch_size * merge_size``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["FACTOR", "MAX_ASPECT_RATIO", "rescale_box", "resize_image", "smart_resize"]
+__all__ = [
+    "FACTOR",
+    "MAX_ASPECT_RATIO",
+    "box_in_model_space",
+    "relative_box",
+    "rescale_box",
+    "resize_image",
+    "smart_resize",
+]
 
 FACTOR = 28
 """Side multiple for Qwen2.5-VL: patch size 14 x spatial merge 2."""
@@ -93,3 +105,25 @@ def rescale_box(box: Sequence[float], sx: float, sy: float) -> list[float]:
         raise ValueError(f"box {list(box)!r}: must have 4 numbers [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (float(v) for v in box)
     return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
+def relative_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """``[x1, y1, x2, y2]`` in original pixels -> 0-1000 relative to the original ``width`` and ``height``."""
+    if len(box) != 4:
+        raise ValueError(f"box {list(box)!r}: must have 4 numbers [x1, y1, x2, y2]")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height} (WxH): both sides must be >= 1 pixel")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [1000.0 * x1 / width, 1000.0 * y1 / height, 1000.0 * x2 / width, 1000.0 * y2 / height]
+
+
+def box_in_model_space(
+    box: Sequence[float], size: tuple[int, int], scale: tuple[float, float], coords: str
+) -> list[float]:
+    """A target box in the coordinates the model writes: ``coords`` is ``pixels`` (the resized image,
+    ``scale`` = (sx, sy)) or ``relative_1000`` (``size`` = the original (width, height))."""
+    if coords == "pixels":
+        return rescale_box(box, *scale)
+    if coords == "relative_1000":
+        return relative_box(box, *size)
+    raise ValueError(f"coords={coords!r}: must be 'pixels' or 'relative_1000'")

@@ -16,16 +16,23 @@ from ivgr_dist.config import DataConfig, ModelConfig
 from ivgr_dist.data.dataset import RecordTable
 from ivgr_dist.data.prompts import PromptBuilder
 from ivgr_dist.data.sampler import PairSampler
+from ivgr_dist.models.family import check_pixel_bounds, image_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataPipeline", "build_pipeline", "ensure_model", "ensure_synthetic", "image_factor"]
+__all__ = ["DataPipeline", "build_pipeline", "ensure_model", "ensure_synthetic"]
 
 
 def ensure_model(cfg: ModelConfig) -> Path:
     """The model directory; builds the tiny random model there when it is missing and allowed."""
     path = Path(cfg.path)
     if (path / "config.json").is_file():
+        built = _tiny_family(path)
+        if built is not None and built != cfg.tiny.family and cfg.make_tiny_if_missing:
+            raise FileExistsError(
+                f"model.path={cfg.path!r} holds a tiny {built} model but model.tiny.family={cfg.tiny.family!r}; "
+                "point model.path at another directory (or delete this one) to build the tiny model of that family"
+            )
         return path
     if path.exists() and any(path.iterdir()):
         raise FileNotFoundError(f"model.path={cfg.path!r} exists but has no config.json: not a model directory")
@@ -36,10 +43,18 @@ def ensure_model(cfg: ModelConfig) -> Path:
         )
     from ivgr_dist.models.tiny import make_tiny_model
 
-    log.info("building the tiny random Qwen2.5-VL at %s", path)
+    log.info("building the tiny random %s model at %s", cfg.tiny.family, path)
     if path.exists():
         path.rmdir()  # empty directory left by a user; make_tiny_model renames into place
     return make_tiny_model(path, cfg.tiny)
+
+
+def _tiny_family(path: Path) -> str | None:
+    """The family a tiny model directory was built as (``ivgr_tiny.json``); None for any other model."""
+    marker = path / "ivgr_tiny.json"
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("tiny_model_config", {}).get("family", "qwen2_5_vl")
 
 
 def ensure_synthetic(cfg: DataConfig) -> None:
@@ -90,19 +105,6 @@ def _warn_if_stale(path: Path, cfg: DataConfig) -> None:
         )
 
 
-def image_factor(model_path: str | Path) -> int:
-    """Side multiple of resized images: patch size x spatial merge (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = Path(model_path) / name
-        if path.is_file():
-            conf = json.loads(path.read_text())
-            conf = conf.get("image_processor", conf)
-            if "patch_size" in conf and "merge_size" in conf:
-                return int(conf["patch_size"]) * int(conf["merge_size"])
-    log.warning("no patch/merge size in %s; assuming the Qwen2.5-VL image factor 28", model_path)
-    return 28
-
-
 @dataclass
 class DataPipeline:
     """Everything needed to turn sampler draws into prompts for one split."""
@@ -128,7 +130,9 @@ def build_pipeline(model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "t
     model_dir = ensure_model(model_cfg)
     ensure_synthetic(data_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
-    builder = PromptBuilder(tokenizer, data_cfg, factor=image_factor(model_dir))
+    spec = image_spec(model_dir)
+    check_pixel_bounds(spec, data_cfg.min_pixels, data_cfg.max_pixels, model_dir)
+    builder = PromptBuilder(tokenizer, data_cfg, factor=spec.factor, box_coords=spec.box_coords)
     files = data_cfg.train_files if split == "train" else data_cfg.val_files
     records = RecordTable(files, data_cfg, builder=builder)
     draw = None

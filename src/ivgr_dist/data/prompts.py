@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ivgr_dist.config import DataConfig
-from ivgr_dist.data.image import FACTOR, rescale_box, resize_image, smart_resize
+from ivgr_dist.data.image import FACTOR, box_in_model_space, resize_image, smart_resize
 from ivgr_dist.types import STREAMS, Prompt
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "IMAGE_MARKER",
     "IMAGE_PAD",
     "INSTRUCTIONS",
+    "instructions",
     "KNOWN_COLUMNS",
     "PromptBuilder",
     "target_bboxes",
@@ -35,15 +36,30 @@ __all__ = [
 ]
 
 _FORMAT = "Reply as <think> reasoning </think> <answer> final answer </answer>."
-INSTRUCTIONS: dict[str, str] = {
-    "grounded": (
-        "Reason step by step. Each time you look at an object, cite it as <box>[x1,y1,x2,y2]</box> "
-        "in pixel coordinates of the image as shown. " + _FORMAT
-    ),
-    "textual": "Reason step by step in plain words only, with no coordinates or boxes. " + _FORMAT,
-    "single": "Reason step by step, then answer. " + _FORMAT,
+_COORDS = {
+    "pixels": "in pixel coordinates of the image as shown",
+    "relative_1000": "as integers from 0 to 1000 relative to the image width and height",
 }
-"""Instruction appended to the question, per stream (A = grounded, B = textual, single)."""
+"""How the grounded instruction names the box coordinates, per convention (``ivgr_dist.models.family``)."""
+
+
+def instructions(box_coords: str = "pixels") -> dict[str, str]:
+    """Instruction appended to the question, per stream (A = grounded, B = textual, single), for a model
+    that writes boxes in ``box_coords``."""
+    if box_coords not in _COORDS:
+        raise ValueError(f"box_coords={box_coords!r}: must be one of {list(_COORDS)}")
+    return {
+        "grounded": (
+            "Reason step by step. Each time you look at an object, cite it as <box>[x1,y1,x2,y2]</box> "
+            f"{_COORDS[box_coords]}. " + _FORMAT
+        ),
+        "textual": "Reason step by step in plain words only, with no coordinates or boxes. " + _FORMAT,
+        "single": "Reason step by step, then answer. " + _FORMAT,
+    }
+
+
+INSTRUCTIONS: dict[str, str] = instructions("pixels")
+"""The instructions for a model that grounds in pixels (Qwen2.5-VL)."""
 ANSWER_HINTS: dict[str, str] = {"multiple_choice": "Answer with the option letter."}
 """Extra line before the instruction for some question types."""
 IMAGE_MARKER = "<image>"
@@ -96,13 +112,17 @@ class PromptBuilder:
 
     ``tokenizer`` is a Hugging Face tokenizer with a chat template that accepts content parts
     (``{"type": "image"}``, ``{"type": "text", "text": ...}``); ``data_cfg`` supplies the pixel bounds.
-    ``factor`` is the image side multiple (28 for Qwen2.5-VL: patch 14 x merge 2).
+    ``factor`` is the image side multiple and ``box_coords`` the box convention of the model family
+    (``ivgr_dist.models.family.image_spec`` reads both from the model directory; the defaults are
+    Qwen2.5-VL's: 28 = patch 14 x merge 2, absolute pixels).
     """
 
-    def __init__(self, tokenizer, data_cfg: DataConfig, factor: int = FACTOR):
+    def __init__(self, tokenizer, data_cfg: DataConfig, factor: int = FACTOR, box_coords: str = "pixels"):
         self.tokenizer = tokenizer
         self.cfg = data_cfg
         self.factor = factor
+        self.box_coords = box_coords
+        self.instructions = instructions(box_coords)
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         if self.image_pad_id is None or self.image_pad_id == getattr(tokenizer, "unk_token_id", object()):
             raise ValueError(f"tokenizer has no {IMAGE_PAD!r} token; it is not a Qwen-VL tokenizer")
@@ -116,7 +136,7 @@ class PromptBuilder:
         n_images = len(image_list(record.get("images")))
         problem = record.get("problem") or record.get("query") or ""
         qtype = str(record.get("question_type") or "")
-        tail = "\n".join(t for t in (ANSWER_HINTS.get(qtype, ""), INSTRUCTIONS[stream]) if t)
+        tail = "\n".join(t for t in (ANSWER_HINTS.get(qtype, ""), self.instructions[stream]) if t)
         pieces = problem.split(IMAGE_MARKER)
         parts: list[dict] = []
         if n_images and len(pieces) - 1 == n_images:
@@ -192,7 +212,7 @@ class PromptBuilder:
         if boxes and not scales:
             raise ValueError(f"record {original_idx}: target boxes but no image to place them in")
         # Boxes refer to the first image (iVGR records carry one image).
-        target_boxes = [rescale_box(b, *scales[0]) for b in boxes] if boxes else []
+        target_boxes = [box_in_model_space(b, sizes[0], scales[0], self.box_coords) for b in boxes] if boxes else []
         extra = {k: v for k, v in record.items() if k not in KNOWN_COLUMNS}
         answer = record.get("answer")
         return Prompt(

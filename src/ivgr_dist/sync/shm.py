@@ -277,6 +277,7 @@ def _engine_class():
             self.load_seconds = 0.0
             self.expected: set[str] = set()  # engine parameters a push must reach (set per update)
             self.loaded: set[str] = set()
+            self.missing: list[str] = []  # of the last finished update
 
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -291,7 +292,10 @@ def _engine_class():
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
-            check_coverage(self.expected, self.loaded)
+            # Recorded, not raised: an exception here would leave vLLM's worker marked mid-update (it resets
+            # its update state only after this returns). RolloutWorker reads it through
+            # IvgrWorkerExtension.ivgr_missing_parameters.
+            self.missing = sorted(self.expected - self.loaded)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
             # The base class synchronises the accelerator after receiving; nothing to wait for on CPU.
@@ -320,18 +324,6 @@ def _engine_class():
             pass
 
     return ShmWeightTransferEngine
-
-
-def check_coverage(expected: set[str], loaded: set[str]) -> None:
-    """A full push must give every engine parameter a new value: names vLLM does not know already fail in
-    its loader ("no module or parameter named ..."); a parameter the push never reached would keep the
-    old weights silently, so it fails here, named (engine naming)."""
-    missing = sorted(expected - loaded)
-    if missing:
-        raise RuntimeError(
-            f"weight update left {len(missing)} of {len(expected)} engine parameters without new values "
-            f"(e.g. {missing[:3]}): the learner sent no weight for them"
-        )
 
 
 def register_with_vllm() -> None:
