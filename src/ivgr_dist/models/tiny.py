@@ -164,8 +164,21 @@ def _vision_ids(ids: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _vocab_rows(tokenizer) -> int:
-    return -(-len(tokenizer) // 64) * 64  # embedding rows, padded like real checkpoints
+def _text_common(cfg: TinyModelConfig, tokenizer) -> dict:
+    """Text-decoder settings both families share (sizes, ids, untied embeddings)."""
+    return dict(
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # embedding rows, padded like real checkpoints
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
+        **_text_ids(_token_ids(tokenizer)),
+    )
 
 
 def _qwen2_5_vl_config(cfg: TinyModelConfig, tokenizer):
@@ -176,18 +189,8 @@ def _qwen2_5_vl_config(cfg: TinyModelConfig, tokenizer):
     half = head_dim // 2  # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
     mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     text = dict(
-        vocab_size=_vocab_rows(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=1e-6,
+        **_text_common(cfg, tokenizer),
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-        tie_word_embeddings=False,
-        initializer_range=cfg.initializer_range,
-        **_text_ids(ids),
     )
     vision = dict(
         depth=cfg.vision_depth,
@@ -219,16 +222,9 @@ def _qwen3_vl_config(cfg: TinyModelConfig, tokenizer):
     half = head_dim // 2  # real Qwen3-VL: [24, 20, 20] of 64, scaled to head_dim / 2
     hw = half * 20 // 64
     text = dict(
-        vocab_size=_vocab_rows(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
+        **_text_common(cfg, tokenizer),
         head_dim=head_dim,
         hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=1e-6,
         attention_bias=False,
         # transformers' Qwen3-VL always interleaves the M-RoPE sections; vLLM does only with this flag.
         rope_parameters={
@@ -237,9 +233,6 @@ def _qwen3_vl_config(cfg: TinyModelConfig, tokenizer):
             "mrope_section": [half - 2 * hw, hw, hw],
             "mrope_interleaved": True,
         },
-        tie_word_embeddings=False,
-        initializer_range=cfg.initializer_range,
-        **_text_ids(ids),
     )
     vision = dict(
         depth=cfg.vision_depth,
