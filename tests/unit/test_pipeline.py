@@ -76,6 +76,17 @@ def test_a_synthetic_set_made_with_other_settings_is_used_with_a_warning(tmp_pat
     assert generated_with(tmp_path / "data" / "train.parquet") == stored  # left as it was
 
 
+def test_a_tiny_model_of_another_family_is_not_used_silently(tmp_path, tiny_model_dir):
+    from ivgr_dist.config import load_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert ensure_model(load_config(None, [f"model.path={model}"]).model) == model
+    cfg = load_config(None, [f"model.path={model}", "model.tiny.family=qwen3_vl"])
+    with pytest.raises(FileExistsError, match=r"holds a tiny qwen2_5_vl model but model.tiny.family='qwen3_vl'"):
+        ensure_model(cfg.model)
+
+
 def test_prepare_command_end_to_end(tmp_path, tiny_model_dir):
     exe = shutil.which("ivgr-dist")
     assert exe

@@ -7,8 +7,9 @@ then unusable (the other ranks may be stuck in a collective) and should be shut 
 
 Placement: one bundle per rank (``cpus_per_rank`` CPUs, 1 GPU per rank when the cluster has GPUs
 unless ``gpus_per_rank`` says otherwise) in one PACK placement group, so ranks share a node where
-they fit (rollout engines have placement groups of their own: ``ivgr_dist.placement``). Rendezvous: rank 0's actor picks its node address and a free port; every rank then joins
-the process group at that address.
+they fit (rollout engines have placement groups of their own: ``ivgr_dist.placement``). Rendezvous:
+rank 0's actor picks its node address and a free port; every rank then joins the process group at
+that address.
 
 Sharding a batch over ranks:
 

@@ -153,9 +153,7 @@ class RolloutWorker:
             raise RuntimeError(f"rollout engine {self.index} is not started")
         n = self.cfg.n if n is None else n
         params = self._sampling_params(n, temperature, max_tokens, seed, ignore_eos)
-        request: dict[str, Any] = {"prompt_token_ids": list(prompt.prompt_token_ids)}
-        if prompt.images:
-            request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
+        request = _request(prompt)
         version = self.version
         self.in_flight += 1
         try:
@@ -196,9 +194,7 @@ class RolloutWorker:
 
         if self.engine is None:
             raise RuntimeError(f"rollout engine {self.index} is not started")
-        request: dict[str, Any] = {"prompt_token_ids": [*prompt.prompt_token_ids, *response_ids]}
-        if prompt.images:
-            request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
+        request = _request(prompt, response_ids)
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=top, output_kind=RequestOutputKind.FINAL_ONLY
         )
@@ -305,6 +301,14 @@ class RolloutWorker:
     async def wt_shutdown(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         await self.engine.shutdown_weight_transfer_engine()
+
+
+def _request(prompt: Prompt, continuation: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """vLLM prompt of ``prompt`` (token ids, then ``continuation``), its images as multimodal data."""
+    request: dict[str, Any] = {"prompt_token_ids": [*prompt.prompt_token_ids, *continuation]}
+    if prompt.images:
+        request["multi_modal_data"] = {"image": prompt.images if len(prompt.images) > 1 else prompt.images[0]}
+    return request
 
 
 # Vision placeholders must never appear in a response: the learner would read them as image slots.
