@@ -143,11 +143,22 @@ class EnginePlacement:
         }
 
     def env(self) -> dict[str, str]:
-        """Environment for the engine's actor: on GPU with TP > 1, the bundles vLLM's Ray executor must use
-        (all of this group's, in order), so nothing depends on its "first bundles with a device" fallback."""
-        if self.use_gpus and self.tp > 1:
-            return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(self.tp))}
-        return {}
+        """Environment for the engine's actor, on GPU with TP > 1 (vLLM's Ray executor):
+
+        - ``VLLM_RAY_BUNDLE_INDICES``: the bundles the executor must use (all of this group's, in order), so
+          nothing depends on its "first bundles with a device" fallback;
+        - ``RAY_ADDRESS``: this cluster. vLLM's EngineCore is a subprocess of the actor and calls a bare
+          ``ray.init()`` there; on a cluster that a driver started itself (no ``ray start``: one GPU node,
+          ``ivgr-dist train`` without ``ray job submit``) that STARTS A NEW local cluster (measured, Ray 2.60),
+          in which this engine's placement group does not exist."""
+        if not (self.use_gpus and self.tp > 1):
+            return {}
+        import ray
+
+        return {
+            "VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(self.tp)),
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        }
 
     def release(self) -> None:
         """Remove the group (kills whatever still runs in it). Safe to call twice."""

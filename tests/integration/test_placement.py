@@ -11,6 +11,8 @@ placement group of the actor that builds the engine, the bundles named by ``VLLM
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -33,6 +35,7 @@ class StandInEngine:
 
         pg = ray.util.get_current_placement_group()
         node = ray.get_runtime_context().get_node_id()
+        subprocess_gcs = None
         if self.tp == 1:  # vLLM runs in this actor's own processes on the device the actor holds
             bundles, gpus, nodes = [0], [list(map(int, ray.get_gpu_ids()))], [node]
         else:
@@ -59,6 +62,11 @@ class StandInEngine:
             ]
             got = ray.get([w.where.remote() for w in self.workers], timeout=60)
             gpus, nodes = [g for g, _ in got], [n for _, n in got]
+            # vLLM's EngineCore is a subprocess of this actor and calls a bare ray.init(): it must join THIS
+            # cluster (the placement group lives here), not start one of its own.
+            code = "import ray; ray.init(); print(ray.get_runtime_context().gcs_address)"
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            subprocess_gcs = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr[-500:]
         return {
             "engine": self.index,
             "start_s": 0.0,
@@ -70,6 +78,8 @@ class StandInEngine:
             "nodes": nodes,
             "actor_gpus": list(map(int, ray.get_gpu_ids())),
             "env": os.environ.get("VLLM_RAY_BUNDLE_INDICES"),
+            "gcs": ray.get_runtime_context().gcs_address,
+            "subprocess_gcs": subprocess_gcs,
         }
 
     def shutdown(self) -> None:
@@ -146,6 +156,7 @@ def test_three_tp2_engines_and_two_learners_hold_disjoint_devices(fake_gpu_clust
             flat = [g for gs in info["gpus"] for g in gs]
             assert all(len(gs) == 1 for gs in info["gpus"]) and len(set(flat)) == 2, info
             assert len(set(info["nodes"])) == 1
+            assert info["subprocess_gcs"] == info["gcs"], info["subprocess_gcs"]  # the EngineCore joins this cluster
             engine_gpus += flat
         assert len(engine_gpus) == len(set(engine_gpus)) == 6  # no device shared between engines
         ranks = ray.get([a.where.remote() for a in learners.actors], timeout=30)
