@@ -593,13 +593,27 @@ class SyncConfig:
     """Weight sync from the learner group into every rollout engine after each update."""
 
     backend: str = "auto"
-    """``auto`` (nccl with GPUs, else ivgr_shm), ``nccl`` (vLLM's NCCL engine) or ``ivgr_shm`` (CPU, one node)."""
+    """``auto`` (nccl with GPUs, else ivgr_shm), ``ivgr_shm`` (shared-memory files: CPU, one node), ``gloo``
+    (learner rank 0 broadcasts over a gloo group: CPU, any nodes) or ``nccl`` (the same over NCCL: GPUs)."""
     bucket_mb: int = 256
     """Weights move in buckets of about this many MiB."""
+    timeout_s: float = 300.0
+    """Deadline of one push (and of forming the transfer group): a push that has not completed by then raises,
+    naming the engines that died or did not answer; they are dropped and the push is tried once more."""
+    verify_every: int = 1
+    """Every this many steps, check the engines hold the learner's weights: each engine scores a fixed probe
+    (prompt + response) and its log-probs must match the learner's within ``verify_tolerance``
+    (``sync/verified``); a mismatch stops the run. 0 turns the check off."""
+    verify_tolerance: float = 0.05
+    """Largest allowed mean |engine - learner| log-prob over the probe's tokens (bf16 engines vs the learner's
+    precision: ~0.001-0.003 measured on the tiny models; a stale or corrupted bucket is off by far more)."""
 
     def __post_init__(self) -> None:
-        _check_choice("sync.backend", self.backend, ["auto", "nccl", "ivgr_shm"])
+        _check_choice("sync.backend", self.backend, ["auto", "ivgr_shm", "gloo", "nccl"])
         _check(self.bucket_mb >= 1, "sync.bucket_mb", self.bucket_mb, "must be >= 1")
+        _check(self.timeout_s > 0, "sync.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.verify_every >= 0, "sync.verify_every", self.verify_every, "must be >= 0 (0 = off)")
+        _check(self.verify_tolerance > 0, "sync.verify_tolerance", self.verify_tolerance, "must be > 0")
 
 
 # ----------------------------------------------------------------------------------------------- sft

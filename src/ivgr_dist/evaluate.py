@@ -262,12 +262,12 @@ def run_eval(
     pool = scorer = None
     try:
         from ivgr_dist.rollout.pool import PoolStats, RolloutPool
-        from ivgr_dist.sync import resolve_backend
+        from ivgr_dist.sync import engine_backend
 
         use_gpus = cluster_has_gpus()
-        # No weight sync in eval; the engines still need a weight-transfer backend name (``nccl`` engines
-        # wait for a learner rendezvous that never comes, which is fine: they only generate).
-        pool = RolloutPool(cfg.model, cfg.rollout, resolve_backend(cfg.sync.backend, use_gpus), use_gpus)
+        # No weight sync in eval; the engines still need a weight-transfer backend name (collective engines
+        # wait for a group the driver never forms, which is fine: they only generate).
+        pool = RolloutPool(cfg.model, cfg.rollout, engine_backend(cfg.sync.backend, use_gpus), use_gpus)
         scorer = EvalScorer(cfg.algorithm, cfg.reward.judge)
         stats = PoolStats()
         table = EvalTable()

@@ -39,6 +39,7 @@ class Trainer:
         from ivgr_dist.reward.scorer import make_scorer
         from ivgr_dist.rollout.pool import RolloutPool
         from ivgr_dist.sync import make_weight_sync
+        from ivgr_dist.sync.verify import WeightVerifier
 
         self.cfg = cfg
         self.out = Path(cfg.trainer.output_dir)
@@ -46,12 +47,15 @@ class Trainer:
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         use_gpus = cluster_has_gpus()
         self.data = build_pipeline(cfg.model, cfg.data, "train")
-        self.sync = make_weight_sync(cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype)
+        self.sync = make_weight_sync(
+            cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
+        )
         self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus)
         self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates())
         self.sync.setup(self.learners, self.rollouts)
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.encoder = SampleEncoder(cfg.model.path)
+        self.verifier = WeightVerifier(self.encoder, cfg.sync.verify_tolerance)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
@@ -120,8 +124,12 @@ class Trainer:
                 train = self._update(samples, T)
             with timer("sync"):
                 self.version += 1
-                sync = self.sync.push(self.learners, self.rollouts, self.version)
-                versions = self.rollouts.versions()
+                sync = self.push_weights(step)
+            self.verifier.choose_probe(rollouts)
+            every = cfg.sync.verify_every
+            verify = (
+                self.verifier.check(self.learners, self.rollouts, self.version) if every and step % every == 0 else {}
+            )
         metrics = {
             "weight_version": self.version,
             **timer.metrics(),
@@ -131,14 +139,39 @@ class Trainer:
             "time/reward_s": scorer_metrics.get("reward/busy_s", 0.0),
             **train,
             **sync,
+            **verify,
             **self.data.records.metrics(),
             **self.data.sampler.metrics(),
             "reward/tail_s": reward_tail,
             "rollout/tokens_per_s": gen.tokens / max(timer.seconds["generate"], 1e-9),
-            "sync/engines_in_sync": float(all(v == self.version for v in versions)),
             "logprob/mismatch_mean": _mismatch(rollouts, old),
         }
-        return self.metrics.log(step, metrics)
+        record = self.metrics.log(step, metrics)
+        if verify and (error := self.verifier.error()) is not None:
+            raise error  # logged first, so metrics.jsonl shows sync/verified = 0 at this step
+        return record
+
+    def push_weights(self, step: int) -> dict[str, float]:
+        """Push version ``self.version`` to every live engine. Engines that die or hang during the push are
+        dropped and the push is tried once more (the others must not go on with a partial update); a second
+        failure stops the run, naming the step."""
+        from ivgr_dist.sync.fanout import SyncError
+
+        try:
+            return self.sync.push(self.learners, self.rollouts, self.version)
+        except SyncError as err:
+            first = err
+        for e in first.failed_engines:
+            self.rollouts.drop(e, f"step {step}, push to version {self.version}: {first.errors.get(e, 'no answer')}")
+        log.error(
+            "step %d: %s; dropped engine(s) %s, pushing again to %d engine(s)",
+            step, first, first.failed_engines, len(self.rollouts.alive),
+        )  # fmt: skip
+        try:
+            out = self.sync.push(self.learners, self.rollouts, self.version)
+        except SyncError as err:
+            raise SyncError(f"step {step}: {err}", err.version, err.failed_engines, err.errors) from first
+        return {**out, "sync/failed_pushes": 1.0, "sync/dropped_engines": float(len(first.failed_engines))}
 
     def _timed(self, groups: Iterator[list[Rollout]], timer: Timer) -> Iterator[list[Rollout]]:
         """Pass groups through, recording when the last one arrived (generation end; the consumer's
@@ -200,7 +233,7 @@ class Trainer:
         self.data.sampler.load_state_dict(state["sampler"])
         self.scorer.load_state_dict(state["scorer"])
         self.step, self.version = state["step"], state["weight_version"]
-        self.sync.push(self.learners, self.rollouts, self.version)  # engines start from the base weights
+        self.push_weights(self.step)  # engines start from the base weights
         log.info("resumed from %s (step %d, weight version %d)", path, self.step, self.version)
 
     def close(self) -> None:
@@ -262,9 +295,10 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
             means = window_means(records, key, w)
             if means is not None:
                 lines.append(f"  {key:32s} {means[0]:14.3f}  {means[1]:14.3f}  ({means[1] - means[0]:+.3f})")
+        verified = [r["sync/verified"] for r in records if "sync/verified" in r]
         lines.append(
-            f"  weight version {records[-1]['weight_version']:.0f}; "
-            f"engines in sync: {bool(records[-1]['sync/engines_in_sync'])}"
+            f"  weight version {records[-1]['weight_version']:.0f}; engines verified against the learner on "
+            f"{sum(v == 1.0 for v in verified)} of {len(verified)} checks"
         )
     ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
     lines.append(f"  latest checkpoint: {ckpts[-1] if ckpts else 'none'}")

@@ -82,7 +82,7 @@ def test_rl_after_warm_start_raises_textual_accuracy_and_box_iou(tmp_path, seed)
 
     mismatch = [r["logprob/mismatch_mean"] for r in records]
     assert max(mismatch) < MAX_MISMATCH, mismatch
-    assert all(r["sync/engines_in_sync"] == 1.0 for r in records)
+    assert all(r["sync/verified"] == 1.0 for r in records)
 
     sft = load_file(str(tmp_path / "run" / "sft_model" / "model.safetensors"))
     rl = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))

@@ -363,6 +363,46 @@ def test_greedy_output_matches_transformers_on_the_exported_weights(pool, synced
     assert err["base"] > 5 * logprob_tol
 
 
+# ----------------------------------------------------------------- (c2) verification of what engines hold
+
+
+def test_verification_fails_on_a_push_with_a_stale_bucket(pool, learners, synced, prompts, cfg, tmp_path):
+    """Every name arrives (the engines' coverage check passes) but one bucket carries the previous weights:
+    only the probe comparison can see it. Changes the learner's weights: runs after the parity tests."""
+    from ivgr_dist.learner.batch import SampleEncoder
+    from ivgr_dist.sync.verify import VerificationError, WeightVerifier
+
+    encoder = SampleEncoder(cfg.model.path)
+    verifier = WeightVerifier(encoder, cfg.sync.verify_tolerance)
+    rollouts = [r for g in pool.generate(prompts[:4]) for r in g]
+    verifier.choose_probe(rollouts)
+    old = learners.write_state_shm(str(tmp_path / "old"), BUCKET_BYTES, cfg.model.dtype)
+    for r in rollouts:
+        r.reward = float(r.sample_idx)
+    from ivgr_dist.learner.grpo import group_advantages
+
+    adv = group_advantages(torch.tensor([r.reward for r in rollouts]), [r.group_key for r in rollouts])
+    for r, a in zip(rollouts, adv.tolist(), strict=True):
+        r.advantage = a
+    for _ in range(3):  # the stale bucket is three updates old
+        learners.train_step([encoder.encode(r) for r in rollouts], cfg.rollout.temperature)
+    new = learners.write_state_shm(str(tmp_path / "new"), BUCKET_BYTES, cfg.model.dtype)
+    pool.update_weights(new, version=2)
+    good = verifier.check(learners, pool, 2)
+    assert good["sync/verified"] == 1.0 and verifier.error() is None, good
+    # the same push with its lm_head bucket taken from the weights before the update
+    k = next(i for i, b in enumerate(new) if any("lm_head" in n for n in b["names"]))
+    pool.update_weights([*new[:k], old[k], *new[k + 1 :]], version=3)
+    assert pool.versions() == [3, 3]  # nothing else noticed
+    bad = verifier.check(learners, pool, 3)
+    print(f"\n[verify] full push {good}, stale lm_head bucket {bad}")
+    assert bad["sync/verified"] == 0.0 and bad["sync/verify_mean_abs"] > 2 * cfg.sync.verify_tolerance
+    assert good["sync/verify_mean_abs"] < cfg.sync.verify_tolerance / 5
+    error = verifier.error()
+    assert isinstance(error, VerificationError)
+    assert "weight version 3: engine(s) [0, 1] do not hold the learner's weights" in str(error)
+
+
 # ------------------------------------------------------------------------- (d) a crashed engine (LAST)
 
 

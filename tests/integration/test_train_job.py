@@ -29,7 +29,7 @@ REQUIRED = [
     "rollout/tokens", "rollout/tokens_per_s", "reward/grounded/overall", "reward/grounded/accuracy",
     "reward/grounded/format", "reward/grounded/box_iou", "reward/grounded/box_valid", "reward/textual/overall",
     "reward/textual/accuracy", "reward/textual/format", "reward/textual/consistency", "loss/policy", "loss/kl",
-    "grad_norm", "sync/engines_in_sync", "logprob/mismatch_mean",
+    "grad_norm", "sync/verified", "sync/verify_mean_abs", "logprob/mismatch_mean",
 ]  # fmt: skip
 
 
@@ -66,7 +66,7 @@ def _check_metrics(path: Path, steps: list[int]) -> list[dict]:
         bad = [k for k in REQUIRED if r[k] is None or not math.isfinite(r[k])]
         assert not bad, f"step {r['step']}: non-finite {bad}"
         assert r["weight_version"] == r["step"]
-        assert r["sync/engines_in_sync"] == 1.0
+        assert r["sync/verified"] == 1.0 and r["sync/verify_mean_abs"] < 0.05
         assert r["rollout/tokens"] > 0 and r["logprob/mismatch_mean"] < 0.05
     return records
 

@@ -314,12 +314,12 @@ class FakeRollouts:
     def __init__(self, engines=2, fail=False):
         self.engines, self.fail, self.seen = engines, fail, []
 
-    def update_weights(self, buckets, version):
+    def update_weights(self, buckets, version, timeout_s=None):
         assert all(os.path.isfile(b["path"]) for b in buckets)  # the files exist while engines load
         self.seen.append((buckets, version))
         if self.fail:
             raise RuntimeError("engine 1 died")
-        return [{"engine": e, "version": version, "update_s": 0.01 * (e + 1)} for e in range(self.engines)]
+        return {e: {"engine": e, "version": version, "update_s": 0.01 * (e + 1)} for e in range(self.engines)}
 
 
 def test_push_writes_hands_over_and_removes_the_files(tmp_path):
@@ -346,7 +346,8 @@ def test_factory_builds_the_shm_backend_and_rejects_unknown_names():
     assert isinstance(sync, ShmWeightSync) and sync.engine_backend == BACKEND_NAME == "ivgr_shm"
     assert (sync.bucket_bytes, sync.dtype) == (123, "bfloat16")
     with pytest.raises(
-        ValueError, match=r"sync.backend='shm': unknown weight-sync backend; valid: \['auto', 'ivgr_shm', 'nccl'\]"
+        ValueError,
+        match=r"sync.backend='shm': unknown weight-sync backend; valid: \['auto', 'ivgr_shm', 'gloo', 'nccl'\]",
     ):
         make_weight_sync("shm", use_gpus=False, bucket_bytes=1)
     assert BucketRef("p", ["a"], 2).to_update_info() == {"path": "p", "names": ["a"], "nbytes": 2}

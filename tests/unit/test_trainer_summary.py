@@ -10,7 +10,7 @@ from ivgr_dist.trainer import summarize, window_means
 
 def _records(values):
     return [
-        {"step": i + 1, "reward/textual/accuracy": v, "weight_version": i + 1, "sync/engines_in_sync": 1.0}
+        {"step": i + 1, "reward/textual/accuracy": v, "weight_version": i + 1, "sync/verified": 1.0}
         for i, v in enumerate(values)
     ]
 
@@ -33,3 +33,50 @@ def test_summary_reports_means_delta_and_paths(tmp_path):
     assert "steps 1-2" in text and "steps 3-4" in text
     assert f"ivgr-dist eval --model {tmp_path / 'model'}" in text
     assert "nothing to do" in summarize(cfg, [])
+
+
+class _Sync:
+    """A weight sync whose pushes fail as scripted (a SyncError naming engines, or success)."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.calls = list(outcomes), []
+
+    def push(self, learners, rollouts, version):
+        self.calls.append((version, list(rollouts.alive)))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return {"time/sync_s": 0.1}
+
+
+class _Pool:
+    def __init__(self, n):
+        self.alive, self.dropped = list(range(n)), []
+
+    def drop(self, engine, reason):
+        self.alive.remove(engine)
+        self.dropped.append((engine, reason))
+
+
+def _trainer(sync, pool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sync=sync, rollouts=pool, learners=None, version=7)
+
+
+def test_a_failed_push_drops_the_named_engines_and_pushes_again():
+    from ivgr_dist.sync.fanout import SyncError
+    from ivgr_dist.trainer import Trainer
+
+    err = SyncError("engine 1 died", 7, failed_engines=[1], errors={1: "EngineDeadError: gone"})
+    sync, pool = _Sync([err, None]), _Pool(3)
+    out = Trainer.push_weights(_trainer(sync, pool), step=4)
+    assert sync.calls == [(7, [0, 1, 2]), (7, [0, 2])]
+    assert pool.dropped == [(1, "step 4, push to version 7: EngineDeadError: gone")]
+    assert out["sync/failed_pushes"] == 1.0 and out["sync/dropped_engines"] == 1.0
+    # a second failure stops the run, naming the step
+    sync, pool = _Sync([err, SyncError("engine 0 hung", 7, [0])]), _Pool(3)
+    with pytest.raises(SyncError, match=r"^step 4: engine 0 hung"):
+        Trainer.push_weights(_trainer(sync, pool), step=4)
+    # a clean push adds nothing
+    assert Trainer.push_weights(_trainer(_Sync([None]), _Pool(2)), step=1) == {"time/sync_s": 0.1}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import LearnerSample
@@ -182,23 +183,33 @@ class LearnerGroup:
         refs = [a.write_state_shm.remote(out_dir, bucket_bytes, dtype) for a in self.actors]
         return merge_rank_buckets(self._gather(refs, "write_state_shm"))
 
-    def init_nccl_sync(
-        self,
-        master_addr: str,
-        master_port: int,
-        world_size: int,
-        engine_handles: list,
-        tp: int,
-        dtype: str | None = None,
-        bucket_bytes: int = 256 << 20,
-    ) -> None:
-        """Every rank joins vLLM's NCCL weight-transfer group (see ``ivgr_dist.sync.nccl``)."""
-        args = (master_addr, master_port, world_size, engine_handles, tp, dtype, bucket_bytes)
-        self._gather([a.init_nccl_sync.remote(*args) for a in self.actors], "init_nccl_sync")
+    # ----------------------------------------------------- weight sync: collective (ivgr_dist.sync.collective)
 
-    def send_weights_nccl(self, version: int) -> dict[str, float]:
-        """Broadcast the weights to every engine as ``version``; rank 0's byte count and timing."""
-        return self._gather([a.send_weights_nccl.remote(version) for a in self.actors], "send_weights_nccl")[0]
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank, rank order."""
+        return self._gather([a.node_id.remote() for a in self.actors], "node_id")
+
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port there (for a rendezvous rank 0 hosts)."""
+        return self._gather([self.actors[0].master_address.remote()], "master_address")[0]
+
+    def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        """What a full push sends, in order: checkpoint name, wire dtype, global shape (nothing gathered)."""
+        return self._gather([self.actors[0].weight_metadata.remote(dtype)], "weight_metadata")[0]
+
+    def open_transfer_group_async(
+        self, addr: str, port: int, world_size: int, communicator: str, timeout_s: float
+    ) -> list:
+        """Rank 0 starts hosting the transfer group; returns its ref (:meth:`collect` it once the engines joined)."""
+        return [self.actors[0].open_transfer_group.remote(addr, port, world_size, communicator, timeout_s)]
+
+    def send_weights_async(self, bucket_bytes: int, dtype: str | None = None) -> list:
+        """Every rank starts one push (gathers; rank 0 broadcasts); returns their refs, rank order."""
+        return [a.send_weights.remote(bucket_bytes, dtype) for a in self.actors]
+
+    def collect(self, refs: list, what: str) -> Any:
+        """Rank 0's result of refs made by the ``*_async`` calls (all of them must succeed)."""
+        return self._gather(refs, what)[0]
 
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter, by checkpoint name."""

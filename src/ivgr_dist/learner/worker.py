@@ -132,6 +132,12 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------ set-up
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on ("" outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
     def master_address(self) -> tuple[str, int]:
         """Address and free port for the rendezvous (called on rank 0's actor)."""
         return pick_master_address()
@@ -424,35 +430,49 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------- full state
 
-    def iter_full_state(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> Iterator[list]:
-        """Buckets of ``(checkpoint name, full tensor)``, about ``bucket_bytes`` each (collective).
+    def iter_full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor | None]]:
+        """``(checkpoint name, full tensor)`` of every weight, one at a time (collective).
 
-        Every rank must drain the generator in step: gathering a shard into a full tensor is an
-        all-gather. Only rank 0's buckets hold tensors (on this rank's device, cast to ``dtype``
-        when given); other ranks yield empty lists at the same points. With one rank the tensors
-        may share memory with the live parameters: copy them before the next update. Tied output
-        embeddings are left out, as in HF checkpoints.
+        Every rank must drain the generator in step: gathering a shard into a full tensor is an all-gather.
+        Only rank 0 gets the tensors (on this rank's device, cast to ``dtype`` when given), the other ranks
+        ``None``. With one rank the tensors may share memory with the live parameters: copy them before the
+        next update. Tied output embeddings are left out, as in HF checkpoints.
         """
         from torch.distributed.tensor import DTensor
 
         self.policy.reshard()
-        bucket: list = []
-        size = 0
         for name, tensor in self.policy.state_dict().items():
             if self._tied and name == "lm_head.weight":
                 continue
             # Cast the local shard before gathering: a bf16 sync moves half the bytes of fp32 over the wire.
             local = tensor.detach().to(dtype) if dtype is not None else tensor.detach()
             full = local.full_tensor() if isinstance(local, DTensor) else local
-            size += tensor.numel() * full.element_size()  # global shape: same on every rank
-            if self.rank == 0:
-                bucket.append((self._ckpt_names[name], full))
+            yield self._ckpt_names[name], (full if self.rank == 0 else None)
             del full
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if size:
-            yield bucket
+
+    def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        """``(checkpoint name, wire dtype name, global shape)`` of what :meth:`iter_full_tensors` yields, in
+        order, without gathering anything (global shapes are known on every rank)."""
+        wire = getattr(torch, dtype) if dtype else None
+        out = []
+        for name, tensor in self.policy.state_dict().items():
+            if self._tied and name == "lm_head.weight":
+                continue
+            dt = wire if wire is not None else tensor.dtype
+            out.append((self._ckpt_names[name], str(dt).removeprefix("torch."), tuple(tensor.shape)))
+        return out
+
+    def iter_full_state(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> Iterator[list]:
+        """:meth:`iter_full_tensors` in buckets of about ``bucket_bytes`` (``ivgr_dist.sync.collective.plan_buckets``'s
+        cut, from global sizes: every rank cuts the same buckets); other ranks' buckets are empty lists."""
+        from ivgr_dist.sync.collective import TensorMeta, plan_buckets
+
+        wire = str(dtype).removeprefix("torch.") if dtype is not None else None
+        metas = [TensorMeta(n, d, s) for n, d, s in self.weight_metadata(wire)]
+        tensors = self.iter_full_tensors(dtype)
+        for bucket in plan_buckets(metas, bucket_bytes):
+            pairs = [next(tensors) for _ in bucket]
+            yield [(n, t) for n, t in pairs if t is not None]
 
     def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> list[list]:
         """:meth:`iter_full_state` materialised as CPU copies (for small models / over Ray)."""
@@ -514,32 +534,35 @@ class LearnerWorker:
         if bucket:
             yield bucket
 
-    # ---------------------------------------------------------------- weight sync: vLLM NCCL (GPU)
+    # ------------------------------------------------------------- weight sync: collective (gloo / nccl)
 
-    def init_nccl_sync(
-        self,
-        master_addr: str,
-        master_port: int,
-        world_size: int,
-        engine_handles: list,
-        tp: int,
-        dtype: str | None = None,
-        bucket_bytes: int = 256 << 20,
-    ) -> None:
-        """Join vLLM's NCCL weight-transfer group with every rollout engine (collective: rank 0 is the
-        sender and rendezvouses at ``master_addr:master_port``; see ``ivgr_dist.sync.nccl``)."""
-        from ivgr_dist.sync.nccl import make_trainer_side
+    def open_transfer_group(self, addr: str, port: int, world_size: int, communicator: str, timeout_s: float) -> None:
+        """Rank 0: host and join the weight-transfer group (blocks until every engine worker joined, at most
+        ``timeout_s``); see ``ivgr_dist.sync.collective``. The previous group, if any, is dropped."""
+        from ivgr_dist.sync.collective import Sender, open_group
 
-        self._nccl_sync = make_trainer_side(
-            self.policy, self.rank, master_addr, master_port, world_size, engine_handles, tp, dtype, bucket_bytes
-        )
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: only learner rank 0 sends weights")
+        self._sender = None
+        group = open_group(addr, port, 0, world_size, communicator, timeout_s)
+        self._sender = Sender(group, communicator, self._device)
 
-    def send_weights_nccl(self, version: int) -> dict[str, float]:
-        """Broadcast the full weights to every engine as ``version`` (collective; rank 0 returns
-        ``bytes``, ``params``, ``send_s``, other ranks ``{}``)."""
-        if getattr(self, "_nccl_sync", None) is None:
-            raise RuntimeError(f"rank {self.rank}: send_weights_nccl before init_nccl_sync")
-        return self._nccl_sync.send(version)
+    def send_weights(self, bucket_bytes: int, dtype: str | None = None) -> dict[str, float]:
+        """Broadcast the full weights over the transfer group (collective over the learner ranks: every rank
+        gathers, rank 0 sends). Rank 0 returns ``bytes``, ``buckets``, ``send_s``; the others ``{}``."""
+        from ivgr_dist.sync.collective import TensorMeta
+
+        tensors = self.iter_full_tensors(getattr(torch, dtype) if dtype else None)
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
+        if getattr(self, "_sender", None) is None:
+            for _ in tensors:  # stay in the collective with the other ranks, then say why
+                pass
+            raise RuntimeError("rank 0: send_weights before open_transfer_group")
+        metas = [TensorMeta(n, d, s) for n, d, s in self.weight_metadata(dtype)]
+        return self._sender.send(tensors, metas, bucket_bytes)
 
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter by checkpoint name (collective; same on every rank)."""

@@ -36,7 +36,7 @@ from ivgr_dist.types import Prompt, Rollout
 log = logging.getLogger(__name__)
 
 
-def _engine_dead(exc: BaseException) -> bool:
+def engine_dead(exc: BaseException) -> bool:
     """Whether a failed ``generate_group`` call means its engine is gone: vLLM raises ``EngineDeadError``
     for every request once its EngineCore process has died (crash, OOM kill), while the actor lives on.
     Matched by name: importing vLLM in the driver only for the class costs seconds."""
@@ -192,7 +192,7 @@ class RolloutPool:
             try:
                 group = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                if isinstance(exc, ray.exceptions.RayTaskError) and not _engine_dead(exc):
+                if isinstance(exc, ray.exceptions.RayTaskError) and not engine_dead(exc):
                     raise RolloutError(f"engine {engine} failed on prompt {prompts[i].uid}: {exc}") from exc
                 self._drop_engine(engine, exc, stats)
                 requeue = [ii for r, (ii, e, _) in list(inflight.items()) if e == engine]
@@ -227,15 +227,17 @@ class RolloutPool:
 
     # ------------------------------------------------------------------------------ weight sync
 
-    def update_weights(self, buckets: list[dict], version: int, timeout_s: float = 600.0) -> list[dict]:
-        """Every live engine loads ``buckets`` and takes ``version``; returns per-engine timings."""
-        import ray
+    def update_weights(self, buckets: list[dict], version: int, timeout_s: float = 600.0) -> dict[int, dict]:
+        """Every live engine loads ``buckets`` (``ivgr_shm`` descriptors) and takes ``version``; per-engine timings.
+        Raises ``SyncError`` naming the engines that failed, died or did not answer in ``timeout_s``."""
+        from ivgr_dist.sync.fanout import call_engines
 
-        refs = {self.actors[e].update_weights.remote(buckets, version): e for e in self.alive}
-        try:
-            return ray.get(list(refs), timeout=timeout_s)
-        except ray.exceptions.RayError as exc:
-            raise RolloutError(f"weight update to version {version} failed on an engine: {exc}") from exc
+        args = {e: (buckets, version) for e in self.alive}
+        return call_engines(self, "update_weights", args, timeout_s, "loading the weights", version)
+
+    def drop(self, engine: int, reason: str) -> None:
+        """Stop using ``engine`` (dead, hung or failing): kill it, free its devices, record why."""
+        self._drop_engine(engine, RuntimeError(reason), PoolStats())
 
     def versions(self, timeout_s: float = 60.0) -> list[int]:
         """Weight version each live engine reports."""

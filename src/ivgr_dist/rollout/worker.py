@@ -93,6 +93,8 @@ class RolloutWorker:
         self.in_flight = 0
         self.generated_tokens = 0
         self.banned: dict[int, float] = {}
+        # A failed push leaves layers of two versions; generation waits for a complete one (see sync.receive).
+        self.needs_full_push: str | None = None
 
     async def start(self) -> dict:
         """Build the engine (import of vLLM happens here, inside the actor)."""
@@ -103,17 +105,20 @@ class RolloutWorker:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ivgr_dist.sync.shm import register_with_vllm
+        from ivgr_dist.sync.vllm_plugin import register
 
-        register_with_vllm()  # in this process too (the plugin covers the engine's own processes)
+        register()  # in this process too (the plugin covers the engine's own processes)
         t0 = time.perf_counter()
         args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
-        if self.weight_backend != "nccl":  # nccl: initialised by the learner's rendezvous (wt_init)
+        if self.weight_backend not in RENDEZVOUS_BACKENDS:  # those join a group through wt_init
             await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
-        return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid(), "node": node}
 
     # -------------------------------------------------------------------------------- generation
 
@@ -151,6 +156,10 @@ class RolloutWorker:
         """n samples of one prompt (one GRPO group), each with token ids, log-probs and weight version."""
         if self.engine is None:
             raise RuntimeError(f"rollout engine {self.index} is not started")
+        if self.needs_full_push:
+            raise RuntimeError(
+                f"engine {self.index} holds a partial weight update ({self.needs_full_push}); it needs a full push"
+            )
         n = self.cfg.n if n is None else n
         params = self._sampling_params(n, temperature, max_tokens, seed, ignore_eos)
         request = _request(prompt)
@@ -212,6 +221,11 @@ class RolloutWorker:
             for pos, tok in zip(positions, response_ids, strict=True)
         ]
 
+    def engine_dead(self) -> bool:
+        """Whether this actor's vLLM EngineCore is gone (crashed or killed): the actor itself still answers.
+        A call waiting on the core (a weight update, say) may never learn it; callers poll this instead."""
+        return self.engine is None or bool(self.engine.errored)
+
     def load(self) -> int:
         """Requests (groups) in flight on this engine: the pool dispatches to the least loaded."""
         return self.in_flight
@@ -228,11 +242,18 @@ class RolloutWorker:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         t0 = time.perf_counter()
-        await self.engine.start_weight_update()
+        await self.wt_start()
         for bucket in buckets:
-            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=bucket))
+            await self._receive(WeightTransferUpdateRequest(update_info=bucket), version)
         await self._finish(version)
         return {"engine": self.index, "version": version, "update_s": time.perf_counter() - t0}
+
+    async def _receive(self, request, version: int) -> None:
+        try:
+            await self.engine.update_weights(request)
+        except BaseException as exc:
+            self.needs_full_push = f"the push to version {version} failed: {type(exc).__name__}"
+            raise
 
     async def _finish(self, version: int) -> None:
         """End an update: vLLM post-processes the weights; the update must have reached every parameter of
@@ -247,6 +268,7 @@ class RolloutWorker:
             )
         await self.engine.update_weight_version(str(version))
         self.version = version
+        self.needs_full_push = None
 
     async def missing_parameters(self) -> list[str]:
         """Engine parameters (any TP rank, engine naming) the last weight update did not reach."""
@@ -274,8 +296,7 @@ class RolloutWorker:
             self.engine = None
         await asyncio.sleep(0)
 
-    # ------------------------------------------------------- weight sync driven by the learner (nccl)
-    # vLLM's trainer-side engine calls these through ivgr_dist.sync.nccl.EngineFanoutClient.
+    # --------------------------------------------- weight sync driven by the driver (ivgr_dist.sync.collective)
 
     async def wt_init(self, init_info: dict) -> None:
         """Join the weight-transfer group (blocks until the learner's rank 0 and every engine join)."""
@@ -288,19 +309,34 @@ class RolloutWorker:
             raise RuntimeError(f"engine {self.index}: weight update with {self.in_flight} groups in flight")
         await self.engine.start_weight_update()
 
-    async def wt_update(self, update_info: dict) -> None:
+    async def wt_update(self, update_info: dict, version: int | None = None) -> None:
         """Receive one update (runs while the learner broadcasts)."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        await self._receive(
+            WeightTransferUpdateRequest(update_info=update_info), version if version is not None else -1
+        )
 
     async def wt_finish(self, version: int) -> dict:
         await self._finish(version)
         return {"engine": self.index, "version": version}
 
+    async def wt_abort(self, reason: str) -> None:
+        """A push failed elsewhere: close this engine's update session if it is still open (its layers may
+        hold two versions now) and refuse generation until a complete push."""
+        self.needs_full_push = reason
+        try:
+            await self.engine.finish_weight_update()
+        except Exception as exc:  # noqa: BLE001 - no session open (the receive already closed it): nothing to do
+            log.debug("engine %d: no weight update to close (%s)", self.index, exc)
+
     async def wt_shutdown(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         await self.engine.shutdown_weight_transfer_engine()
+
+
+RENDEZVOUS_BACKENDS = frozenset({"ivgr_collective"})
+"""Weight-transfer backends whose engines join a group the driver forms (``wt_init``), not at start."""
 
 
 def _request(prompt: Prompt, continuation: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:

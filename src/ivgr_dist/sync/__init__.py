@@ -2,14 +2,18 @@
 
 A backend moves the learner's full weights into each engine through vLLM's weight-transfer
 lifecycle and stamps them with a monotonically increasing version; afterwards the engines' prefix,
-encoder and multimodal caches are reset (see :meth:`RolloutWorker.update_weights`).
+encoder and multimodal caches are reset and each engine checks that the push reached every one of
+its parameters (see :meth:`RolloutWorker.update_weights`). Every transfer has a deadline
+(``sync.timeout_s``); a failure raises :class:`~ivgr_dist.sync.fanout.SyncError` naming the engines
+that died or hung, so the caller can drop them and push again.
 
 Backends (``sync.backend``):
 
-- ``ivgr_shm`` (CPU default): rank 0 writes bucketed safetensors files to shared memory, engines
-  load them (:mod:`ivgr_dist.sync.shm`). Same-node only.
-- ``nccl`` (GPU default): vLLM's native NCCL weight-transfer engine; learner rank 0 broadcasts
-  bucketed tensors to every engine's workers (:mod:`ivgr_dist.sync.nccl`).
+- ``ivgr_shm``: every learner rank writes its shards to shared-memory files, engines load them
+  (:mod:`ivgr_dist.sync.shm`). Learner ranks and engines on ONE node; the fastest CPU path.
+- ``gloo``: learner rank 0 broadcasts packed buckets to every engine worker over one gloo process
+  group (:mod:`ivgr_dist.sync.collective`); CPU tensors over TCP, works across nodes.
+- ``nccl``: the same code with the NCCL communicator and CUDA buffers (GPU clusters).
 - ``auto``: ``nccl`` when the cluster has GPUs, else ``ivgr_shm``.
 """
 
@@ -27,27 +31,30 @@ class WeightSync(Protocol):
     """Name of the vLLM weight-transfer engine the rollout engines must be created with."""
 
     def setup(self, learners, rollouts) -> None:
-        """One-time rendezvous between the learner group and the engines."""
+        """One-time checks and rendezvous between the learner group and the engines."""
 
     def push(self, learners, rollouts, version: int) -> dict[str, float]:
-        """Send the weights, make every engine take ``version``; returns ``sync/*`` metrics."""
+        """Send the weights, make every live engine take ``version``; returns ``sync/*`` metrics."""
 
     def close(self) -> None: ...
 
 
-def _shm():
+def _shm(bucket_bytes: int, dtype: str | None, timeout_s: float):
     from ivgr_dist.sync.shm import ShmWeightSync
 
-    return ShmWeightSync
+    return ShmWeightSync(bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s)
 
 
-def _nccl():
-    from ivgr_dist.sync.nccl import NcclWeightSync
+def _collective(communicator: str):
+    def make(bucket_bytes: int, dtype: str | None, timeout_s: float):
+        from ivgr_dist.sync.collective import CollectiveWeightSync
 
-    return NcclWeightSync
+        return CollectiveWeightSync(communicator, bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s)
+
+    return make
 
 
-BACKENDS = {"ivgr_shm": _shm, "nccl": _nccl}
+BACKENDS = {"ivgr_shm": _shm, "gloo": _collective("gloo"), "nccl": _collective("nccl")}
 
 
 def resolve_backend(name: str, use_gpus: bool) -> str:
@@ -59,6 +66,13 @@ def resolve_backend(name: str, use_gpus: bool) -> str:
     return name
 
 
-def make_weight_sync(name: str, use_gpus: bool, bucket_bytes: int, dtype: str | None = None) -> WeightSync:
+def engine_backend(name: str, use_gpus: bool) -> str:
+    """The vLLM weight-transfer engine that rollout engines must be built with for ``sync.backend=name``."""
+    return "ivgr_shm" if resolve_backend(name, use_gpus) == "ivgr_shm" else "ivgr_collective"
+
+
+def make_weight_sync(
+    name: str, use_gpus: bool, bucket_bytes: int, dtype: str | None = None, timeout_s: float = 300.0
+) -> WeightSync:
     """The backend object for ``sync.backend`` (after ``auto`` is resolved); ``dtype``: the engines' dtype."""
-    return BACKENDS[resolve_backend(name, use_gpus)]()(bucket_bytes=bucket_bytes, dtype=dtype)
+    return BACKENDS[resolve_backend(name, use_gpus)](bucket_bytes, dtype, timeout_s)

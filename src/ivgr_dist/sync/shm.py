@@ -11,8 +11,8 @@ repack here). Plain ``load_weights`` outside that lifecycle corrupts repacked CP
 still read, for tools and the file-format benchmark.
 
 Cost per engine is one read of each bucket from RAM plus vLLM's own loading copy; the learners pay
-one write of their shards for all engines together. Same-node only: on several CPU nodes each
-node would need its own copy of the files (the GPU path uses NCCL broadcast instead).
+one write of their shards for all engines together. Same-node only (``setup`` refuses otherwise): across
+nodes, ``sync.backend=gloo`` broadcasts the same buckets over TCP (``ivgr_dist.sync.collective``).
 
 The engine class is registered with vLLM as backend ``ivgr_shm`` by the ``vllm.general_plugins``
 entry point (``ivgr_dist.sync.vllm_plugin``), which vLLM loads in every engine process.
@@ -252,6 +252,8 @@ def _engine_class():
         WeightTransferUpdateInfo,
     )
 
+    from ivgr_dist.sync.receive import ReceiveSession
+
     @dataclass
     class ShmInitInfo(WeightTransferInitInfo):
         node_id: str = ""
@@ -265,7 +267,7 @@ def _engine_class():
         dtypes: list[str] = field(default_factory=list)
         files: list[dict[str, Any]] = field(default_factory=list)  # {"path", "offsets": {name: dim-0 offset}}
 
-    class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
+    class ShmWeightTransferEngine(ReceiveSession, WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         """Receives checkpoint-format buckets from shared-memory files."""
 
         init_info_cls = ShmInitInfo
@@ -275,31 +277,26 @@ def _engine_class():
         def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
             self.loaded_bytes = 0
             self.load_seconds = 0.0
-            self.expected: set[str] = set()  # engine parameters a push must reach (set per update)
-            self.loaded: set[str] = set()
-            self.missing: list[str] = []  # of the last finished update
+            self._reset_session()
 
         def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
             self.loaded_bytes = 0
             self.load_seconds = 0.0
-            self.expected = {name for name, _ in self.model.named_parameters()}
-            self.loaded = set()
-            initialize_layerwise_reload(self.model)
+            self._begin()
 
         def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-            finalize_layerwise_reload(self.model, self.model_config)
             # Recorded, not raised: an exception here would leave vLLM's worker marked mid-update (it resets
-            # its update state only after this returns). RolloutWorker reads it through
+            # its update state only after this returns). RolloutWorker reads ``missing`` through
             # IvgrWorkerExtension.ivgr_missing_parameters.
-            self.missing = sorted(self.expected - self.loaded)
+            self._end()
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
             # The base class synchronises the accelerator after receiving; nothing to wait for on CPU.
-            self.receive_weights(self.parse_update_info(update_info))
+            try:
+                self.receive_weights(self.parse_update_info(update_info))
+            except BaseException:
+                self._end()  # vLLM will not call finish after a failed update: close the reload here
+                raise
 
         def receive_weights(self, update_info: ShmUpdateInfo) -> None:
             paths = [update_info.path] if update_info.path else [f["path"] for f in update_info.files]
@@ -307,7 +304,8 @@ def _engine_class():
                 if not os.path.isfile(path):
                     raise FileNotFoundError(
                         f"weight bucket {path} is not on this node: the {BACKEND_NAME} backend needs "
-                        "every learner rank and every rollout engine on one node (use the nccl backend on GPUs)"
+                        "every learner rank and every rollout engine on one node (use sync.backend=gloo "
+                        "across nodes, nccl on GPUs)"
                     )
             t0 = time.perf_counter()
             if update_info.path:
@@ -316,7 +314,7 @@ def _engine_class():
                 weights = read_sharded_bucket(
                     update_info.names, update_info.shapes, update_info.dtypes, update_info.files
                 )
-            self.loaded |= set(self.model.load_weights(weights) or ())
+            self._load(weights)
             self.loaded_bytes += update_info.nbytes
             self.load_seconds += time.perf_counter() - t0
 
@@ -342,13 +340,29 @@ class ShmWeightSync:
 
     engine_backend = BACKEND_NAME
 
-    def __init__(self, bucket_bytes: int = 256 << 20, dtype: str | None = None, shm_root: str = DEFAULT_SHM_ROOT):
+    def __init__(
+        self,
+        bucket_bytes: int = 256 << 20,
+        dtype: str | None = None,
+        timeout_s: float = 300.0,
+        shm_root: str = DEFAULT_SHM_ROOT,
+    ):
         self.bucket_bytes = bucket_bytes
         self.dtype = dtype  # the engines' dtype: cast once on the learner instead of in every engine
+        self.timeout_s = timeout_s
         self.shm_root = shm_root
 
     def setup(self, learners, rollouts) -> None:
-        """Nothing to rendezvous: files carry the data, the engines' own RPC carries the control."""
+        """Nothing to rendezvous (files carry the data, the engines' own RPC carries the control), but the
+        files must be where every reader is: one node for all learner ranks and engines."""
+        nodes = {f"learner rank {r}": n for r, n in enumerate(learners.node_ids())}
+        nodes |= {f"engine {e}": rollouts.start_info[e].get("node", "?") for e in rollouts.alive}
+        if len(set(nodes.values())) > 1:
+            where = ", ".join(f"{k} on {v[:8]}" for k, v in nodes.items())
+            raise ValueError(
+                f"sync.backend={BACKEND_NAME}: the learner ranks and the rollout engines are on {len(set(nodes.values()))} "
+                f"nodes ({where}); shared memory is per node. Use sync.backend=gloo (CPU, any nodes) or nccl (GPU)"
+            )
 
     def push(self, learners, rollouts, version: int) -> dict[str, float]:
         import shutil
@@ -358,7 +372,7 @@ class ShmWeightSync:
         try:
             buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes, self.dtype)
             t_write = time.perf_counter() - t0
-            per_engine = rollouts.update_weights(buckets, version)
+            per_engine = rollouts.update_weights(buckets, version, self.timeout_s)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         nbytes = sum(b["nbytes"] for b in buckets)
@@ -366,7 +380,7 @@ class ShmWeightSync:
             "sync/bytes": float(nbytes),
             "sync/buckets": float(len(buckets)),
             "sync/gather_write_s": t_write,
-            "sync/engine_load_s_max": max(e["update_s"] for e in per_engine) if per_engine else 0.0,
+            "sync/engine_load_s_max": max((e["update_s"] for e in per_engine.values()), default=0.0),
             "time/sync_s": time.perf_counter() - t0,
         }
 

@@ -1,0 +1,468 @@
+"""Collective weight sync: learner rank 0 broadcasts bucketed, packed weights to every engine worker.
+
+One code path for two communicators (``sync.backend``): ``gloo`` (CPU tensors over TCP: runs here, and
+across nodes) and ``nccl`` (CUDA tensors). They differ only in :func:`open_group`'s process-group class
+and the device of the buffers.
+
+The transfer group is its own torch process group, outside vLLM's and the learners' default groups: learner
+rank 0 is rank 0 and hosts the rendezvous store; engine ``i``'s TP workers hold ranks
+``offset_i .. offset_i + tp - 1`` with ``offset_0 = 1``, so the group has ``1 + sum(tp)`` ranks. Per push:
+
+1. the driver gives every engine the update description: checkpoint names, wire dtypes and global shapes
+   (from learner rank 0, without gathering) and the bucket size; both sides cut the same buckets from it
+   (:func:`plan_buckets`) and lay each out the same way (:func:`bucket_layout`: 16-byte aligned);
+2. every engine enters vLLM's weight-transfer lifecycle (``start_weight_update`` -> ``update_weights`` ->
+   ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket;
+3. every learner rank iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among the
+   learners only), rank 0 packs each complete bucket into one buffer and broadcasts it.
+
+Deadlines and failures: the group's operations time out after ``sync.timeout_s``; the driver waits for
+the whole push until the same deadline plus a short grace. After the first failed broadcast, learner rank 0
+keeps iterating (so the other learner ranks' all-gathers complete and the learner group stays usable) but
+sends nothing more, and raises at the end. An engine that fails while receiving closes its reload session
+(``ivgr_dist.sync.receive``) and is marked as needing a full push. The driver names the engines that died
+or did not answer (:class:`~ivgr_dist.sync.fanout.SyncError`); the group is then re-formed, without them,
+before the next push (a group of fixed membership cannot shrink, so joins and leaves re-form it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ivgr_dist.sync.fanout import SyncError, call_engines
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "ivgr_collective"
+"""The vLLM weight-transfer engine (registered by ``ivgr_dist.sync.vllm_plugin``) both communicators use."""
+COMMUNICATORS = ("gloo", "nccl")
+_ALIGN = 16  # byte alignment of each tensor inside a packed bucket (any dtype's view stays aligned)
+
+__all__ = [
+    "BACKEND_NAME",
+    "COMMUNICATORS",
+    "CollectiveWeightSync",
+    "Sender",
+    "TensorMeta",
+    "bucket_layout",
+    "open_group",
+    "pack",
+    "plan_buckets",
+    "rank_offsets",
+    "unpack",
+]
+
+
+# ----------------------------------------------------------------------------------------- wire format
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor as it travels: checkpoint name, wire dtype name (``bfloat16``), global shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = getattr(torch, self.dtype).itemsize
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive tensor indices per bucket: a bucket closes at the tensor that brings it to ``bucket_bytes``
+    or more (a tensor larger than the budget is a bucket of its own). Sender and receivers both call this."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes={bucket_bytes}: must be >= 1")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, meta in enumerate(metas):
+        current.append(i)
+        size += meta.nbytes
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_layout(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in the packed buffer (aligned to 16) and the buffer's size."""
+    offsets, end = [], 0
+    for meta in metas:
+        start = -(-end // _ALIGN) * _ALIGN
+        offsets.append(start)
+        end = start + meta.nbytes
+    return offsets, end
+
+
+def pack(
+    tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One uint8 buffer holding ``tensors`` (which must match ``metas``) at :func:`bucket_layout`'s offsets."""
+    offsets, total = bucket_layout(metas)
+    buf = torch.empty(total, dtype=torch.uint8, device=device)
+    for tensor, meta, off in zip(tensors, metas, offsets, strict=True):
+        if tensor.dtype != getattr(torch, meta.dtype) or tuple(tensor.shape) != tuple(meta.shape):
+            raise ValueError(
+                f"{meta.name}: got {tensor.dtype} {tuple(tensor.shape)}, the update declared {meta.dtype} {meta.shape}"
+            )
+        buf[off : off + meta.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+    return buf
+
+
+def unpack(buf: torch.Tensor, metas: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` views into a buffer made by :func:`pack` (no copy)."""
+    offsets, total = bucket_layout(metas)
+    if buf.numel() != total:
+        raise ValueError(f"packed bucket has {buf.numel()} bytes, its layout {total}")
+    return [
+        (m.name, buf[off : off + m.nbytes].view(getattr(torch, m.dtype)).view(m.shape))
+        for m, off in zip(metas, offsets, strict=True)
+    ]
+
+
+def update_description(metas: Sequence[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
+    """What every engine receives as ``update_info`` for one push."""
+    return {
+        "names": [m.name for m in metas],
+        "dtype_names": [m.dtype for m in metas],
+        "shapes": [list(m.shape) for m in metas],
+        "bucket_bytes": int(bucket_bytes),
+    }
+
+
+def metas_of(update_info) -> list[TensorMeta]:
+    return [
+        TensorMeta(n, d, tuple(int(x) for x in s))
+        for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------- the group
+
+
+def open_group(host: str, port: int, rank: int, world_size: int, communicator: str, timeout_s: float):
+    """The transfer process group (torch only; no default process group involved). Rank 0 hosts the store
+    at ``host:port``; everyone else connects to it. Blocks until all ``world_size`` ranks joined, at most
+    ``timeout_s``; every later operation also times out after ``timeout_s``."""
+    import torch.distributed as dist
+
+    if communicator not in COMMUNICATORS:
+        raise ValueError(f"communicator={communicator!r}: must be one of {list(COMMUNICATORS)}")
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), world_size, is_master=(rank == 0), timeout=timeout)
+    prefix = dist.PrefixStore("ivgr_weight_transfer", store)
+    if communicator == "gloo":
+        return dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(prefix, rank, world_size, options)
+
+
+def broadcast(group, buf: torch.Tensor) -> None:
+    """Broadcast ``buf`` from rank 0 of ``group`` (in place on every other rank)."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    group.broadcast([buf], opts).wait()
+
+
+def rank_offsets(tps: Sequence[int]) -> list[int]:
+    """First transfer-group rank of each engine (the sender holds rank 0)."""
+    offsets, nxt = [], 1
+    for tp in tps:
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size={tp}: must be >= 1")
+        offsets.append(nxt)
+        nxt += tp
+    return offsets
+
+
+# ------------------------------------------------------------------------------- learner side (rank 0)
+
+
+@dataclass
+class Sender:
+    """Learner rank 0's end of the group."""
+
+    group: Any
+    communicator: str
+    device: torch.device
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def send(
+        self, pairs: Iterable[tuple[str, torch.Tensor | None]], metas: Sequence[TensorMeta], bucket_bytes: int
+    ) -> dict:
+        """Broadcast ``pairs`` (one per entry of ``metas``, in order) bucket by bucket. ``pairs`` must be drained
+        to the end whatever happens: on the learner ranks it is a collective (all-gathers). After the first
+        failure nothing more is sent and the error is raised once the iteration is complete."""
+        plan = plan_buckets(metas, bucket_bytes)
+        error: BaseException | None = None
+        sent = 0
+        t0 = time.perf_counter()
+        it: Iterator = iter(pairs)
+        wire = "cpu" if self.communicator == "gloo" else self.device
+        for bucket in plan:
+            tensors = []
+            for i in bucket:
+                name, tensor = next(it)
+                if name != metas[i].name:
+                    raise ValueError(
+                        f"weight source order changed: got {name!r}, the update declared {metas[i].name!r}"
+                    )
+                tensors.append(tensor)
+            if error is not None:
+                continue
+            try:
+                broadcast(self.group, pack(tensors, [metas[i] for i in bucket], wire))
+                sent += sum(metas[i].nbytes for i in bucket)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the collective iteration ends
+                error = exc
+        for _ in it:  # drain: the other learner ranks are still gathering
+            pass
+        elapsed = time.perf_counter() - t0
+        if error is not None:
+            raise RuntimeError(
+                f"broadcast failed after {sent} of {sum(m.nbytes for m in metas)} bytes: {error}"
+            ) from error
+        return {"bytes": float(sent), "buckets": float(len(plan)), "send_s": elapsed}
+
+
+# -------------------------------------------------------------------------------- vLLM engine side
+
+
+def _engine_class():
+    """The vLLM engine class, built lazily (vLLM is only importable where the extra is installed)."""
+    from vllm.distributed.weight_transfer.base import (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
+
+    from ivgr_dist.sync.receive import ReceiveSession
+
+    @dataclass
+    class CollectiveInitInfo(WeightTransferInitInfo):
+        master_address: str = ""
+        master_port: int = 0
+        rank_offset: int = 1
+        world_size: int = 0
+        communicator: str = "gloo"
+        timeout_s: float = 300.0
+
+    @dataclass
+    class CollectiveUpdateInfo(WeightTransferUpdateInfo):
+        names: list[str] = field(default_factory=list)
+        dtype_names: list[str] = field(default_factory=list)
+        shapes: list[list[int]] = field(default_factory=list)
+        bucket_bytes: int = 256 << 20
+
+    class CollectiveWeightTransferEngine(
+        ReceiveSession, WeightTransferEngine[CollectiveInitInfo, CollectiveUpdateInfo]
+    ):
+        """Receives the learner's broadcast (see the module docstring)."""
+
+        init_info_cls = CollectiveInitInfo
+        update_info_cls = CollectiveUpdateInfo
+        supports_draft_weight_update = False
+
+        def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
+            """Join (or re-join: the previous group is dropped first) the transfer group."""
+            self.shutdown()
+            self._reset_session()
+            rank = init_info.rank_offset + int(self.parallel_config.rank)
+            self.communicator = init_info.communicator
+            self.wire = torch.device("cpu") if init_info.communicator == "gloo" else self.device
+            self.group = open_group(
+                init_info.master_address,
+                init_info.master_port,
+                rank,
+                init_info.world_size,
+                init_info.communicator,
+                init_info.timeout_s,
+            )
+
+        def start_weight_update(self) -> None:
+            self._begin()
+
+        def finish_weight_update(self) -> None:
+            self._end()  # records ``missing``; RolloutWorker raises on it (see ivgr_dist.sync.receive)
+
+        def update_weights(self, update_info: dict[str, Any]) -> None:
+            try:
+                self.receive_weights(self.parse_update_info(update_info))
+            except BaseException:
+                self._end()
+                raise
+
+        def receive_weights(self, update_info: CollectiveUpdateInfo) -> None:
+            if getattr(self, "group", None) is None:
+                raise RuntimeError("weight transfer group not joined: init_weight_transfer_engine first")
+            metas = metas_of(update_info)
+            for bucket in plan_buckets(metas, update_info.bucket_bytes):
+                bucket_metas = [metas[i] for i in bucket]
+                _, total = bucket_layout(bucket_metas)
+                buf = torch.empty(total, dtype=torch.uint8, device=self.wire)
+                broadcast(self.group, buf)
+                self._load(unpack(buf, bucket_metas))
+
+        def shutdown(self) -> None:
+            self.group = None  # the process group closes its connections when collected
+
+    return CollectiveWeightTransferEngine
+
+
+def register_with_vllm() -> None:
+    """Register the engine under :data:`BACKEND_NAME` (idempotent)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND_NAME, _engine_class())
+
+
+# ---------------------------------------------------------------------------------------- driver side
+
+
+class CollectiveWeightSync:
+    """Driver-side orchestration (see the module docstring); ``communicator`` is ``gloo`` or ``nccl``."""
+
+    engine_backend = BACKEND_NAME
+
+    def __init__(
+        self,
+        communicator: str = "gloo",
+        bucket_bytes: int = 256 << 20,
+        dtype: str | None = None,
+        timeout_s: float = 300.0,
+        grace_s: float = 10.0,
+    ):
+        if communicator not in COMMUNICATORS:
+            raise ValueError(f"communicator={communicator!r}: must be one of {list(COMMUNICATORS)}")
+        self.communicator, self.bucket_bytes, self.dtype = communicator, bucket_bytes, dtype
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.members: list[int] | None = None  # engines in the current group (None: form one before pushing)
+        self.metas: list[TensorMeta] | None = None
+        self.forms = 0
+
+    def setup(self, learners, rollouts) -> None:
+        self._form(learners, rollouts)
+
+    def _form(self, learners, rollouts) -> None:
+        """(Re-)form the group with the live engines: learner rank 0 hosts it at a fresh port of its node."""
+        import ray
+
+        members = list(rollouts.alive)
+        if not members:
+            raise SyncError("no live rollout engine to form a weight-transfer group with", version=None)
+        tps = [rollouts.cfg.tensor_parallel_size] * len(members)
+        offsets = rank_offsets(tps)
+        world = 1 + sum(tps)
+        addr, port = learners.master_address()
+        if self.metas is None:
+            self.metas = [TensorMeta(*m) for m in learners.weight_metadata(self.dtype)]
+        payloads = {
+            e: {
+                "master_address": addr,
+                "master_port": port,
+                "rank_offset": off,
+                "world_size": world,
+                "communicator": self.communicator,
+                "timeout_s": self.timeout_s,
+            }
+            for e, off in zip(members, offsets, strict=True)
+        }
+        self.members = None
+        t0 = time.perf_counter()
+        sender = learners.open_transfer_group_async(addr, port, world, self.communicator, self.timeout_s)
+        try:
+            call_engines(
+                rollouts,
+                "wt_init",
+                {e: (payloads[e],) for e in members},
+                self.timeout_s + self.grace_s,
+                f"joining the weight-transfer group at {addr}:{port} ({world} ranks, {self.communicator})",
+                version=None,
+            )
+        finally:
+            # learner rank 0 ends within timeout_s either way (its rendezvous wait is bounded)
+            ray.wait(sender, num_returns=len(sender), timeout=self.timeout_s + self.grace_s)
+        learners.collect(sender, "open_transfer_group")
+        self.members = members
+        self.forms += 1
+        log.info(
+            "weight-transfer group formed: %d engines, %d ranks, %s at %s:%d in %.1fs",
+            len(members), world, self.communicator, addr, port, time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def push(self, learners, rollouts, version: int) -> dict[str, float]:
+        """Send the learner's weights to every live engine as ``version`` (see the module docstring)."""
+        t0 = time.perf_counter()
+        reformed = self.members != list(rollouts.alive)
+        if reformed:
+            self._form(learners, rollouts)
+        members = list(self.members or [])
+        info = update_description(self.metas, self.bucket_bytes)
+        deadline = self.timeout_s + self.grace_s
+        try:
+            call_engines(rollouts, "wt_start", {e: () for e in members}, deadline, "start_weight_update", version)
+            send = learners.send_weights_async(self.bucket_bytes, self.dtype)
+            try:
+                call_engines(
+                    rollouts,
+                    "wt_update",
+                    {e: (info, version) for e in members},
+                    deadline,
+                    "receiving the weights",
+                    version,
+                )
+            finally:
+                import ray
+
+                ray.wait(send, num_returns=len(send), timeout=deadline)  # learner rank 0 stops within timeout_s
+            sent = learners.collect(send, f"send_weights(version={version})")
+            call_engines(
+                rollouts, "wt_finish", {e: (version,) for e in members}, deadline, "finish_weight_update", version
+            )
+        except SyncError as err:
+            self.members = None  # the next push re-forms the group first
+            self._abort(rollouts, [e for e in members if e not in err.failed_engines], version, err)
+            raise
+        except BaseException:
+            self.members = None
+            raise
+        return {
+            "sync/bytes": sent["bytes"],
+            "sync/buckets": sent["buckets"],
+            "sync/send_s": sent["send_s"],
+            "sync/group_formed": float(reformed),
+            "time/sync_s": time.perf_counter() - t0,
+        }
+
+    def _abort(self, rollouts, engines: list[int], version: int, err: SyncError) -> None:
+        """Close the update session of every engine still standing (best effort, bounded): those whose receive
+        completed are still inside it, and vLLM refuses the next ``start_weight_update`` until it ends."""
+        reason = f"the push to version {version} failed: {str(err)[:200]}"
+        try:
+            call_engines(
+                rollouts, "wt_abort", {e: (reason,) for e in engines}, self.grace_s, "closing the update", version
+            )
+        except SyncError as again:
+            log.warning("after a failed push, closing the update failed too: %s", again)
+
+    def close(self) -> None:
+        self.members = None

@@ -1,0 +1,93 @@
+"""One call on every live rollout engine, with a deadline, and an error that says which engine did what.
+
+Weight pushes fail in three ways an engine can be in: it answered with an error (often only because a
+peer broke the transfer), it died (its actor, or its vLLM EngineCore: ``EngineDeadError``), or it did not
+answer by the deadline (hung: a stopped or wedged EngineCore). :class:`SyncError` keeps the three apart:
+``failed_engines`` are the dead and the hung ones, the engines to drop before trying again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["SyncError", "call_engines"]
+
+
+class SyncError(RuntimeError):
+    """A weight push (or the group it needs) failed; the message names the engines and the version."""
+
+    def __init__(
+        self,
+        message: str,
+        version: int | None,
+        failed_engines: list[int] | None = None,
+        errors: dict[int, str] | None = None,
+    ):
+        super().__init__(message)
+        self.version = version
+        self.failed_engines = sorted(failed_engines or [])
+        self.errors = dict(errors or {})
+
+
+def call_engines(
+    rollouts,
+    method: str,
+    args: Mapping[int, tuple],
+    timeout_s: float,
+    what: str,
+    version: int | None,
+    poll_s: float = 1.0,
+) -> dict[int, Any]:
+    """``actor.<method>(*args[e])`` on each engine ``e`` of ``args`` at once; results by engine, or
+    :class:`SyncError` once every call has ended (or its engine is found dead, asked every ``poll_s``) or
+    ``timeout_s`` has passed."""
+    import ray
+
+    from ivgr_dist.rollout.pool import engine_dead
+
+    refs = {getattr(rollouts.actors[e], method).remote(*a): e for e, a in args.items()}
+    pending = list(refs)
+    deadline = time.monotonic() + timeout_s
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    dead: list[int] = []
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        done, pending = ray.wait(pending, num_returns=1, timeout=min(left, poll_s))
+        if not done:  # a call waiting on an EngineCore that died may never return: ask the actors
+            for ref in list(pending):
+                e = refs[ref]
+                try:
+                    gone = ray.get(rollouts.actors[e].engine_dead.remote(), timeout=max(1.0, poll_s))
+                except ray.exceptions.GetTimeoutError:
+                    continue  # the actor itself is busy or stopped: the deadline decides
+                except ray.exceptions.RayActorError:
+                    gone = True
+                if gone:
+                    pending.remove(ref)
+                    dead.append(e)
+                    errors[e] = "EngineDeadError: its vLLM EngineCore is gone"
+            continue
+        for ref in done:
+            e = refs[ref]
+            try:
+                results[e] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                cause = getattr(exc, "cause", None)
+                first = (str(cause if isinstance(cause, BaseException) else exc).splitlines() or [""])[0]
+                errors[e] = (
+                    f"{type(cause).__name__ if isinstance(cause, BaseException) else type(exc).__name__}: {first}"
+                )
+                if isinstance(exc, ray.exceptions.RayActorError) or engine_dead(exc):
+                    dead.append(e)
+    hung = sorted(refs[r] for r in pending)
+    if not errors and not hung:
+        return results
+    where = f"weight push to version {version}" if version is not None else "weight-transfer group"
+    parts = [f"engine {e} did not answer within {timeout_s:g}s (hung)" for e in hung]
+    parts += [f"engine {e} {'died' if e in dead else 'failed'}: {msg[:300]}" for e, msg in sorted(errors.items())]
+    raise SyncError(f"{where}: {what}: " + "; ".join(parts), version, failed_engines=[*dead, *hung], errors=errors)
