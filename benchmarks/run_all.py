@@ -56,6 +56,12 @@ BENCHES = {
             target=("<=", 3.0),
         ),
         Bench(
+            "sync_backends",
+            "bench_sync_backends.py",
+            ("bytes", "engines", "shm_push_s", "gloo_push_s", "bcast_push_s", "gloo_over_shm"),
+            ratio="gloo_over_bcast",
+        ),
+        Bench(
             "reward",
             "bench_reward.py",
             ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),

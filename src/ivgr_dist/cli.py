@@ -26,6 +26,17 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _run_config(args: argparse.Namespace):
+    """The config of a job that runs on Ray: paths made absolute here, on the driver, before any actor sees
+    them; shared paths that landed in this node's copy of the job's working directory are refused."""
+    from ivgr_dist.storage import check_not_node_local, resolve_paths
+
+    cfg = _config(args)
+    resolved = resolve_paths(cfg)
+    check_not_node_local(cfg, resolved)
+    return resolved
+
+
 def cmd_show_config(args: argparse.Namespace) -> int:
     from ivgr_dist.config import to_yaml
 
@@ -94,7 +105,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from ivgr_dist.sft import run_sft
     from ivgr_dist.trainer import init_ray, seed_everything
 
-    cfg = _config(args)
+    cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     out = run_sft(cfg, overwrite=args.overwrite)
@@ -107,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ivgr_dist.sft import run_sft, sft_config_for_rl
     from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
 
-    cfg = _config(args)
+    cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     if cfg.sft.enabled:
@@ -191,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.config import ConfigError
     from ivgr_dist.data.dataset import DataError
+    from ivgr_dist.storage import StorageError
 
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -202,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ivgr-dist {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, DataError) as exc:
+    except (FileExistsError, FileNotFoundError, DataError, StorageError) as exc:
         print(f"ivgr-dist {args.command}: {exc}", file=sys.stderr)
         return 1
 

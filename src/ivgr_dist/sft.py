@@ -131,7 +131,13 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
     )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
     logs = MetricsLogger(cfg.sft_logs_dir, tensorboard=cfg.trainer.tensorboard)
-    group = LearnerGroup(cfg.model, learner_cfg, algo_cfg, cfg.sft.steps)
+    from ivgr_dist.storage import StorageProbe
+
+    storage = StorageProbe(out.parent, cfg.model.path)
+    try:
+        group = LearnerGroup(cfg.model, learner_cfg, algo_cfg, cfg.sft.steps, storage=storage)
+    finally:
+        storage.close()
     try:
         bar = tqdm(range(1, cfg.sft.steps + 1), desc="sft steps", unit="step")
         first = last = None

@@ -38,6 +38,7 @@ class Trainer:
         from ivgr_dist.learner.group import LearnerGroup
         from ivgr_dist.reward.scorer import make_scorer
         from ivgr_dist.rollout.pool import RolloutPool
+        from ivgr_dist.storage import StorageProbe
         from ivgr_dist.sync import make_weight_sync
         from ivgr_dist.sync.verify import WeightVerifier
 
@@ -50,8 +51,19 @@ class Trainer:
         self.sync = make_weight_sync(
             cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
         )
-        self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus)
-        self.learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, self.total_updates())
+        storage = StorageProbe(self.out, cfg.model.path)  # every engine's and rank's node must see both
+        try:
+            self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus, storage=storage)
+            try:
+                self.learners = LearnerGroup(
+                    cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), storage=storage
+                )
+            except BaseException:
+                self.rollouts.shutdown()
+                raise
+        finally:
+            storage.close()
+        _write_nodes(self.out / "nodes.json", storage.checked)
         self.sync.setup(self.learners, self.rollouts)
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.encoder = SampleEncoder(cfg.model.path)
@@ -207,10 +219,12 @@ class Trainer:
         return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
 
     def save(self, step: int) -> Path:
-        """Learner (sharded: model, optimizer, scheduler) + driver state; ``COMPLETE`` marks it usable."""
+        """Learner (sharded: model, optimizer, scheduler) + driver state; ``COMPLETE`` marks it usable, written
+        only once the driver sees every shard each rank confirmed (on shared storage, or the run stops here)."""
         path = self.out / "checkpoints" / f"step_{step:06d}"
         path.mkdir(parents=True, exist_ok=True)
-        self.learners.save_checkpoint(str(path / "learner"))
+        confirmed = self.learners.save_checkpoint(str(path / "learner"))
+        _check_shards(path / "learner", confirmed)
         state = {
             "step": step,
             "weight_version": self.version,
@@ -220,6 +234,7 @@ class Trainer:
         (path / "trainer_state.json").write_text(json.dumps(state))
         (path / "COMPLETE").write_text(str(time.time()))
         log.info("checkpoint written to %s", path)
+        _prune_checkpoints(self.out / "checkpoints", self.cfg.trainer.keep_checkpoints)
         return path
 
     def maybe_resume(self) -> None:
@@ -242,6 +257,49 @@ class Trainer:
         self.sync.close()
         self.rollouts.shutdown()
         self.learners.shutdown()
+
+
+def _write_nodes(path: Path, probed: list[dict]) -> None:
+    """Where every role runs (Ray node id and address), from the storage probes: ``nodes.json``."""
+    import ray
+
+    nodes = {"driver": {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}}
+    nodes |= {p["label"]: {"node_id": p["node_id"], "ip": p["ip"], "host": p["host"]} for p in probed}
+    path.write_text(json.dumps(nodes, indent=2))
+    log.info("roles on %d Ray node(s): %s", len({n["node_id"] for n in nodes.values()}), path)
+
+
+def _check_shards(path: Path, confirmed: list[dict]) -> None:
+    """Every file each learner rank says it wrote is visible here with its size (else the storage is not shared)."""
+    from ivgr_dist.storage import StorageError
+
+    for c in confirmed:
+        for name, size in c["files"].items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                raise StorageError(
+                    f"checkpoint {path}: learner rank {c['rank']} (node {c['node'][:8]}) wrote {name} ({size} bytes) "
+                    f"but the driver {'sees ' + str(f.stat().st_size) + ' bytes' if f.is_file() else 'cannot see it'}: "
+                    "trainer.output_dir must be on storage every node mounts; the checkpoint is left incomplete"
+                )
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (0: all); delete older ones and incomplete leftovers."""
+    import shutil
+
+    if keep <= 0:
+        return
+    steps = sorted(root.glob("step_*"))
+    complete = [p for p in steps if (p / "COMPLETE").is_file()]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    newest = complete[-1]
+    for p in steps:
+        if p not in kept and p < newest:
+            log.info("removing old checkpoint %s (trainer.keep_checkpoints=%d)", p, keep)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _mismatch(rollouts: list[Rollout], learner_logprobs: list[list[float]]) -> float:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from support.ray_cluster import LocalCluster, wait_for_job_agent
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +28,6 @@ REQUIRED = [
     "reward/textual/accuracy", "reward/textual/format", "reward/textual/consistency", "loss/policy", "loss/kl",
     "grad_norm", "sync/verified", "sync/verify_mean_abs", "logprob/mismatch_mean",
 ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(tmp: Path, model: Path, steps: int) -> list[str]:
@@ -71,62 +62,14 @@ def _check_metrics(path: Path, steps: list[int]) -> list[dict]:
     return records
 
 
-def _stop_cluster(temp: Path) -> None:
-    """Stop only THIS cluster (``ray stop`` would kill every Ray process on the machine): its processes
-    carry the temp dir in their command lines."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp) in part for part in proc.info["cmdline"] or []):
-                procs.append(proc)
-                proc.terminate()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        proc.kill()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_for_job_agent(ray_bin: str, address: str, env: dict, deadline_s: float) -> None:
-    """A fresh head accepts jobs only once its dashboard agent is up: submit a no-op until it is taken."""
-    end = time.monotonic() + deadline_s
-    while True:
-        probe = [ray_bin, "job", "submit", "--address", address, "--no-wait", "--", "python", "-c", "pass"]
-        proc = subprocess.run(probe, capture_output=True, text=True, timeout=120, env=env)
-        if proc.returncode == 0:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"the Ray head at {address} did not accept jobs within {deadline_s}s: {proc.stderr}")
-        time.sleep(2)
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    ray_bin = shutil.which("ray")
-    assert ray_bin, "the ray CLI is not installed (ray[default])"
-    port, dash = _free_port(), _free_port()
-    # Short path: Ray puts unix sockets under --temp-dir and socket paths are limited to ~107 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    # Token authentication, as Ray >= 2.5x clusters use by default: every process (ray start, the job
-    # client, drivers) reads the same token file.
-    token = temp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    start = [
-        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=5", "--num-gpus=0",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--temp-dir={temp}", "--disable-usage-stats",
-    ]  # fmt: skip
-    proc = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def ray_head():
+    cluster = LocalCluster.start_head(num_cpus=5)
     try:
-        _wait_for_job_agent(ray_bin, f"http://127.0.0.1:{dash}", env, deadline_s=180)
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        wait_for_job_agent(cluster.ray_bin, cluster.dashboard, cluster.env, deadline_s=180)
+        yield {"gcs": cluster.gcs, "dashboard": cluster.dashboard, "env": cluster.env}
     finally:
-        _stop_cluster(temp)
+        cluster.stop()
 
 
 def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):

@@ -70,13 +70,15 @@ class LearnerGroup:
         total_steps: int,
         timeout_s: float = 1800.0,
         worker_cls: type = LearnerWorker,
+        storage=None,
     ):
-        """Reserve the ranks' placement group, start one ``worker_cls`` actor per rank (tests pass a
-        stand-in) and join them into one process group."""
+        """Reserve the ranks' placement group, check there that every rank's node sees the shared storage
+        (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start one ``worker_cls`` actor per rank
+        (tests pass a stand-in) and join them into one process group."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from ivgr_dist.placement import reserve
+        from ivgr_dist.placement import reserve, with_resources
 
         self.num_ranks = n = learner_cfg.num_ranks
         self.timeout_s = timeout_s
@@ -87,7 +89,14 @@ class LearnerGroup:
         # Ray rejects empty bundles; a rank configured with no resources still needs a slot.
         bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0} or {"CPU": 0.01}
         what = f"learner group ({n} ranks)"
-        self._pg = reserve([dict(bundle) for _ in range(n)], "PACK", what, learner_cfg.placement_timeout_s)
+        bundles = [with_resources(bundle, learner_cfg.resources) for _ in range(n)]
+        self._pg = reserve(bundles, "PACK", what, learner_cfg.placement_timeout_s)
+        if storage is not None:
+            try:
+                storage.probe([(f"learner rank {r}", self._pg, r) for r in range(n)])
+            except BaseException:
+                ray.util.remove_placement_group(self._pg)
+                raise
         threads = str(max(1, cpus))
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         actor_cls = ray.remote(worker_cls)
@@ -215,24 +224,18 @@ class LearnerGroup:
         """Float64 sum of every full parameter, by checkpoint name."""
         return self._gather([a.state_checksum.remote() for a in self.actors], "state_checksum")[0]
 
-    def save_checkpoint(self, path: str | Path) -> None:
-        self._gather([a.save_checkpoint.remote(str(path)) for a in self.actors], "save_checkpoint")
+    def save_checkpoint(self, path: str | Path) -> list[dict]:
+        """Every rank writes its shards; returns each rank's confirmation (node, files and sizes), rank order."""
+        return self._gather([a.save_checkpoint.remote(str(path)) for a in self.actors], "save_checkpoint")
 
     def load_checkpoint(self, path: str | Path) -> None:
         self._gather([a.load_checkpoint.remote(str(path)) for a in self.actors], "load_checkpoint")
 
     def export_hf(self, path: str | Path, dtype: str | None = None) -> Path:
-        """A Hugging Face model directory at ``path``, complete or absent: the ranks write a temporary
-        sibling (``.<name>.tmp``), which then replaces ``path``."""
-        import shutil
-
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._gather([a.export_hf.remote(str(tmp), dtype) for a in self.actors], "export_hf")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-        return out
+        """A Hugging Face model directory at ``path``, complete or absent (rank 0 writes a temporary sibling
+        and renames it itself; see ``LearnerWorker.export_hf``)."""
+        self._gather([a.export_hf.remote(str(path), dtype) for a in self.actors], "export_hf")
+        return Path(path)
 
     def num_params(self) -> int:
         return self._gather([self.actors[0].num_params.remote()], "num_params")[0]

@@ -578,9 +578,11 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, path: str | Path) -> None:
+    def save_checkpoint(self, path: str | Path) -> dict:
         """Sharded policy + optimizer + scheduler state with torch.distributed.checkpoint (collective;
-        ``path`` must be on a file system every rank sees). The frozen reference is not saved."""
+        ``path`` must be on a file system every rank sees). The frozen reference is not saved. Returns this
+        rank's confirmation: its node and the shard files it wrote with their sizes (rank 0 also DCP's
+        ``.metadata``), for the driver to find before it marks the checkpoint complete."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -588,12 +590,22 @@ class LearnerWorker:
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": self.step}
         dcp.save(state, checkpoint_id=str(path))
+        mine = [p for p in Path(path).glob(f"__{self.rank}_*.distcp")]
+        if self.rank == 0:
+            mine.append(Path(path) / ".metadata")
+        return {"rank": self.rank, "node": self.node_id(), "files": {p.name: p.stat().st_size for p in mine}}
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore what :meth:`save_checkpoint` wrote (same world size or resharded by DCP)."""
+        """Restore what :meth:`save_checkpoint` wrote (same world size or resharded by DCP). Fails first, naming
+        this rank's node, when the checkpoint is not visible from here."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        if not (Path(path) / ".metadata").is_file():
+            raise FileNotFoundError(
+                f"learner rank {self.rank} on node {self.node_id()[:8]} ({socket.gethostname()}) cannot see the "
+                f"checkpoint {path} (no .metadata): trainer.output_dir must be on storage every node mounts"
+            )
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": 0}
@@ -605,18 +617,22 @@ class LearnerWorker:
     def export_hf(self, path: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> None:
         """A Hugging Face model directory at ``path`` (collective; rank 0 writes): the source
         directory's config/tokenizer/processor files and the current weights as safetensors in
-        checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json)."""
+        checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json).
+
+        Complete or absent: rank 0 writes a temporary sibling (``.<name>.tmp``) and, once every rank is
+        through, renames it into place itself (the owner of a file finalises it: on several nodes the
+        driver's view of rank 0's files is not to be relied on)."""
         from safetensors.torch import save_file
 
-        src, out = Path(self.model_cfg.path), Path(path)
+        src, final = Path(self.model_cfg.path), Path(path)
+        out = final.with_name(f".{final.name}.tmp")
         if dtype is None:
             cfg = json.loads((src / "config.json").read_text())
             dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         torch_dtype = getattr(torch, dtype)
         if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            for old in out.glob("model*.safetensors*"):
-                old.unlink()
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
         files: list[tuple[str, list[str]]] = []
         for bucket in self.iter_full_state(max_shard_bytes, torch_dtype):
             if self.rank == 0:
@@ -638,3 +654,6 @@ class LearnerWorker:
                 if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
                     shutil.copy2(f, out / f.name)
         dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            out.rename(final)

@@ -97,7 +97,12 @@ class RewardPool(StreamScorer):
         self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
         self.cache = get_reference_cache(self.namespace)
-        self._actor = ray.remote(num_cpus=cfg.cpus_per_worker, max_restarts=0, max_concurrency=1000)(RewardWorker)
+        self._actor = ray.remote(
+            num_cpus=cfg.cpus_per_worker,
+            resources=dict(cfg.resources) or None,
+            max_restarts=0,
+            max_concurrency=1000,
+        )(RewardWorker)
         self.workers: list[Any | None] = [self._spawn() for _ in range(cfg.num_workers)]
         self._gen = [0] * cfg.num_workers
         self._respawns = [0] * cfg.num_workers

@@ -89,9 +89,12 @@ class RolloutPool:
         use_gpus: bool,
         start_timeout_s: float = 600.0,
         worker_cls: type = RolloutWorker,
+        storage=None,
     ):
-        """Reserve one placement group per engine, start the engine actors (``worker_cls``: the class
-        made into a Ray actor; tests pass a stand-in) and wait until every engine reports ready."""
+        """Reserve one placement group per engine, check there that every engine's node sees the shared
+        storage (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start the engine actors
+        (``worker_cls``: the class made into a Ray actor; tests pass a stand-in) and wait until every engine
+        reports ready."""
         import ray
 
         self.cfg = rollout_cfg
@@ -104,8 +107,12 @@ class RolloutPool:
         remote_cls = ray.remote(worker_cls)
         try:
             for i in range(n):
-                placement = EnginePlacement.reserve(i, tp, use_gpus, rollout_cfg.placement_timeout_s)
-                self.placements.append(placement)
+                self.placements.append(
+                    EnginePlacement.reserve(i, tp, use_gpus, rollout_cfg.placement_timeout_s, rollout_cfg.resources)
+                )
+            if storage is not None:
+                storage.probe([(f"rollout engine {i}", p.pg, 0) for i, p in enumerate(self.placements)])
+            for i, placement in enumerate(self.placements):
                 env = {**_engine_env(use_gpus, n, tp), **placement.env()}
                 actor = remote_cls.options(
                     **placement.actor_options(), max_concurrency=4096, runtime_env={"env_vars": env}
