@@ -45,7 +45,7 @@ def _buckets(learners, tmp_path):
 
 
 def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(family, tmp_path):
-    from ivgr_dist.rollout.pool import RolloutError
+    from ivgr_dist.sync.fanout import SyncError
 
     name, _, pool, learners = family
     buckets = _buckets(learners, tmp_path)
@@ -53,7 +53,7 @@ def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(f
     pool.update_weights(buckets, version=1)  # raises if any engine parameter kept its old value
     assert pool.versions() == [1]
     # one bucket left out: the engine names what it did not receive and keeps its version
-    with pytest.raises(RolloutError, match=r"version 2 left \d+ parameters without new values .*keeps version 1"):
+    with pytest.raises(SyncError, match=r"version 2 left \d+ parameters without new values .*keeps version 1"):
         pool.update_weights(buckets[:-1], version=2)
     assert pool.versions() == [1]
     # a name the architecture does not have: vLLM's loader refuses it, naming it
@@ -64,7 +64,7 @@ def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(f
         {**f, "offsets": {("model.bogus_tower.weight" if k == old_name else k): v for k, v in f["offsets"].items()}}
         for f in bogus["files"]
     ]
-    with pytest.raises(RolloutError, match="bogus_tower"):
+    with pytest.raises(SyncError, match="bogus_tower"):
         pool.update_weights([bogus, *buckets[1:]], version=3)
     # the engine still takes a full push afterwards (no update left half-open)
     pool.update_weights(buckets, version=4)
