@@ -297,19 +297,6 @@ def _engine_class():
                 init_info.timeout_s,
             )
 
-        def start_weight_update(self) -> None:
-            self._begin()
-
-        def finish_weight_update(self) -> None:
-            self._end()  # records ``missing``; RolloutWorker raises on it (see ivgr_dist.sync.receive)
-
-        def update_weights(self, update_info: dict[str, Any]) -> None:
-            try:
-                self.receive_weights(self.parse_update_info(update_info))
-            except BaseException:
-                self._end()
-                raise
-
         def receive_weights(self, update_info: CollectiveUpdateInfo) -> None:
             if getattr(self, "group", None) is None:
                 raise RuntimeError("weight transfer group not joined: init_weight_transfer_engine first")
@@ -329,10 +316,9 @@ def _engine_class():
 
 def register_with_vllm() -> None:
     """Register the engine under :data:`BACKEND_NAME` (idempotent)."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    from ivgr_dist.sync.receive import register_engine
 
-    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND_NAME, _engine_class())
+    register_engine(BACKEND_NAME, _engine_class)
 
 
 # ---------------------------------------------------------------------------------------- driver side

@@ -24,11 +24,37 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["ReceiveSession"]
+__all__ = ["ReceiveSession", "register_engine"]
+
+
+def register_engine(name: str, build) -> None:
+    """Register the engine class ``build()`` makes with vLLM's factory under ``name`` (idempotent: vLLM may
+    load the plugin twice in one process; ``build`` runs only when needed, vLLM being imported there)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(name, build())
 
 
 class ReceiveSession:
-    """Mixed into a ``WeightTransferEngine`` subclass (which provides ``self.model`` and ``self.model_config``)."""
+    """Mixed into a ``WeightTransferEngine`` subclass (which provides ``self.model`` and ``self.model_config``,
+    and ``receive_weights``); supplies vLLM's ``start`` / ``update`` / ``finish`` hooks around it."""
+
+    def start_weight_update(self) -> None:
+        self._begin()
+
+    def finish_weight_update(self) -> None:
+        # Recorded, not raised: an exception here would leave vLLM's worker marked mid-update (it resets its
+        # update state only after this returns). RolloutWorker reads ``missing`` (IvgrWorkerExtension).
+        self._end()
+
+    def update_weights(self, update_info) -> None:
+        # (vLLM's base class would also synchronise the accelerator; both receivers end with synchronous copies)
+        try:
+            self.receive_weights(self.parse_update_info(update_info))
+        except BaseException:
+            self._end()  # vLLM will not call finish after a failed update: close the reload here
+            raise
 
     def _reset_session(self) -> None:
         self.expected: set[str] = set()  # engine parameters a full push must reach

@@ -282,21 +282,7 @@ def _engine_class():
         def start_weight_update(self) -> None:
             self.loaded_bytes = 0
             self.load_seconds = 0.0
-            self._begin()
-
-        def finish_weight_update(self) -> None:
-            # Recorded, not raised: an exception here would leave vLLM's worker marked mid-update (it resets
-            # its update state only after this returns). RolloutWorker reads ``missing`` through
-            # IvgrWorkerExtension.ivgr_missing_parameters.
-            self._end()
-
-        def update_weights(self, update_info: dict[str, Any]) -> None:
-            # The base class synchronises the accelerator after receiving; nothing to wait for on CPU.
-            try:
-                self.receive_weights(self.parse_update_info(update_info))
-            except BaseException:
-                self._end()  # vLLM will not call finish after a failed update: close the reload here
-                raise
+            super().start_weight_update()
 
         def receive_weights(self, update_info: ShmUpdateInfo) -> None:
             paths = [update_info.path] if update_info.path else [f["path"] for f in update_info.files]
@@ -326,10 +312,9 @@ def _engine_class():
 
 def register_with_vllm() -> None:
     """Register the engine under :data:`BACKEND_NAME` (idempotent: vLLM may load plugins twice)."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    from ivgr_dist.sync.receive import register_engine
 
-    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND_NAME, _engine_class())
+    register_engine(BACKEND_NAME, _engine_class)
 
 
 # ------------------------------------------------------------------------------- driver side
