@@ -74,8 +74,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     t0 = time.perf_counter()
-    train = build_pipeline(cfg.model, cfg.data, "train")
-    val = build_pipeline(cfg.model, cfg.data, "val", sampler=False)
+    limit = cfg.rollout.engine.max_images_per_prompt
+    train = build_pipeline(cfg.model, cfg.data, "train", max_images=limit)
+    val = build_pipeline(cfg.model, cfg.data, "val", sampler=False, max_images=limit)
     prompts = train.next_prompts()
     elapsed = time.perf_counter() - t0
     for stream in ("grounded", "textual", "single"):

@@ -255,7 +255,9 @@ def run_eval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = build_pipeline(cfg.model, cfg.data, "val", sampler=False)
+    data = build_pipeline(
+        cfg.model, cfg.data, "val", sampler=False, max_images=cfg.rollout.engine.max_images_per_prompt
+    )
     items = eval_prompts(data.records, mode, max_records)
     started_ray = not ray.is_initialized()
     init_ray(cfg)

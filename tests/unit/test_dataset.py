@@ -164,6 +164,21 @@ def test_bad_row_skip_drops_counts_and_warns(data, kind, caplog):
     assert f"{path} row {row}: {reason}" in caplog.text
 
 
+def test_records_with_more_images_than_the_engines_take_are_bad_rows(data):
+    """rollout.engine.max_images_per_prompt is enforced when the data loads, not by a failing batch."""
+    path = data / "train.parquet"
+    rows = _rows(path)
+    r = _a_visual(path)
+    rows[r]["images"] = rows[r]["images"] * 2
+    rows[r]["problem"] = "<image><image>" + rows[r]["problem"].replace("<image>", "")
+    _write(path, rows)
+    table = RecordTable([path], DataConfig(bad_rows="skip"), max_images=1)
+    assert table.metrics()["data/bad_rows/too_many_images"] == 1 and table.streams(r) == ()
+    assert RecordTable([path], DataConfig(bad_rows="skip"), max_images=2).streams(r) != ()
+    with pytest.raises(DataError, match=rf"row {r} .*too_many_images: 2 images; .*max_images_per_prompt=1"):
+        RecordTable([path], DataConfig(bad_rows="raise"), max_images=1)
+
+
 def test_raise_reports_the_first_bad_row_with_its_global_index(data):
     _corrupt(data, "garbage_image", "val.parquet")
     row, _ = _corrupt(data, "swapped_bbox", "val.parquet")

@@ -53,7 +53,7 @@ __all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable"]
 
 log = logging.getLogger(__name__)
 
-BAD_ROW_REASONS = ("empty_answer", "bad_bbox", "missing_image", "unreadable_image", "bad_image_size")
+BAD_ROW_REASONS = ("empty_answer", "bad_bbox", "missing_image", "unreadable_image", "bad_image_size", "too_many_images")
 """Every reason a row can be rejected for (metric keys ``data/bad_rows/<reason>``)."""
 PAIRED, SINGLE, DROPPED = 1, 2, 0
 _PROGRESS_MIN_ROWS = 5000
@@ -195,6 +195,7 @@ class RecordTable:
         *,
         progress: bool | None = None,
         num_workers: int = 4,
+        max_images: int | None = None,
     ):
         import pyarrow.parquet as pq
 
@@ -207,6 +208,7 @@ class RecordTable:
         self.builder = builder
         self._progress = progress
         self._num_workers = max(1, int(num_workers))
+        self._max_images = max_images
         self._factor = builder.factor if builder is not None else FACTOR
         self._tables = []
         self._offsets = [0]
@@ -311,6 +313,16 @@ class RecordTable:
 
         # images
         paths, p_rows, first = _image_paths(_column(table, "images"), n)
+        if self._max_images is not None and len(p_rows):
+            per_row = np.bincount(np.asarray(p_rows, dtype=np.int64), minlength=n)
+            mark(
+                np.flatnonzero(per_row > self._max_images),
+                "too_many_images",
+                lambda r: (
+                    f"{per_row[r]} images; the rollout engines take at most "
+                    f"rollout.engine.max_images_per_prompt={self._max_images} per prompt"
+                ),
+            )
         root = self._roots[f]
         full = [str(root / p) if isinstance(p, str) else "" for p in paths]
         probes: dict[str, tuple] = {}
@@ -485,8 +497,19 @@ class RecordTable:
         return self.builder.build(self.record(original_idx), original_idx, stream, self.image_root(original_idx))
 
     def prompts(self, items: Sequence[tuple[int, str]]) -> list[Prompt]:
-        """Prompts for ``(original_idx, stream)`` items, e.g. a sampler batch."""
-        return [self.prompt(i, s) for i, s in items]
+        """Prompts for ``(original_idx, stream)`` items, e.g. a sampler batch. The streams of a record share
+        one read of its row and one load of its images (the same PIL objects)."""
+        if self.builder is None:
+            raise ValueError("RecordTable was built without a PromptBuilder; pass builder= to build prompts")
+        rows: dict[int, tuple] = {}
+        out = []
+        for i, s in items:
+            if i not in rows:
+                record, root = self.record(i), self.image_root(i)
+                rows[i] = (record, root, self.builder.load_images(record, root))
+            record, root, loaded = rows[i]
+            out.append(self.builder.build(record, i, s, root, loaded=loaded))
+        return out
 
     def metrics(self) -> dict[str, int]:
         """Load counts for logging: bad rows per reason, long prompts per stream, records per kind."""

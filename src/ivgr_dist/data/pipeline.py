@@ -121,8 +121,17 @@ class DataPipeline:
         return self.records.prompts(self.sampler.next_batch())
 
 
-def build_pipeline(model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train", sampler: bool = True):
-    """Assets (if missing and allowed) -> tokenizer -> validated records -> pair-keeping sampler."""
+def build_pipeline(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    split: str = "train",
+    sampler: bool = True,
+    max_images: int | None = None,
+):
+    """Assets (if missing and allowed) -> tokenizer -> validated records -> pair-keeping sampler.
+
+    ``max_images``: records with more images are bad rows (``too_many_images``), skipped and counted or raised
+    per ``data.bad_rows``; pass ``rollout.engine.max_images_per_prompt`` wherever engines will generate."""
     from transformers import AutoTokenizer
 
     if split not in ("train", "val"):
@@ -134,7 +143,7 @@ def build_pipeline(model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "t
     check_pixel_bounds(spec, data_cfg.min_pixels, data_cfg.max_pixels, model_dir)
     builder = PromptBuilder(tokenizer, data_cfg, factor=spec.factor, box_coords=spec.box_coords)
     files = data_cfg.train_files if split == "train" else data_cfg.val_files
-    records = RecordTable(files, data_cfg, builder=builder)
+    records = RecordTable(files, data_cfg, builder=builder, max_images=max_images)
     draw = None
     if sampler:
         draw = PairSampler(

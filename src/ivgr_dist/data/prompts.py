@@ -187,10 +187,26 @@ class PromptBuilder:
 
     # ----------------------------------------------------------------------------------- build
 
-    def build(self, record: dict, original_idx: int, stream: str, image_root: str | Path) -> Prompt:
-        """The :class:`Prompt` of ``record`` in ``stream``: images loaded and resized, boxes rescaled."""
+    def load_images(self, record: dict, image_root: str | Path) -> tuple[list, list, list]:
+        """The record's images resized the model's way: ``(images, original sizes, scales)``. Both streams of a
+        record can share one call's result (``build(..., loaded=)``), so the image is read and resized once."""
         from PIL import Image
 
+        images, scales, sizes = [], [], []
+        for rel in image_list(record.get("images")):
+            with Image.open(Path(image_root) / rel) as im:
+                im.load()
+                sizes.append(im.size)
+                resized, sx, sy = resize_image(im, self.cfg.min_pixels, self.cfg.max_pixels, factor=self.factor)
+            images.append(resized)
+            scales.append((sx, sy))
+        return images, sizes, scales
+
+    def build(
+        self, record: dict, original_idx: int, stream: str, image_root: str | Path, loaded: tuple | None = None
+    ) -> Prompt:
+        """The :class:`Prompt` of ``record`` in ``stream``: images loaded and resized (or ``loaded``, what
+        :meth:`load_images` returned for this record), boxes rescaled."""
         text = self.render(record, stream)
         ids = self.token_ids([text])[0]
         paths = image_list(record.get("images"))
@@ -200,14 +216,7 @@ class PromptBuilder:
                 f"record {original_idx}: the chat template wrote {n_pads} {IMAGE_PAD} tokens for {len(paths)} "
                 "image(s); the template must write one per image part"
             )
-        images, scales, sizes = [], [], []
-        for rel in paths:
-            with Image.open(Path(image_root) / rel) as im:
-                im.load()
-                sizes.append(im.size)
-                resized, sx, sy = resize_image(im, self.cfg.min_pixels, self.cfg.max_pixels, factor=self.factor)
-            images.append(resized)
-            scales.append((sx, sy))
+        images, sizes, scales = loaded if loaded is not None else self.load_images(record, image_root)
         boxes = target_bboxes(record.get("target_instances"))
         if boxes and not scales:
             raise ValueError(f"record {original_idx}: target boxes but no image to place them in")
