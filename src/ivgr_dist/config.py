@@ -484,7 +484,14 @@ class LearnerConfig:
     global_batch_size: int = 16
     """Prompts (groups of n rollouts) per optimizer step, across all ranks (recipe: 128)."""
     micro_batch_tokens: int = 8192
-    """Token budget of one micro-batch per rank (padded length x rows); bounds activation memory."""
+    """Token budget of one micro-batch per rank (packed: the sum of its sequences' lengths; padded: rows x the
+    longest length); bounds activation memory."""
+    pack_sequences: bool = True
+    """Pack a micro-batch's sequences back to back in one row, no padding (FlashAttention-2 varlen on GPU, SDPA
+    within each sequence otherwise; exact). false: padded rectangles (``learner/padding_ratio`` shows the waste)."""
+    sharded_init: bool = True
+    """Each rank builds the model on the meta device and reads only its own shard of every tensor from the
+    safetensors files; false: every rank loads the full model through transformers, then shards it."""
     attn_implementation: str = "auto"
     """Learner attention: ``auto`` (FlashAttention-2 when the ``flash_attn`` package imports and the ranks have
     CUDA, else PyTorch SDPA), ``sdpa`` or ``flash_attention_2`` (fails at start without flash-attn or CUDA)."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from ivgr_dist.config import Config
 from ivgr_dist.data.targets import infer_stream, templated_response
+from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ END_TOKEN = "<|im_end|>"
 
 
 class SFTData:
-    """Draws SFT batches: ``(prompt, response text)`` pairs, encoded into learner samples."""
+    """Draws SFT batches: ``(prompt, response text)`` pairs, as rollouts of their target responses."""
 
-    def __init__(self, cfg: Config, pipeline, encoder):
-        self.cfg, self.records, self.encoder = cfg, pipeline.records, encoder
+    def __init__(self, cfg: Config, pipeline):
+        self.cfg, self.records = cfg, pipeline.records
         tok = pipeline.tokenizer
         self.tokenizer = tok
         end = tok.convert_tokens_to_ids(END_TOKEN)
@@ -75,7 +76,7 @@ class SFTData:
         paired = original_idx in self.paired
         if self.column is None:
             streams = self.cfg.sft.streams if paired else ["single"]
-            prompts = [self.records.prompt(original_idx, s) for s in streams]
+            prompts = self.records.prompts([(original_idx, s) for s in streams])
             return [(p, templated_response(p)) for p in prompts]
         row = self.records.record(original_idx)
         if self.column not in row:
@@ -91,13 +92,14 @@ class SFTData:
             raise ValueError(f"record {original_idx}: stream={stream!r} but the record has no target boxes")
         return [(self.records.prompt(original_idx, stream), text)]
 
-    def encode(self, prompt: Prompt, response: str):
+    def encode(self, prompt: Prompt, response: str) -> Rollout:
+        """The target response as a rollout (token ids ending with the stop token)."""
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.end_id]
-        rollout = Rollout(prompt, 0, ids, response, logprobs=[], weight_version=0, advantage=1.0)
-        return self.encoder.encode(rollout)
+        return Rollout(prompt, 0, ids, response, logprobs=[], weight_version=0, advantage=1.0)
 
-    def next_batch(self) -> list:
-        return [self.encode(p, r) for i in self.next_ids() for p, r in self.pairs(i)]
+    def next_batch(self) -> StepBatch:
+        """The next step's samples (a record's streams share its image)."""
+        return StepBatch.from_rollouts([self.encode(p, r) for i in self.next_ids() for p, r in self.pairs(i)])
 
 
 def sft_config_for_rl(cfg: Config) -> Config:
@@ -114,7 +116,6 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
     from tqdm import tqdm
 
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.learner.batch import SampleEncoder
     from ivgr_dist.learner.group import LearnerGroup
     from ivgr_dist.metrics import MetricsLogger
 
@@ -125,7 +126,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
     if Path(cfg.model.path).resolve() == out.resolve():
         raise ValueError(f"sft.output_dir={str(out)!r} is model.path: the warm start would overwrite its own base")
     pipeline = build_pipeline(cfg.model, cfg.data, "train", sampler=False)
-    data = SFTData(cfg, pipeline, SampleEncoder(cfg.model.path))
+    data = SFTData(cfg, pipeline)
     learner_cfg = dataclasses.replace(
         cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, lr_schedule="constant"
     )
@@ -143,12 +144,10 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
         first = last = None
         for step in bar:
             t0 = time.perf_counter()
-            samples = data.next_batch()
-            encode_s = time.perf_counter() - t0
-            metrics = group.train_step(samples, objective="sft")
-            metrics.update(
-                {"time/encode_s": encode_s, "time/step_s": time.perf_counter() - t0, "sft/epoch": data.epoch}
-            )
+            placed = group.load_batch(data.next_batch())
+            metrics = group.train_step(0, objective="sft")
+            metrics.update(placed)
+            metrics.update({"time/step_s": time.perf_counter() - t0, "sft/epoch": data.epoch})
             last = logs.log(step, metrics)
             first = first or last
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}")

@@ -24,6 +24,7 @@ import torch
 
 from ivgr_dist.config import Config, to_yaml
 from ivgr_dist.learner.grpo import group_advantages
+from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.metrics import MetricsLogger, Timer
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Rollout
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: Config):
         from ivgr_dist.data.pipeline import build_pipeline
-        from ivgr_dist.learner.batch import SampleEncoder
         from ivgr_dist.learner.group import LearnerGroup
         from ivgr_dist.reward.scorer import make_scorer
         from ivgr_dist.rollout.pool import RolloutPool
@@ -47,7 +47,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         use_gpus = cluster_has_gpus()
-        self.data = build_pipeline(cfg.model, cfg.data, "train")
+        self.data = build_pipeline(cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt)
         self.sync = make_weight_sync(
             cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
         )
@@ -66,8 +66,7 @@ class Trainer:
         _write_nodes(self.out / "nodes.json", storage.checked)
         self.sync.setup(self.learners, self.rollouts)
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
-        self.encoder = SampleEncoder(cfg.model.path)
-        self.verifier = WeightVerifier(self.encoder, cfg.sync.verify_tolerance)
+        self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
@@ -126,14 +125,16 @@ class Trainer:
             reward_tail = time.perf_counter() - t0 - timer.seconds["generate"]
             rollouts = [r for g in groups for r in g]
             self._assign_advantages(rollouts)
-            samples = [self.encoder.encode(r) for r in rollouts]
             with timer("learner"):
                 T = cfg.rollout.temperature or 1.0
-                old = self.learners.compute_logprobs(samples, "policy", T)
-                ref = self.learners.compute_logprobs(samples, "reference", T) if cfg.algorithm.kl_coef > 0 else None
-                for s, o, r in zip(samples, old, ref or [None] * len(samples), strict=True):
-                    s.old_logprobs, s.ref_logprobs = o, r
-                train = self._update(samples, T)
+                with timer("learner_input"):  # images once per record, arrays; placed on the ranks once
+                    batch = StepBatch.from_rollouts(rollouts)
+                    updates = self._mini_batches(len(batch))
+                    placed = self.learners.load_batch(batch, updates)
+                old = self.learners.compute_logprobs("policy", T)
+                if cfg.algorithm.kl_coef > 0:
+                    self.learners.compute_logprobs("reference", T)
+                train = self._update(len(updates), T)
             with timer("sync"):
                 self.version += 1
                 sync = self.push_weights(step)
@@ -152,6 +153,9 @@ class Trainer:
             **train,
             **sync,
             **verify,
+            "learner/input_bytes": placed["learner/input_bytes"],
+            "learner/encode_s_max": placed["learner/encode_s_max"],
+            **_overhead(timer.seconds),
             **self.data.records.metrics(),
             **self.data.sampler.metrics(),
             "reward/tail_s": reward_tail,
@@ -194,13 +198,17 @@ class Trainer:
             timer.seconds["generate"] = time.perf_counter() - t0
             yield group
 
-    def _update(self, samples: list, temperature: float) -> dict[str, float]:
-        """ppo_epochs passes of optimizer steps over mini-batches of global_batch_size groups."""
+    def _mini_batches(self, n: int) -> list[list[int]]:
+        """Sample indices of each update: consecutive runs of global_batch_size groups (batch order)."""
         per_update = self.cfg.learner.global_batch_size * self.cfg.rollout.n
+        return [list(range(i, min(i + per_update, n))) for i in range(0, n, per_update)]
+
+    def _update(self, mini_batches: int, temperature: float) -> dict[str, float]:
+        """ppo_epochs passes of optimizer steps over the loaded step's mini-batches."""
         steps = [
-            self.learners.train_step(samples[i : i + per_update], temperature)
+            self.learners.train_step(m, temperature)
             for _ in range(self.cfg.learner.ppo_epochs)
-            for i in range(0, len(samples), per_update)
+            for m in range(mini_batches)
         ]
         out = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         out["learner/updates"] = float(len(steps))
@@ -259,6 +267,15 @@ class Trainer:
         self.learners.shutdown()
 
 
+def _overhead(seconds: dict[str, float]) -> dict[str, float]:
+    """``time/overhead_s``: the step's time outside generation, learner compute (the learner's passes without
+    placing their input) and weight sync, i.e. the reward tail, the learner input, the probe check and
+    the driver's own work; ``time/overhead_frac``: its share of the step."""
+    compute = seconds["generate"] + seconds["learner"] - seconds["learner_input"] + seconds["sync"]
+    overhead = max(0.0, seconds["step"] - compute)
+    return {"time/overhead_s": overhead, "time/overhead_frac": overhead / max(seconds["step"], 1e-9)}
+
+
 def _write_nodes(path: Path, probed: list[dict]) -> None:
     """Where every role runs (Ray node id and address), from the storage probes: ``nodes.json``."""
     import ray
@@ -302,7 +319,7 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _mismatch(rollouts: list[Rollout], learner_logprobs: list[list[float]]) -> float:
+def _mismatch(rollouts: list[Rollout], learner_logprobs: list) -> float:
     """Mean |learner - engine| log-prob over all sampled tokens."""
     total, count = 0.0, 0
     for r, lp in zip(rollouts, learner_logprobs, strict=True):

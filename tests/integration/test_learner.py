@@ -6,12 +6,14 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import SampleEncoder
+from ivgr_dist.learner.step_data import StepBatch, place
 from ivgr_dist.learner.worker import LearnerWorker, pick_master_address
 from ivgr_dist.types import Prompt, Rollout
 
@@ -49,7 +51,7 @@ def encoder(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def samples(encoder):
+def rollouts(encoder):
     # Sized so that the 2-rank split puts both image groups on one rank and both text-only groups
     # (shorter, more per micro-batch) on the other: see the checks in the Ray test.
     groups = [
@@ -58,7 +60,12 @@ def samples(encoder):
         (None, [(0.7, 5), (-0.7, 3)]),
         ((56, 56), [(1.2, 30)]),
     ]
-    return [encoder.encode(r) for r in _rollouts(encoder.processor, groups)]
+    return _rollouts(encoder.processor, groups)
+
+
+@pytest.fixture(scope="module")
+def samples(encoder, rollouts):
+    return encoder.samples(StepBatch.from_rollouts(rollouts))
 
 
 def _cfgs(model_dir, **learner):
@@ -72,10 +79,10 @@ def make_worker(tiny_model_dir):
     worker is closed first."""
     live: list[LearnerWorker] = []
 
-    def make(kl_coef: float = 0.01, **learner) -> LearnerWorker:
+    def make(kl_coef: float = 0.01, model_dir=None, **learner) -> LearnerWorker:
         while live:
             live.pop().close()
-        model_cfg, learner_cfg = _cfgs(tiny_model_dir, **learner)
+        model_cfg, learner_cfg = _cfgs(model_dir or tiny_model_dir, **learner)
         w = LearnerWorker(model_cfg, learner_cfg, AlgorithmConfig(kl_coef=kl_coef), 0, 1, total_steps=10)
         w.init_distributed("127.0.0.1", pick_master_address()[1])
         live.append(w)
@@ -86,10 +93,10 @@ def make_worker(tiny_model_dir):
         live.pop().close()
 
 
-def _with_logprobs(worker_or_group, samples):
+def _with_logprobs(worker, samples):
     """Copies of ``samples`` carrying reference log-probs, and old log-probs a little off-policy."""
     out = copy.deepcopy(samples)
-    ref = worker_or_group.compute_logprobs(out, "reference", TEMPERATURE)
+    ref = worker.logprobs(out, "reference", TEMPERATURE)
     for s, r in zip(out, ref, strict=True):
         s.ref_logprobs = r
         s.old_logprobs = [x + (0.3 if k % 3 == 0 else -0.05) for k, x in enumerate(r)]
@@ -121,8 +128,8 @@ def test_logprobs_equal_a_plain_transformers_forward(make_worker, encoder, sampl
 
     worker = make_worker()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    policy = worker.compute_logprobs(samples, "policy", TEMPERATURE)
-    reference = worker.compute_logprobs(samples, "reference", TEMPERATURE)
+    policy = worker.logprobs(samples, "policy", TEMPERATURE)
+    reference = worker.logprobs(samples, "reference", TEMPERATURE)
     for s, got, ref in zip(samples, policy, reference, strict=True):
         want = _hf_logprobs(model, encoder, s, TEMPERATURE)
         assert len(got) == s.response_len
@@ -130,11 +137,58 @@ def test_logprobs_equal_a_plain_transformers_forward(make_worker, encoder, sampl
         torch.testing.assert_close(torch.tensor(ref), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_rows_give_the_padded_batches_log_probs_and_loss(family, make_worker, request):
+    """Packing (one row per micro-batch, SDPA within each sequence, per-sequence rotary positions) computes
+    what padded rectangles compute, to 1e-5 in fp32, for both model families; and it pads nothing."""
+    model_dir = request.getfixturevalue("tiny_model_dir" if family == "qwen2_5_vl" else "tiny_qwen3_dir")
+    enc = SampleEncoder(model_dir)
+    groups = [
+        ((112, 84), [(1.0, 20), (-1.0, 24), (0.5, 28)]),
+        (None, [(-0.5, 4), (0.5, 6)]),
+        ((64, 96), [(0.7, 9), (-0.7, 13)]),
+    ]
+    samples = enc.samples(StepBatch.from_rollouts(_rollouts(enc.processor, groups)))
+    results = {}
+    for packed in (True, False):
+        worker = make_worker(model_dir=model_dir, pack_sequences=packed, micro_batch_tokens=256)
+        ref = worker.logprobs(samples, "reference", TEMPERATURE)
+        batch = copy.deepcopy(samples)
+        for s, r in zip(batch, ref, strict=True):
+            s.ref_logprobs, s.old_logprobs = r, r + 0.1
+        results[packed] = (ref, worker.update(batch, TEMPERATURE), _full_state(worker))
+    (lp_p, m_p, s_p), (lp_u, m_u, s_u) = results[True], results[False]
+    for a, b in zip(lp_p, lp_u, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+    for key in ("loss/policy", "loss/kl", "grad_norm", "learner/tokens"):
+        assert m_p[key] == pytest.approx(m_u[key], rel=1e-4, abs=1e-6), key
+    assert m_p["learner/padding_ratio"] == 0.0 < m_u["learner/padding_ratio"]
+    from safetensors.torch import load_file
+
+    start = load_file(str(model_dir / "model.safetensors"))
+    diff = sum(float((s_p[k] - s_u[k]).double().square().sum()) for k in start) ** 0.5
+    update = sum(float((s_p[k] - start[k]).double().square().sum()) for k in start) ** 0.5
+    assert update > 0 and diff / update < 1e-3, (diff, update)  # the same update, up to float rounding
+
+
+def test_sharded_initialisation_loads_the_checkpoint_exactly(make_worker, tiny_qwen3_dir):
+    """Meta-device build + each rank's rows read from safetensors == the checkpoint (and == transformers'
+    own loading with learner.sharded_init=false)."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_qwen3_dir / "model.safetensors"), "pt") as f:
+        want = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for sharded in (True, False):
+        got = _full_state(make_worker(model_dir=tiny_qwen3_dir, sharded_init=sharded))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k].float()) for k in want), sharded
+
+
 def test_train_step_changes_params_and_reports_finite_metrics(make_worker, samples):
     worker = make_worker()
     batch = _with_logprobs(worker, samples)
     before = worker.state_checksum()
-    metrics = worker.train_step(batch, TEMPERATURE)
+    metrics = worker.update(batch, TEMPERATURE)
     after = worker.state_checksum()
     assert set(before) == set(after)
     assert sum(before[k] != after[k] for k in before) > 0.9 * len(before)
@@ -151,9 +205,9 @@ def test_zero_advantages_without_kl_only_apply_weight_decay(make_worker, samples
     for s in batch:
         s.advantage = 0.0
     with pytest.raises(ValueError, match="no reference policy"):
-        worker.compute_logprobs(batch[:1], "reference")
+        worker.logprobs(batch[:1], "reference", TEMPERATURE)
     before = _full_state(worker)
-    metrics = worker.train_step(batch, TEMPERATURE)
+    metrics = worker.update(batch, TEMPERATURE)
     after = _full_state(worker)
     # Zero advantages give exactly zero gradients, so AdamW's moment update adds exactly nothing and
     # only the decoupled decay p <- p * (1 - lr * wd) remains.
@@ -172,14 +226,14 @@ def test_sft_objective_is_the_token_mean_nll_and_lowers_it(make_worker, encoder,
     worker = make_worker(kl_coef=0.0, grad_clip=1.0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     logps = torch.cat([_hf_logprobs(model, encoder, s, 1.0) for s in samples])
-    metrics = worker.train_step(samples, objective="sft")
+    metrics = worker.update(samples, objective="sft")
     assert metrics["loss/nll"] == pytest.approx(-float(logps.mean()), abs=1e-4)
     assert "loss/policy" not in metrics and metrics["grad_norm"] > 0
     for _ in range(5):
-        last = worker.train_step(samples, objective="sft")
+        last = worker.update(samples, objective="sft")
     assert last["loss/nll"] < metrics["loss/nll"] - 0.5
     with pytest.raises(ValueError, match="objective='dpo'"):
-        worker.train_step(samples, objective="dpo")
+        worker.update(samples, objective="dpo")
 
 
 def _optim_state(worker) -> dict:
@@ -196,11 +250,11 @@ def _optim_state(worker) -> dict:
 def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
     worker = make_worker()
     batch = _with_logprobs(worker, samples)
-    worker.train_step(batch, TEMPERATURE)
+    worker.update(batch, TEMPERATURE)
     worker.save_checkpoint(tmp_path / "ckpt")
     saved_params, saved_optim, saved_step = _full_state(worker), _optim_state(worker), worker.step
     saved_lr = worker.scheduler.get_last_lr()
-    worker.train_step(batch, TEMPERATURE)
+    worker.update(batch, TEMPERATURE)
     continued = _full_state(worker)
     assert not torch.equal(continued["lm_head.weight"], saved_params["lm_head.weight"])
     worker.load_checkpoint(tmp_path / "ckpt")
@@ -211,7 +265,7 @@ def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
     for key, value in saved_optim.items():
         assert torch.equal(torch.as_tensor(restored[key]), torch.as_tensor(value)), key
     assert worker.step == saved_step and worker.scheduler.get_last_lr() == saved_lr
-    worker.train_step(batch, TEMPERATURE)  # resuming repeats the update that followed the save
+    worker.update(batch, TEMPERATURE)  # resuming repeats the update that followed the save
     for name, p in _full_state(worker).items():
         torch.testing.assert_close(p, continued[name], rtol=0, atol=1e-7)
 
@@ -221,7 +275,7 @@ def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_w
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     worker = make_worker()
-    worker.train_step(_with_logprobs(worker, samples), TEMPERATURE)
+    worker.update(_with_logprobs(worker, samples), TEMPERATURE)
     worker.export_hf(tmp_path / "hf")
     state = _full_state(worker)
     exported = load_file(tmp_path / "hf" / "model.safetensors")
@@ -229,7 +283,7 @@ def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_w
     assert all(torch.equal(exported[k], state[k]) for k in state)
     AutoProcessor.from_pretrained(tmp_path / "hf")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    ours = worker.compute_logprobs(samples, "policy", TEMPERATURE)
+    ours = worker.logprobs(samples, "policy", TEMPERATURE)
     for s, got in zip(samples, ours, strict=True):
         torch.testing.assert_close(torch.tensor(got), _hf_logprobs(model, encoder, s, TEMPERATURE), rtol=0, atol=1e-5)
 
@@ -245,32 +299,45 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, samples, tiny_model_dir):
+def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, rollouts, tiny_model_dir):
     from safetensors import safe_open
 
-    from ivgr_dist.learner.group import LearnerGroup, shard_by_group
+    from ivgr_dist.learner.group import LearnerGroup
 
-    # The 2-rank split puts the text-only groups on one rank (dummy-image path) and gives the ranks
+    batch = StepBatch.from_rollouts(rollouts)
+    # The 2-rank placement puts the text-only records on one rank (dummy-image path) and gives the ranks
     # different token counts (a per-rank denominator would weight them differently).
-    shards = shard_by_group(samples, 2)
-    assert any(all(samples[i].pixel_values is None for i in s) for s in shards)
-    assert len({sum(samples[i].response_len for i in s) for s in shards}) == 2
+    shards = [r[0] for r in place(batch, [list(range(len(batch)))], 2)]
+    assert any(all(not batch.prompt_images[batch.sample_prompt[i]] for i in s) for s in shards)
+    response = np.diff(batch.response_offsets)
+    assert len({int(response[s].sum()) for s in shards}) == 2
     results = {}
     for n in (1, 2):
         model_cfg, learner_cfg = _cfgs(tiny_model_dir, num_ranks=n, cpus_per_rank=1)
         group = LearnerGroup(model_cfg, learner_cfg, AlgorithmConfig(), total_steps=10, timeout_s=300)
         try:
-            batch = _with_logprobs(group, samples)
-            # one sample on two ranks: rank 1 has nothing and runs a dummy forward
-            alone = group.compute_logprobs(samples[:1], "reference", TEMPERATURE)[0]
-            torch.testing.assert_close(torch.tensor(alone), torch.tensor(batch[0].ref_logprobs), rtol=0, atol=1e-5)
-            metrics = group.train_step(batch, TEMPERATURE)
-            results[n] = ([s.ref_logprobs for s in batch], metrics, _full_state(group))
+            if n == 2:  # sharded initialisation: each rank read its own rows; gathered, they are the checkpoint
+                with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+                    loaded = _full_state(group)
+                    assert loaded.keys() == set(f.keys())
+                    assert all(torch.equal(loaded[k], f.get_tensor(k)) for k in loaded)
+            group.load_batch(batch)
+            old = group.compute_logprobs("policy", TEMPERATURE)
+            ref = group.compute_logprobs("reference", TEMPERATURE)
+            assert [len(x) for x in ref] == response.tolist()
+            # one sample on two ranks: rank 1 has nothing and runs a dummy forward; the loaded step stays
+            alone = group.score(batch.select([0]), "reference", TEMPERATURE)[0]
+            torch.testing.assert_close(torch.tensor(alone), torch.tensor(ref[0]), rtol=0, atol=1e-5)
+            metrics = group.train_step(0, TEMPERATURE)
+            results[n] = (ref, metrics, _full_state(group))
+            torch.testing.assert_close(torch.tensor(np.concatenate(old)), torch.tensor(np.concatenate(ref)))
             if n == 2:
-                lonely = group.train_step(batch[:1], TEMPERATURE)
+                group.load_batch(batch.select([0]))
+                group.compute_logprobs("reference", TEMPERATURE)
+                lonely = group.train_step(0, TEMPERATURE)
                 assert lonely["learner/dummy_micro_batches"] == 1 and math.isfinite(lonely["grad_norm"])
                 with pytest.raises(RuntimeError, match=r"learner rank \d failed in compute_logprobs\(bogus\)"):
-                    group.compute_logprobs(samples[:2], "bogus")
+                    group.compute_logprobs("bogus")
         finally:
             group.shutdown()
     (lp1, m1, s1), (lp2, m2, s2) = results[1], results[2]

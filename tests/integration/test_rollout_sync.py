@@ -212,8 +212,8 @@ def test_seeded_groups_draw_the_same_samples_on_either_engine(pool, prompts):
 def synced(pool, learners, prompts, cfg, tmp_path_factory):
     """One real GRPO update on the learner group, pushed to the engines as version 1; the learner's
     weights exported (bf16, as the engines hold them) for the comparisons."""
-    from ivgr_dist.learner.batch import SampleEncoder
     from ivgr_dist.learner.grpo import group_advantages
+    from ivgr_dist.learner.step_data import StepBatch
     from ivgr_dist.sync import make_weight_sync
 
     image_prompts = list({p.original_idx: p for p in prompts if p.images}.values())[:3]  # 3 different images
@@ -228,9 +228,8 @@ def synced(pool, learners, prompts, cfg, tmp_path_factory):
     adv = group_advantages(torch.tensor([r.reward for r in rollouts]), [r.group_key for r in rollouts])
     for r, a in zip(rollouts, adv.tolist(), strict=True):
         r.advantage = a
-    encoder = SampleEncoder(cfg.model.path)
-    samples = [encoder.encode(r) for r in rollouts]
-    train = learners.train_step(samples, cfg.rollout.temperature)
+    learners.load_batch(StepBatch.from_rollouts(rollouts))
+    train = learners.train_step(0, cfg.rollout.temperature)
     sync = make_weight_sync("ivgr_shm", use_gpus=False, bucket_bytes=BUCKET_BYTES, dtype=cfg.model.dtype)
     push = sync.push(learners, pool, version=1)
     export = tmp_path_factory.mktemp("export") / "hf"
@@ -369,11 +368,10 @@ def test_greedy_output_matches_transformers_on_the_exported_weights(pool, synced
 def test_verification_fails_on_a_push_with_a_stale_bucket(pool, learners, synced, prompts, cfg, tmp_path):
     """Every name arrives (the engines' coverage check passes) but one bucket carries the previous weights:
     only the probe comparison can see it. Changes the learner's weights: runs after the parity tests."""
-    from ivgr_dist.learner.batch import SampleEncoder
+    from ivgr_dist.learner.step_data import StepBatch
     from ivgr_dist.sync.verify import VerificationError, WeightVerifier
 
-    encoder = SampleEncoder(cfg.model.path)
-    verifier = WeightVerifier(encoder, cfg.sync.verify_tolerance)
+    verifier = WeightVerifier(cfg.sync.verify_tolerance)
     rollouts = [r for g in pool.generate(prompts[:4], seed=11) for r in g]  # seeded: the same run every time
     verifier.choose_probe(rollouts)
     old = learners.write_state_shm(str(tmp_path / "old"), BUCKET_BYTES, cfg.model.dtype)
@@ -384,8 +382,9 @@ def test_verification_fails_on_a_push_with_a_stale_bucket(pool, learners, synced
     adv = group_advantages(torch.tensor([r.reward for r in rollouts]), [r.group_key for r in rollouts])
     for r, a in zip(rollouts, adv.tolist(), strict=True):
         r.advantage = a
+    learners.load_batch(StepBatch.from_rollouts(rollouts))
     for _ in range(5):  # the stale bucket is five updates old
-        learners.train_step([encoder.encode(r) for r in rollouts], cfg.rollout.temperature)
+        learners.train_step(0, cfg.rollout.temperature)
     new = learners.write_state_shm(str(tmp_path / "new"), BUCKET_BYTES, cfg.model.dtype)
     pool.update_weights(new, version=2)
     good = verifier.check(learners, pool, 2)

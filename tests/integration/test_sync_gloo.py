@@ -61,7 +61,6 @@ def stack(cfg):
     import ray
 
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.learner.batch import SampleEncoder
     from ivgr_dist.learner.group import LearnerGroup
     from ivgr_dist.rollout.pool import RolloutPool
     from ivgr_dist.sync.verify import WeightVerifier
@@ -70,9 +69,8 @@ def stack(cfg):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_collective", use_gpus=False, start_timeout_s=300)
     learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_steps=4, timeout_s=300)
-    encoder = SampleEncoder(cfg.model.path)
-    verifier = WeightVerifier(encoder, cfg.sync.verify_tolerance)
-    yield {"ray": ray, "pool": pool, "learners": learners, "prompts": prompts, "encoder": encoder, "verifier": verifier}
+    verifier = WeightVerifier(cfg.sync.verify_tolerance)
+    yield {"ray": ray, "pool": pool, "learners": learners, "prompts": prompts, "verifier": verifier}
     learners.shutdown()
     pool.shutdown()
     ray.shutdown()
@@ -88,6 +86,7 @@ def _sync(bucket_bytes: int = 256 << 10):
 
 def _train_step(stack) -> None:
     from ivgr_dist.learner.grpo import group_advantages
+    from ivgr_dist.learner.step_data import StepBatch
 
     rollouts = [r for g in stack["pool"].generate(stack["prompts"][:4]) for r in g]
     for r in rollouts:
@@ -96,7 +95,8 @@ def _train_step(stack) -> None:
     for r, a in zip(rollouts, adv.tolist(), strict=True):
         r.advantage = a
     stack["verifier"].choose_probe(rollouts)
-    stack["learners"].train_step([stack["encoder"].encode(r) for r in rollouts], 1.0)
+    stack["learners"].load_batch(StepBatch.from_rollouts(rollouts))
+    stack["learners"].train_step(0, 1.0)
 
 
 def _engine_core(pool, engine: int):

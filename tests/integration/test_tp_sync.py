@@ -84,9 +84,9 @@ def _greedy(actor, prompts):
 def synced(ray_cluster, cfg, tmp_path_factory):
     """TP=2 engine, one real GRPO update on 2 FSDP2 ranks, pushed as version 1; the export (bf16)."""
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.learner.batch import SampleEncoder
     from ivgr_dist.learner.group import LearnerGroup
     from ivgr_dist.learner.grpo import group_advantages
+    from ivgr_dist.learner.step_data import StepBatch
     from ivgr_dist.rollout.pool import RolloutPool
     from ivgr_dist.sync import make_weight_sync
 
@@ -102,8 +102,8 @@ def synced(ray_cluster, cfg, tmp_path_factory):
         adv = group_advantages(torch.tensor([r.reward for r in rollouts]), [r.group_key for r in rollouts])
         for r, a in zip(rollouts, adv.tolist(), strict=True):
             r.advantage = a
-        encoder = SampleEncoder(cfg.model.path)
-        learners.train_step([encoder.encode(r) for r in rollouts], cfg.rollout.temperature)
+        learners.load_batch(StepBatch.from_rollouts(rollouts))
+        learners.train_step(0, cfg.rollout.temperature)
         sync = make_weight_sync("ivgr_shm", use_gpus=False, bucket_bytes=256 << 10, dtype=cfg.model.dtype)
         push = sync.push(learners, pool, version=1)
         export = tmp_path_factory.mktemp("export") / "hf"

@@ -3,7 +3,6 @@ against the real Qwen2.5-VL processor, the masked dummy image, name mapping and 
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -20,7 +19,6 @@ from ivgr_dist.learner.batch import (
     make_micro_batches,
     padding_ratio,
 )
-from ivgr_dist.learner.group import balance_shards, shard_by_group
 from ivgr_dist.learner.worker import lr_factor, resolve_attn_implementation, warmup_factor
 from ivgr_dist.types import Rollout
 
@@ -214,22 +212,6 @@ def test_attn_implementation_auto_picks_flash_only_with_cuda_and_the_package(mon
 def test_warmup_is_linear_then_flat():
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
-
-
-def test_shards_keep_groups_whole_and_balance_tokens():
-    samples = [_sample(10, 10 * (g + 1), key=f"g{g}") for g in range(4) for _ in range(3)]
-    shards = shard_by_group(samples, 2)
-    assert sorted(i for s in shards for i in s) == list(range(12))
-    for shard in shards:
-        keys = {samples[i].group_key for i in shard}
-        assert all(sum(samples[j].group_key == k for j in shard) == 3 for k in keys)  # whole groups
-    loads = [sum(samples[i].num_tokens for i in s) for s in shards]
-    assert max(loads) / min(loads) < 1.3
-    # fewer groups than ranks: samples are spread one by one, no rank left empty
-    one_group = [_sample(5, 5, key="g") for _ in range(3)]
-    assert all(shard_by_group(one_group, 3))
-    assert balance_shards([[0], [1]], [5, 5], 3)[2] == []
-    assert math.isclose(sum(len(s) for s in balance_shards([[i] for i in range(7)], [1] * 7, 3)), 7)
 
 
 def test_lr_factor_warmup_then_cosine_to_the_floor():

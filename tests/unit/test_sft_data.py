@@ -19,14 +19,13 @@ def data_dir(tmp_path_factory):
 
 def _sft_data(tiny_model_dir, files, *overrides):
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.learner.batch import SampleEncoder
     from ivgr_dist.sft import SFTData
 
     cfg = load_config(
         None,
         [f"model.path={tiny_model_dir}", f"data.train_files=[{files}]", f"data.val_files=[{files}]", *overrides],
     )
-    return SFTData(cfg, build_pipeline(cfg.model, cfg.data, "train", sampler=False), SampleEncoder(tiny_model_dir))
+    return SFTData(cfg, build_pipeline(cfg.model, cfg.data, "train", sampler=False))
 
 
 def test_templated_batches_cover_both_streams_and_end_with_im_end(tiny_model_dir, data_dir):
@@ -36,16 +35,20 @@ def test_templated_batches_cover_both_streams_and_end_with_im_end(tiny_model_dir
     paired = [i for i in ids if i in data.paired]
     pairs = [p for i in paired for p in data.pairs(i)]
     assert [p.stream for p, _ in pairs] == ["grounded", "textual"] * len(paired)
-    sample = data.encode(*pairs[0])
-    assert sample.input_ids[-1] == data.end_id == data.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert sample.prompt_len == pairs[0][0].num_prompt_tokens and sample.advantage == 1.0
-    text = data.tokenizer.decode(sample.input_ids[sample.prompt_len : -1])
+    target = data.encode(*pairs[0])
+    assert target.response_ids[-1] == data.end_id == data.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert target.prompt is pairs[0][0] and target.advantage == 1.0
+    text = data.tokenizer.decode(target.response_ids[:-1])
     assert text == pairs[0][1] and "<box>" in text
     # Epochs: 21 usable records, so 5 draws of 5 wrap into epoch 1 without losing any record.
     seen = set(ids)
     for _ in range(4):
         seen.update(data.next_ids())
     assert data.epoch == 1 and seen == set(data.ids.tolist())
+    # A record's two streams share one image: a step's batch carries it once.
+    batch = data.next_batch()
+    keys = [k for ks in batch.prompt_images for k in ks]
+    assert set(keys) == batch.images.keys() and len(keys) > len(batch.images)
 
 
 def test_response_column_picks_the_stream_from_the_text(tiny_model_dir, data_dir, tmp_path):

@@ -11,16 +11,15 @@ they fit (rollout engines have placement groups of their own: ``ivgr_dist.placem
 rank 0's actor picks its node address and a free port; every rank then joins the process group at
 that address.
 
-Sharding a batch over ranks:
-
-* :meth:`train_step` keeps each GRPO group on one rank when there are at least as many groups as
-  ranks, balancing response+prompt tokens greedily (largest first). The loss does not need it
-  (the worker divides by the GLOBAL token count), it keeps a prompt's rollouts together.
-* :meth:`compute_logprobs` balances single samples by tokens and returns results in input order.
-* Uneven shards need no padding here: the brief suggested padding shards with dummy copies, but
-  equal sample counts are not enough anyway (a token budget can still give ranks different
-  micro-batch counts). The workers agree on the micro-batch count themselves and run masked-out
-  dummy micro-batches, so any split works, empty shards included.
+A step's data moves once: :meth:`load_batch` places the step's
+:class:`~ivgr_dist.learner.step_data.StepBatch` on the ranks (per mini-batch, whole records to the
+lightest rank by tokens, so a record's image reaches one rank), and every pass of the step
+(:meth:`compute_logprobs` for the old and the reference log-probs, one :meth:`train_step` per
+mini-batch) runs on what the ranks hold; only log-probs (float32 arrays) and metrics come back.
+The loss does not need records kept together (the worker divides by the GLOBAL token count); it
+saves bytes and image encoding. Uneven shards need no padding: the workers agree on the
+micro-batch count themselves and run masked-out dummy micro-batches, so any split works, empty
+shards included.
 """
 
 from __future__ import annotations
@@ -30,33 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from ivgr_dist.learner.batch import LearnerSample
+from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.learner.worker import LearnerWorker
 
-__all__ = ["LearnerGroup", "balance_shards", "shard_by_group"]
-
-
-def balance_shards(units: Sequence[Sequence[int]], weights: Sequence[int], n: int) -> list[list[int]]:
-    """Assign each unit (a list of sample indices) to one of ``n`` shards, heaviest unit first to the
-    lightest shard (ties: lowest shard). Each shard's indices come back sorted."""
-    shards: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
-    order = sorted(range(len(units)), key=lambda u: (-sum(weights[i] for i in units[u]), u))
-    for u in order:
-        r = min(range(n), key=lambda k: (load[k], k))
-        shards[r].extend(units[u])
-        load[r] += sum(weights[i] for i in units[u])
-    return [sorted(s) for s in shards]
-
-
-def shard_by_group(samples: Sequence[LearnerSample], n: int) -> list[list[int]]:
-    """Sample indices per rank: whole GRPO groups when there are >= ``n`` groups, else single samples."""
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(s.group_key, []).append(i)
-    units = list(groups.values()) if len(groups) >= n else [[i] for i in range(len(samples))]
-    return balance_shards(units, [s.num_tokens for s in samples], n)
+__all__ = ["LearnerGroup"]
 
 
 class LearnerGroup:
@@ -142,42 +121,67 @@ class LearnerGroup:
                     raise RuntimeError(f"learner rank {rank_of[ref]} failed in {what}: {exc}") from exc
         return [results[r] for r in ranks]
 
-    def compute_logprobs(
-        self, samples: Sequence[LearnerSample], which: str = "policy", temperature: float = 1.0
-    ) -> list[list[float]]:
-        """Response-token log-probs of every sample under ``which``, in input order."""
-        shards = balance_shards([[i] for i in range(len(samples))], [s.num_tokens for s in samples], self.num_ranks)
+    def load_batch(self, batch: StepBatch, mini_batches: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        """Place a step's samples on the ranks ONCE for all its passes (:meth:`compute_logprobs`, every
+        :meth:`train_step`): ``step_data.place`` gives each rank whole records per mini-batch, and each rank
+        receives only the prompts and images of its samples (encoded there). ``mini_batches``: the sample
+        indices of each update (default: one mini-batch of everything). Returns ``learner/input_bytes`` (array
+        bytes sent to the ranks) and ``time/learner_load_s``."""
+        from ivgr_dist.learner.step_data import place
+
+        t0 = time.perf_counter()
+        mini_batches = [list(range(len(batch)))] if mini_batches is None else [list(m) for m in mini_batches]
+        per_rank = place(batch, mini_batches, self.num_ranks)
+        self._order = [[i for m in ranks for i in m] for ranks in per_rank]
+        self._count = len(batch)
+        shards = [batch.select(order) for order in self._order]
         refs = [
-            a.compute_logprobs.remote([samples[i] for i in shard], which, temperature)
-            for a, shard in zip(self.actors, shards, strict=True)
+            a.load_batch.remote(shard, [len(m) for m in ranks])
+            for a, shard, ranks in zip(self.actors, shards, per_rank, strict=True)
         ]
-        out: list[list[float]] = [[] for _ in samples]
-        for shard, values in zip(shards, self._gather(refs, f"compute_logprobs({which})"), strict=True):
-            for i, v in zip(shard, values, strict=True):
+        done = self._gather(refs, "load_batch")
+        return {
+            "learner/input_bytes": float(sum(s.nbytes() for s in shards)),
+            "learner/encode_s_max": max(d["encode_s"] for d in done),
+            "time/learner_load_s": time.perf_counter() - t0,
+        }
+
+    def compute_logprobs(self, which: str = "policy", temperature: float = 1.0) -> list[np.ndarray]:
+        """Response-token log-probs of every loaded sample under ``which``, input order (the ranks also keep
+        them as the samples' old or reference log-probs for the updates)."""
+        refs = [a.compute_logprobs.remote(which, temperature) for a in self.actors]
+        return self._in_order(self._gather(refs, f"compute_logprobs({which})"))
+
+    def score(self, batch: StepBatch, which: str = "policy", temperature: float = 1.0) -> list[np.ndarray]:
+        """Log-probs of a batch outside the step (the sync probe), split over the ranks; the loaded step stays."""
+        from ivgr_dist.learner.step_data import place
+
+        per_rank = place(batch, [list(range(len(batch)))], self.num_ranks)
+        refs = [
+            a.score.remote(batch.select(r[0]), which, temperature) for a, r in zip(self.actors, per_rank, strict=True)
+        ]
+        out: list = [None] * len(batch)
+        for ranks, values in zip(per_rank, self._gather(refs, f"score({which})"), strict=True):
+            for i, v in zip(ranks[0], values, strict=True):
                 out[i] = v
         return out
 
-    def train_step(
-        self, samples: Sequence[LearnerSample], temperature: float = 1.0, objective: str = "grpo"
-    ) -> dict[str, float]:
-        """One optimizer update over the global batch ``samples`` (``objective``: ``grpo`` or ``sft``).
+    def _in_order(self, per_rank: list[list]) -> list:
+        out: list = [None] * self._count
+        for order, values in zip(self._order, per_rank, strict=True):
+            for i, v in zip(order, values, strict=True):
+                out[i] = v
+        return out
+
+    def train_step(self, mini_batch: int = 0, temperature: float = 1.0, objective: str = "grpo") -> dict[str, float]:
+        """One optimizer update over mini-batch ``mini_batch`` of the loaded step (``objective``: ``grpo`` or ``sft``).
 
         The workers all-reduce their metric sums themselves (losses carry the global denominator,
         fractions are token-weighted), so every rank returns the same global metrics and rank 0's
-        are returned, plus ``learner/shard_tokens_max_over_mean`` (load balance of the split).
+        are returned.
         """
-        if not samples:
-            raise ValueError("train_step needs at least one sample")
-        shards = shard_by_group(samples, self.num_ranks)
-        refs = [
-            a.train_step.remote([samples[i] for i in shard], temperature, objective)
-            for a, shard in zip(self.actors, shards, strict=True)
-        ]
-        metrics = dict(self._gather(refs, "train_step")[0])
-        loads = [sum(samples[i].num_tokens for i in s) for s in shards]
-        mean = sum(loads) / len(loads)
-        metrics["learner/shard_tokens_max_over_mean"] = max(loads) / mean if mean else 1.0
-        return metrics
+        refs = [a.train_step.remote(mini_batch, temperature, objective) for a in self.actors]
+        return dict(self._gather(refs, "train_step")[0])
 
     def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype=None) -> list[list]:
         """Full policy weights in checkpoint naming as CPU tensors, in buckets (small models)."""

@@ -2,7 +2,7 @@
 
 :class:`LearnerWorker` is a plain class: :class:`~ivgr_dist.learner.group.LearnerGroup` wraps it in
 ``ray.remote`` (one actor per rank), and tests or ``torchrun`` scripts use it directly. The step is
-split into small named calls: :meth:`compute_logprobs`, :meth:`train_step`, :meth:`iter_full_state`
+split into small named calls: :meth:`load_batch`, :meth:`compute_logprobs`, :meth:`train_step`, :meth:`iter_full_state`
 (weight sync), :meth:`save_checkpoint` / :meth:`load_checkpoint`, :meth:`export_hf`.
 
 Sharding: FSDP2 ``fully_shard`` on every decoder layer and vision block (the model's
@@ -19,15 +19,20 @@ Loss scaling: the token-mean loss of an update uses ``denom = global response to
 on every rank; FSDP averages gradients over ranks, so the result is the exact token mean over the
 whole global batch whatever the split (ALGORITHM.md: token-mean aggregation).
 
-Departures from the recipe (verl): every rank loads the full checkpoint on CPU before sharding
-(host RAM ~ ranks x fp32 model; meta-device init is a later improvement); weight decay applies to
-all parameters, as in the recipe; the warm-up is linear, then the learning rate stays constant
+Loading: with ``learner.sharded_init`` (default) each rank builds the model on the meta device, shards
+it and reads only its own rows of every tensor from the safetensors files (``ivgr_dist.learner.loading``),
+so no rank holds the full model. Data: a step's samples are placed on the ranks once
+(:meth:`load_batch`, images encoded here once per image) and every pass reads them there; micro-batches
+are packed rows without padding (``learner.pack_sequences``; see ``ivgr_dist.learner.batch``).
+
+Departures from the recipe (verl): weight decay applies to all parameters, as in the recipe; the warm-up is linear, then the learning rate stays constant
 (``learner.lr_schedule=cosine`` decays it instead); a
 step whose gradient norm is not finite is skipped (reported as ``learner/skipped_step``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -38,13 +43,25 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from ivgr_dist.learner.batch import LearnerSample, append_dummy_image, collate, make_micro_batches
+from ivgr_dist.learner.batch import (
+    LearnerSample,
+    SampleEncoder,
+    append_dummy_image,
+    collate,
+    make_micro_batches,
+    pack,
+    plan_packs,
+    register_packed_sdpa,
+    response_fields,
+)
 from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean
+from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.models.naming import checkpoint_names
 
 __all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
@@ -171,6 +188,9 @@ class LearnerWorker:
         self.attn_implementation = resolve_attn_implementation(
             self.cfg.attn_implementation, self._device.type == "cuda"
         )
+        if self.cfg.pack_sequences and self.attn_implementation == "sdpa":
+            self.attn_implementation = register_packed_sdpa()  # SDPA within each packed sequence
+        self._encoder = SampleEncoder(self.model_cfg.path)
 
         self.policy = self._load_sharded(trainable=True)
         if self.loss_cfg.uses_reference:
@@ -202,28 +222,45 @@ class LearnerWorker:
         )
 
     def _load_sharded(self, trainable: bool):
+        """The policy (``trainable``) or the frozen reference, FSDP2-sharded. ``learner.sharded_init``: each rank
+        reads only its own rows from the checkpoint (``ivgr_dist.learner.loading``); otherwise every rank loads
+        the full model through transformers first and then shards it."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         bf16 = self.precision == "bf16"
         # The frozen reference has no optimizer: keep it in the compute dtype directly.
         dtype = torch.bfloat16 if (bf16 and not trainable) else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.model_cfg.path,
-            dtype=dtype,
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=self.model_cfg.trust_remote_code,
-        )
-        model.config.use_cache = False
-        if trainable and self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mp = MixedPrecisionPolicy()
         if bf16 and trainable:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        units = set(getattr(model, "_no_split_modules", None) or [])
-        for module in [m for m in model.modules() if type(m).__name__ in units]:
-            fully_shard(module, mesh=self.mesh, mp_policy=mp)
-        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        path, remote = self.model_cfg.path, self.model_cfg.trust_remote_code
+
+        def wrap(model) -> None:
+            model.config.use_cache = False
+            if trainable and self.cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            units = set(getattr(model, "_no_split_modules", None) or [])
+            for module in [m for m in model.modules() if type(m).__name__ in units]:
+                fully_shard(module, mesh=self.mesh, mp_policy=mp)
+            fully_shard(model, mesh=self.mesh, mp_policy=mp)
+
+        if self.cfg.sharded_init:
+            from ivgr_dist.learner.loading import load_sharded
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+
+            def build():
+                return AutoModelForImageTextToText.from_config(
+                    config, dtype=dtype, attn_implementation=self.attn_implementation, trust_remote_code=remote
+                )
+
+            model = load_sharded(path, build, wrap, self._device)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, attn_implementation=self.attn_implementation, trust_remote_code=remote
+            )
+            wrap(model)
         if trainable:
             model.train()
         else:
@@ -257,67 +294,143 @@ class LearnerWorker:
     def _plan(self, samples: Sequence[LearnerSample]) -> list[list[int] | None]:
         """This rank's micro-batches (sample indices), then ``None`` (a dummy micro-batch) up to the
         count every rank agrees on."""
-        idx = make_micro_batches(samples, self.cfg.micro_batch_tokens)
+        if self.cfg.pack_sequences:
+            idx = plan_packs([s.num_tokens for s in samples], self.cfg.micro_batch_tokens)
+        else:
+            idx = make_micro_batches(samples, self.cfg.micro_batch_tokens)
         n = int(self._all_reduce([len(idx)], dist.ReduceOp.MAX)[0])
         return idx + [None] * (n - len(idx))
 
-    def _micro_batch(self, samples: Sequence[LearnerSample], idx: list[int] | None) -> tuple[list, dict]:
-        mb = [samples[i] for i in idx] if idx is not None else [self._dummy_sample()]
-        return mb, self._collate(mb)
+    def _positions(self, sample: LearnerSample) -> Tensor:
+        """``[3, L]`` rotary positions of a sample as the model computes them for it alone (3-D for image
+        tokens). The prompt's are computed once and shared by its samples (``prompt_cache``); response tokens
+        continue the prompt's last text position."""
+        rope = getattr(getattr(self.policy, "model", None), "get_rope_index", None)
+        if rope is None or sample.pixel_values is None:
+            return torch.arange(sample.num_tokens, dtype=torch.long)[None].expand(3, -1)
+        cache = sample.prompt_cache if sample.prompt_cache is not None else {}
+        prompt = cache.get("positions")
+        if prompt is None:
+            ids = torch.as_tensor(sample.input_ids[: sample.prompt_len], dtype=torch.long)[None]
+            kind = (ids == self._image_token_id).long()
+            prompt = cache["positions"] = rope(ids, kind, sample.image_grid_thw)[0][:, 0]
+        tail = prompt[:, -1:] + torch.arange(1, sample.response_len + 1, dtype=torch.long)[None]
+        return torch.cat([prompt, tail], dim=1)
 
-    def _collate(self, samples: Sequence[LearnerSample]) -> dict:
-        batch = collate(samples, self._pad_id, self._image_token_id)
-        if self.world_size > 1 and self._vision is not None and batch["pixel_values"] is None:
-            batch = append_dummy_image(batch, self._pad_id, self._image_token_id, *self._vision)
-        return batch
+    def _forward(self, model, samples: Sequence[LearnerSample], temperature: float) -> tuple[Tensor, dict]:
+        """Log-probs ``[1, K]`` of every response token of ``samples`` (flat, sample order), and the
+        matching :func:`~ivgr_dist.learner.batch.response_fields` plus ``slots`` / ``real`` token counts.
 
-    def _forward_logprobs(self, model, batch: dict, temperature: float) -> tuple[Tensor, int]:
-        """Log-probs ``[B, T-1-s]`` of the labels from column ``s`` on (the first response column).
-
-        Logits are only computed from position ``s`` (``logits_to_keep``): prompt positions, often
-        mostly image tokens, never reach the vocabulary projection.
+        Packed (``learner.pack_sequences``): one row, no padding, logits only at the kept positions.
+        Padded: a rectangle (:func:`collate`), logits from the first response column on, then the response
+        positions gathered. Either way prompt positions, often mostly image tokens, never reach the
+        vocabulary projection.
         """
         dev = self._device
+        fields = response_fields(samples)
+        labels = fields["labels"].to(dev)
+        dummy = (self._image_token_id, *self._vision) if self.world_size > 1 and self._vision else None
+        if self.cfg.pack_sequences:
+            p = pack(samples, self._positions, dummy)
+            kwargs = {"input_ids": p["input_ids"].to(dev), "position_ids": p["position_ids"].to(dev)}
+            if p["pixel_values"] is not None:
+                kwargs["pixel_values"] = p["pixel_values"].to(dev)
+                kwargs["image_grid_thw"] = p["image_grid_thw"].to(dev)
+            logits = model(**kwargs, use_cache=False, logits_to_keep=p["keep"].to(dev)).logits
+            fields.update(slots=p["slots"], real=p["real"])
+            return logprobs_from_logits(logits, labels, temperature), fields
+        batch = collate(samples, self._pad_id, self._image_token_id)
+        if dummy is not None and batch["pixel_values"] is None:
+            batch = append_dummy_image(batch, self._pad_id, self._image_token_id, *self._vision)
         t = batch["input_ids"].shape[1]
         s = max(0, min(batch["prompt_lens"]) - 1)
         kwargs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
         if batch["pixel_values"] is not None:
             kwargs["pixel_values"] = batch["pixel_values"].to(dev)
             kwargs["image_grid_thw"] = batch["image_grid_thw"].to(dev)
-        logits = model(**kwargs, use_cache=False, logits_to_keep=t - s).logits
-        return logprobs_from_logits(logits[:, :-1], batch["labels"][:, s:].to(dev), temperature), s
+        logits = model(**kwargs, use_cache=False, logits_to_keep=t - s).logits[:, :-1]
+        rows = [(r, x.prompt_len - 1 - s, x.num_tokens - 1 - s) for r, x in enumerate(samples) if x.response_len]
+        keep = torch.cat([logits[r, a:b] for r, a, b in rows])[None] if rows else logits[:1, -1:]
+        fields.update(slots=t * len(samples), real=sum(x.num_tokens for x in samples))
+        return logprobs_from_logits(keep, labels, temperature), fields
 
-    # --------------------------------------------------------------------------------- log-probs
-
-    @torch.no_grad()
-    def compute_logprobs(
-        self, samples: Sequence[LearnerSample], which: str = "policy", temperature: float = 1.0
-    ) -> list[list[float]]:
-        """Log-prob of every response token under ``which`` (``policy`` | ``reference``), computed at
-        the sampling ``temperature``. Collective: every rank must call it (possibly with no samples)."""
+    def _model(self, which: str):
         if which == "policy":
-            model = self.policy
-        elif which == "reference":
+            return self.policy
+        if which == "reference":
             if self.reference is None:
                 raise ValueError(
                     f"no reference policy: algorithm.kl_coef={self.algo_cfg.kl_coef} (it is loaded if > 0)"
                 )
-            model = self.reference
-        else:
-            raise ValueError(f"which={which!r} must be 'policy' or 'reference'")
-        result: list[list[float]] = [[] for _ in samples]
+            return self.reference
+        raise ValueError(f"which={which!r} must be 'policy' or 'reference'")
+
+    # ----------------------------------------------------------------------------- the step's data
+
+    def load_batch(self, batch: StepBatch, sizes: Sequence[int] | None = None) -> dict[str, float]:
+        """Keep this rank's share of a step (``LearnerGroup.load_batch`` placed it) until the next call: images
+        are encoded once here and shared by the samples; every pass of the step (log-probs, updates) reads it.
+        ``sizes``: how many of its samples, in order, belong to each mini-batch (default: one)."""
+        t0 = time.perf_counter()
+        self.load_samples(self._encoder.samples(batch), sizes)
+        return {"encode_s": time.perf_counter() - t0, "samples": float(len(batch))}
+
+    def load_samples(self, samples: Sequence[LearnerSample], sizes: Sequence[int] | None = None) -> None:
+        """:meth:`load_batch` for samples already built (in-process callers and tests)."""
+        sizes = [len(samples)] if sizes is None else list(sizes)
+        if sum(sizes) != len(samples):
+            raise ValueError(f"mini-batch sizes {sizes} do not add up to {len(samples)} samples")
+        self._samples = list(samples)
+        self._mini = [list(range(a - n, a)) for a, n in zip(itertools.accumulate(sizes), sizes, strict=True)]
+
+    def _loaded(self) -> list[LearnerSample]:
+        if getattr(self, "_samples", None) is None:
+            raise RuntimeError(f"rank {self.rank}: no step data; call load_batch first")
+        return self._samples
+
+    # --------------------------------------------------------------------------------- log-probs
+
+    @torch.no_grad()
+    def compute_logprobs(self, which: str = "policy", temperature: float = 1.0) -> list[np.ndarray]:
+        """Log-prob of every response token of the loaded samples under ``which`` (``policy`` | ``reference``)
+        at the sampling ``temperature``, one float32 array per sample; kept on the samples as their old
+        (``policy``) or reference log-probs for the updates. Collective: every rank must call it."""
+        samples = self._loaded()
+        out = self.logprobs(samples, which, temperature)
+        name = "old_logprobs" if which == "policy" else "ref_logprobs"
+        for s, values in zip(samples, out, strict=True):
+            setattr(s, name, values)
+        return out
+
+    @torch.no_grad()
+    def score(self, batch: StepBatch, which: str = "policy", temperature: float = 1.0) -> list[np.ndarray]:
+        """Log-probs of a batch that is not the step's (e.g. the sync probe); the loaded step is untouched."""
+        return self.logprobs(self._encoder.samples(batch), which, temperature)
+
+    @torch.no_grad()
+    def logprobs(self, samples: Sequence[LearnerSample], which: str, temperature: float) -> list[np.ndarray]:
+        """Response-token log-probs of ``samples`` under ``which`` (collective), one float32 array each."""
+        model = self._model(which)
+        result: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in samples]
         for idx in self._plan(samples):
-            mb, batch = self._micro_batch(samples, idx)
-            logp, s = self._forward_logprobs(model, batch, temperature)
-            for row, i in enumerate(idx or []):
-                p, n = mb[row].prompt_len, mb[row].num_tokens
-                result[i] = logp[row, p - 1 - s : n - 1 - s].float().cpu().tolist()
+            mb = [samples[i] for i in idx] if idx is not None else [self._dummy_sample()]
+            logp, fields = self._forward(model, mb, temperature)
+            lens = fields["response_lens"]
+            if idx is not None and sum(lens):
+                flat = logp[0].float().cpu().numpy()
+                for i, piece in zip(idx, np.split(flat, np.cumsum(lens)[:-1]), strict=True):
+                    result[i] = piece.copy()
         model.reshard()  # the FSDP root stays unsharded after a forward without backward
         return result
 
     # ------------------------------------------------------------------------------------ update
 
-    def train_step(
+    def train_step(self, mini_batch: int = 0, temperature: float = 1.0, objective: str = "grpo") -> dict[str, float]:
+        """One optimizer update on this rank's share of mini-batch ``mini_batch`` of the loaded step."""
+        samples = self._loaded()
+        return self.update([samples[i] for i in self._mini[mini_batch]], temperature, objective)
+
+    def update(
         self, samples: Sequence[LearnerSample], temperature: float = 1.0, objective: str = "grpo"
     ) -> dict[str, float]:
         """One optimizer update on this rank's share of the global batch (collective).
@@ -334,7 +447,7 @@ class LearnerWorker:
         if not sft and self.loss_cfg.uses_reference and any(s.ref_logprobs is None for s in samples):
             raise ValueError(
                 f"kl_coef={self.loss_cfg.kl_coef} > 0 needs ref_logprobs on every sample; "
-                "call compute_logprobs(samples, 'reference') first"
+                "call compute_logprobs('reference') first"
             )
         local_tokens = sum(s.response_len for s in samples)
         global_tokens = self._all_reduce([local_tokens])[0]
@@ -342,28 +455,27 @@ class LearnerWorker:
         batches = self._plan(samples)
         n_dummy = sum(idx is None for idx in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        # Sums over this rank: losses (already divided by denom), token-weighted fractions, slots.
         # Per-rank sums, kept on the device (no host sync per micro-batch): the losses (already divided
-        # by denom), token-weighted fractions, tokens; then padded slots and real tokens (host ints).
+        # by denom), token-weighted fractions, tokens; then slots and real tokens (host ints).
         keys = ["pg", "kl", "total", "clip", "clip_high", "clip_low", "approx_kl", "tokens"]
         acc = torch.zeros(len(keys), dtype=torch.float64, device=self._device)
         slots = real = 0
         t0 = time.perf_counter()
         for idx in batches:
-            mb, batch = self._micro_batch(samples, idx)
-            logp, s = self._forward_logprobs(self.policy, batch, temperature)
-            mask = batch["response_mask"][:, s:].to(self._device)
+            mb = [samples[i] for i in idx] if idx is not None else [self._dummy_sample()]
+            logp, fields = self._forward(self.policy, mb, temperature)
+            mask = fields["mask"].to(self._device)
             if sft:
                 loss = -token_mean(logp, mask, denom)
                 zero = torch.zeros((), device=self._device)
                 m = dict.fromkeys(("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl"), zero)
                 m["pg_loss"] = m["loss"] = loss.detach()
             else:
-                old = batch["old_logprobs"]
-                old = logp.detach() if old is None else old[:, s:].to(self._device)
-                ref = batch["ref_logprobs"]
-                ref = None if ref is None or not self.loss_cfg.uses_reference else ref[:, s:].to(self._device)
-                adv = batch["advantages"][:, s:].to(self._device)
+                old = fields["old_logprobs"]
+                old = logp.detach() if old is None else old.to(self._device)
+                ref = fields["ref_logprobs"]
+                ref = None if ref is None or not self.loss_cfg.uses_reference else ref.to(self._device)
+                adv = fields["advantages"].to(self._device)
                 loss, m = grpo_loss(logp, old, ref, adv, mask, denom=denom, **self.loss_cfg.loss_kwargs())
             loss.backward()
             n = mask.sum()
@@ -371,8 +483,8 @@ class LearnerWorker:
             fractions = [m[k] * n for k in ("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl")]
             acc += torch.stack([m["pg_loss"], kl, m["loss"], *fractions, n]).double()
             if idx is not None:
-                slots += len(mb) * max(x.num_tokens for x in mb)
-                real += sum(x.num_tokens for x in mb)
+                slots += fields["slots"]
+                real += fields["real"]
         if self._device.type == "cuda":
             torch.cuda.synchronize()
         fb_time = time.perf_counter() - t0

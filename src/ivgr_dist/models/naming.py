@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["NamingError", "checkpoint_names"]
+__all__ = ["NamingError", "checkpoint_names", "load_names"]
 
 
 class NamingError(ValueError):
@@ -69,3 +69,35 @@ def checkpoint_names(model: torch.nn.Module, names: Iterable[str] | None = None)
         dup = sorted(v for v in out.values() if list(out.values()).count(v) > 1)[0]
         raise NamingError(f"{type(model).__name__}: several parameters map to checkpoint name {dup!r}")
     return {n: out[n] for n in names}  # in the order asked for (transformers sorts)
+
+
+def load_names(model: torch.nn.Module, checkpoint_keys: Iterable[str]) -> dict[str, str]:
+    """``{in-memory name: checkpoint key}`` for the tensors of a checkpoint, by transformers' own LOAD-time
+    conversion (the renamings ``from_pretrained`` applies, legacy layouts included, and its base-model prefix
+    rule). Records the conversions that matched on ``model`` as ``from_pretrained`` does, so that
+    :func:`checkpoint_names` afterwards gives back this checkpoint's own layout (for a model built with
+    ``from_config``, e.g. on the meta device). A key that only a converter (not a rename) maps is refused.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict(), True)
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, str] = {}
+    for key in checkpoint_keys:
+        name, converted = rename_source_key(key, renamings, converters, prefix, meta)
+        if converted is not None:
+            raise NamingError(
+                f"{type(model).__name__}: checkpoint tensor {key!r} is converted on load ({converted}), not renamed; "
+                "set learner.sharded_init=false to load this model through transformers"
+            )
+        if name in out:
+            raise NamingError(
+                f"{type(model).__name__}: checkpoint tensors {out[name]!r} and {key!r} both load as {name!r}"
+            )
+        out[name] = key
+    model._weight_conversions = [m for m in mapping if m.was_used()]
+    return out

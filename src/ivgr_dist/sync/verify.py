@@ -3,7 +3,7 @@
 A version number says which push an engine took, not what it loaded. This check looks at what it computes:
 a fixed probe (one prompt with its image, and the first tokens of a response the engines sampled for it)
 is scored teacher-forced by every engine (``RolloutWorker.score``: raw log-probs, no temperature, no logit
-bias) and by the learner (``compute_logprobs`` at temperature 1). Identical weights agree up to the engines'
+bias) and by the learner (``LearnerGroup.score`` at temperature 1). Identical weights agree up to the engines'
 bf16 rounding (~0.005 on the tiny models); a stale, skipped or corrupted bucket, or a wrong name mapping,
 is off by far more. On CPU this is also the only check of the linear layers: vLLM's CPU kernels repack them,
 and their digests (``compute_weight_checksums``) cover nothing (see tests/integration/test_rollout_sync.py).
@@ -28,8 +28,8 @@ class VerificationError(RuntimeError):
 class WeightVerifier:
     """Holds the probe and compares engines with the learner (``sync.verify_every``, ``sync.verify_tolerance``)."""
 
-    def __init__(self, encoder, tolerance: float, probe_tokens: int = 16):
-        self.encoder, self.tolerance, self.probe_tokens = encoder, tolerance, probe_tokens
+    def __init__(self, tolerance: float, probe_tokens: int = 16):
+        self.tolerance, self.probe_tokens = tolerance, probe_tokens
         self.probe: Rollout | None = None
 
     def choose_probe(self, rollouts: list[Rollout]) -> None:
@@ -52,10 +52,11 @@ class WeightVerifier:
         models while every token of a stale or corrupted layer is off."""
         import ray
 
+        from ivgr_dist.learner.step_data import StepBatch
+
         if self.probe is None:
             return {}
-        sample = self.encoder.encode(self.probe)
-        (reference,) = learners.compute_logprobs([sample], "policy", 1.0)
+        (reference,) = learners.score(StepBatch.from_rollouts([self.probe]), "policy", 1.0)
         ids = list(self.probe.response_ids)
         refs = {e: rollouts.actors[e].score.remote(self.probe.prompt, ids) for e in rollouts.alive}
         mean: dict[int, float] = {}
