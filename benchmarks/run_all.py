@@ -62,6 +62,13 @@ BENCHES = {
             ratio="gloo_over_bcast",
         ),
         Bench(
+            "learner_io",
+            "bench_learner_io.py",
+            ("samples", "driver_bytes_before", "driver_bytes_after", "padding_ratio", "peak_rss_ratio"),
+            ratio="driver_bytes_ratio",
+            target=("<=", 0.2),  # 1/n of before, n = 5
+        ),
+        Bench(
             "reward",
             "bench_reward.py",
             ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),
