@@ -333,10 +333,19 @@ class EngineConfig:
     seed: int = 0
     """Engine sampling seed (each engine adds its index)."""
     max_images_per_prompt: int = 1
-    """Images one prompt may carry (vLLM reserves encoder budget for this many)."""
+    """Images one prompt may carry (vLLM reserves encoder budget for this many; records with more are bad rows)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens the scheduler processes per engine step (prefill chunk size); None: vLLM's default (2048 for an
+    ``AsyncLLM``, small for prompts of thousands of image tokens: the GPU recipes set 16384)."""
 
     def __post_init__(self) -> None:
         _check(self.max_model_len >= 64, "rollout.engine.max_model_len", self.max_model_len, "must be >= 64")
+        _check(
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 64,
+            "rollout.engine.max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            "must be >= 64 (or null for vLLM's default)",
+        )
         _check(
             0.0 < self.gpu_memory_utilization <= 1.0,
             "rollout.engine.gpu_memory_utilization",

@@ -145,3 +145,20 @@ def test_ablation_configs_differ_only_in_streams_and_output():
 
     base = normalised(cfgs["dual_stream"])
     assert all(normalised(c) == base for c in cfgs.values())
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml"])
+def test_recipe_engines_get_gpu_shaped_arguments(name):
+    """What a GPU engine of each recipe is started with: TP 2 on vLLM's Ray executor (its own placement group),
+    no video budget, prefill chunks sized for image-heavy prompts; the output directory is absolute (shared)."""
+    from ivgr_dist.rollout.worker import engine_kwargs
+
+    cfg = load_config(CONFIG_DIR / name)
+    kw = engine_kwargs(cfg.model, cfg.rollout, 3, "ivgr_collective", cpu=False)
+    assert kw["tensor_parallel_size"] == 2 and kw["distributed_executor_backend"] == "ray"
+    assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert kw["max_num_batched_tokens"] == 16384 and kw["seed"] == 3
+    assert "enable_chunked_prefill" not in kw  # recipes do not seed groups
+    assert Path(cfg.trainer.output_dir).is_absolute() and Path(cfg.model.path).is_absolute()
+    tiny = load_config(None)
+    assert "max_num_batched_tokens" not in engine_kwargs(tiny.model, tiny.rollout, 0, "ivgr_shm", cpu=True)

