@@ -36,7 +36,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         from ivgr_dist.data.pipeline import build_pipeline
         from ivgr_dist.learner.group import LearnerGroup
-        from ivgr_dist.reward.scorer import make_scorer
+        from ivgr_dist.reward.pool import make_scorer
         from ivgr_dist.rollout.pool import RolloutPool
         from ivgr_dist.storage import StorageProbe
         from ivgr_dist.sync import make_weight_sync

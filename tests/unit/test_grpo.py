@@ -590,3 +590,46 @@ def test_config_drives_grpo_loss():
     logp, old, adv, mask = _ratio_case([1.15], [1.0])
     loss, _ = grpo_loss(logp, old, None, adv, mask, **cfg.loss_kwargs())
     assert loss.item() == pytest.approx(-1.1)
+
+
+# ----------------------------------------------------------------------------- off-policy correction
+
+
+def test_truncated_is_weights_by_hand():
+    from ivgr_dist.learner.grpo import truncated_is_weights
+
+    prox = torch.tensor([[-1.0, -2.0, -0.5, -30.0]])
+    behav = torch.tensor([[-1.0, -3.0, -0.1, -0.01]])
+    w = truncated_is_weights(prox, behav, cap=2.0)
+    # exp(0) = 1; exp(1) = 2.718 -> capped at 2; exp(-0.4) = 0.670; exp(-29.99) clamped at exp(-20)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, math.exp(-0.4), math.exp(-20.0)]]))
+    assert not w.requires_grad
+    huge = truncated_is_weights(torch.tensor([0.0]), torch.tensor([-1e4]), cap=1e9)
+    assert torch.isfinite(huge).all() and huge.item() == pytest.approx(math.exp(20.0))  # clamped before exp
+    with pytest.raises(ValueError, match="cap=0"):
+        truncated_is_weights(prox, behav, cap=0)
+    with pytest.raises(ValueError, match="must match"):
+        truncated_is_weights(prox, behav[:, :2], cap=2.0)
+
+
+def test_policy_loss_weights_each_tokens_surrogate_and_reports_the_weights():
+    from ivgr_dist.learner.grpo import policy_loss
+
+    logp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -1.0, -1.0]])  # ratio 1: surrogate per token = -A
+    adv = torch.tensor([[1.0, -2.0, 3.0]])
+    mask = torch.tensor([[True, True, False]])
+    w = torch.tensor([[2.0, 0.5, 7.0]])
+    loss, m = policy_loss(logp, old, adv, mask, is_weights=w, is_cap=2.0)
+    # (-1 * 2.0 + 2 * 0.5) / 2 tokens = -0.5; the masked token (weight 7) plays no part
+    assert loss.item() == pytest.approx(-0.5)
+    loss.backward()
+    # d/dlogp of -A * w * exp(logp - old) at ratio 1 = -A * w / 2 tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, 0.5, 0.0]]))
+    assert m["is_weight_mean"].item() == pytest.approx(1.25)
+    assert m["is_clip_frac"].item() == pytest.approx(0.5)  # one of two tokens at the cap
+    assert m["is_ess"].item() == pytest.approx((2.5**2) / (2 * (4 + 0.25)))
+    plain, m0 = policy_loss(logp.detach(), old, adv, mask)
+    assert plain.item() == pytest.approx(0.5) and "is_weight_mean" not in m0
+    ones, m1 = policy_loss(logp.detach(), old, adv, mask, is_weights=torch.ones(1, 3), is_cap=2.0)
+    assert ones.item() == pytest.approx(plain.item()) and m1["is_ess"].item() == pytest.approx(1.0)

@@ -9,7 +9,8 @@ import pytest
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.judge import JudgeResult
 from ivgr_dist.reward.judge.rule import RuleJudge
-from ivgr_dist.reward.scorer import InProcessScorer, make_scorer
+from ivgr_dist.reward.pool import make_scorer
+from ivgr_dist.reward.scorer import InProcessScorer
 from ivgr_dist.types import Prompt, Rollout
 
 GOOD_A = "<think>the red circle <box>[10,10,50,50]</box> is red</think><answer>red</answer>"

@@ -13,6 +13,12 @@ What the module computes, following the "Policy optimisation" section of ALGORIT
   ``[1 - clip_low, 1 + clip_high]``, recipe 0.2 / 0.28), aggregated as a token mean.
 * :func:`kl_k3` - the low-variance ("k3") estimator of KL(policy || reference), per token.
 * :func:`grpo_loss` - policy loss plus ``kl_coef`` times the token mean of k3 (recipe 0.01).
+* :func:`truncated_is_weights` - the off-policy correction of asynchronous training: per token
+  ``min(exp(proximal - behaviour), cap)`` (truncated importance sampling, as in verl's rollout
+  correction and AReaL's decoupled PPO). The PPO ratio is taken against the PROXIMAL policy (the
+  learner's log-probs at the start of the step), and each token's surrogate is weighted by how much
+  more likely the proximal policy makes it than the policy that sampled it (the engine's log-probs,
+  possibly several versions older). Synchronous runs have weights ~1 (engine vs learner rounding).
 
 Where this departs from the recipe (an EasyR1/verl fork), on purpose:
 
@@ -49,6 +55,7 @@ __all__ = [
     "logprobs_from_logits",
     "policy_loss",
     "token_mean",
+    "truncated_is_weights",
 ]
 
 # Bound on ``|log ratio|`` before exponentiating (policy ratio and k3): exp(20) ~ 4.9e8 is finite in
@@ -399,6 +406,23 @@ def _masked_max(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep.any(), top, torch.zeros_like(top))
 
 
+def truncated_is_weights(proximal_logp: Tensor, behaviour_logp: Tensor, cap: float) -> Tensor:
+    """Per-token importance weights ``min(exp(proximal_logp - behaviour_logp), cap)`` (detached, fp32).
+
+    The log-ratio is clamped to [-20, 20] before ``exp`` (a token the behaviour policy found nearly
+    impossible cannot overflow to inf, and ``inf * 0`` cannot turn a masked position into nan).
+    ``cap > 0``; weights below the cap are left as they are (no lower truncation)."""
+    c = _as_real("cap", cap)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"cap={cap!r} must be finite and > 0 (0 turns the correction off: pass no weights)")
+    if proximal_logp.shape != behaviour_logp.shape:
+        raise ValueError(
+            f"proximal_logp {tuple(proximal_logp.shape)} and behaviour_logp {tuple(behaviour_logp.shape)} must match"
+        )
+    log_w = (proximal_logp.detach().float() - behaviour_logp.detach().float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(log_w).clamp(max=c)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -407,6 +431,8 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     denom: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
+    is_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate with asymmetric clipping, aggregated as a token mean.
 
@@ -421,6 +447,11 @@ def policy_loss(
     removed the token's gradient), ``pg_clipfrac_low`` (A < 0 and ratio < 1 - clip_low),
     ``pg_clipfrac`` (their sum); ``approx_kl`` (mean of old_logp - logp); ``ratio_mean``,
     ``ratio_max`` (0 when no token is unmasked).
+
+    ``is_weights`` (``[B, T]``, from :func:`truncated_is_weights`) multiply each token's surrogate (off-policy
+    correction); with them the metrics add ``is_weight_mean``, ``is_clip_frac`` (share of tokens at
+    ``is_cap``) and ``is_ess`` (effective sample size of the weights as a share of the tokens,
+    ``(sum w)^2 / (N sum w^2)``; 1 when all weights are equal).
     """
     _check_clip(clip_low, clip_high)
     if logp.shape != old_logp.shape or logp.shape != mask.shape:
@@ -442,6 +473,10 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(f"is_weights {tuple(is_weights.shape)} must match logp {tuple(logp.shape)}")
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     loss = token_mean(per_token, mask, denom)
 
     with torch.no_grad():
@@ -461,6 +496,13 @@ def policy_loss(
             "ratio_mean": token_mean(r, fmask),
             "ratio_max": _masked_max(r, keep),
         }
+        if is_weights is not None:
+            w = torch.where(keep, is_weights.detach().float(), torch.zeros((), device=logp.device))
+            n = fmask.sum()
+            metrics["is_weight_mean"] = token_mean(w, fmask)
+            at_cap = (w >= is_cap) & keep if is_cap is not None else torch.zeros_like(keep)
+            metrics["is_clip_frac"] = token_mean(at_cap.float(), fmask)
+            metrics["is_ess"] = torch.where(n > 0, w.sum().square() / (n * w.square().sum()).clamp(min=1e-30), n)
     return loss, metrics
 
 
@@ -488,8 +530,11 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     denom: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
+    is_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`policy_loss` + ``kl_coef * token_mean(kl_k3(logp, ref_logp), mask, denom)``.
+    """:func:`policy_loss` (with its off-policy ``is_weights``) + ``kl_coef * token_mean(kl_k3(logp, ref_logp),
+    mask, denom)``.
 
     ``ref_logp`` may be ``None`` only when ``kl_coef == 0``; if it is given with ``kl_coef == 0`` the
     KL is still reported in the metrics but adds nothing to the loss. Metrics: those of
@@ -499,7 +544,9 @@ def grpo_loss(
     _check_kl_coef(kl_coef)
     if kl_coef > 0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef!r} > 0 needs ref_logp; pass reference log-probs or set kl_coef=0")
-    loss, metrics = policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, denom=denom)
+    loss, metrics = policy_loss(
+        logp, old_logp, advantages, mask, clip_low, clip_high, denom=denom, is_weights=is_weights, is_cap=is_cap
+    )
     if ref_logp is not None:
         if kl_coef > 0:
             kl = token_mean(kl_k3(logp, ref_logp), mask, denom)

@@ -183,7 +183,7 @@ def _summary(schedule: str, groups: list[list[Rollout]], arrivals: Arrivals, don
 
 
 def run_pipelined(groups, reward_cfg: RewardConfig, algo: AlgorithmConfig, generation_s: float, seed: int) -> dict:
-    from ivgr_dist.reward.scorer import make_scorer
+    from ivgr_dist.reward.pool import make_scorer
 
     prompts = [g[0].prompt for g in groups]
     scorer = make_scorer(reward_cfg, algo)

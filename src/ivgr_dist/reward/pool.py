@@ -32,7 +32,7 @@ from typing import Any
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.reference import Reference
 from ivgr_dist.reward.reference_cache import get_reference_cache
-from ivgr_dist.reward.scorer import GroupJob, GroupResult, StreamScorer, score_job
+from ivgr_dist.reward.scorer import GroupJob, GroupResult, InProcessScorer, StreamScorer, score_job
 
 __all__ = ["RewardPool", "RewardWorker"]
 
@@ -241,3 +241,12 @@ class RewardPool(StreamScorer):
                 except Exception as exc:  # noqa: BLE001
                     log.debug("kill: %s", exc)
         self.workers = []
+
+
+def make_scorer(reward_cfg: RewardConfig, algo: AlgorithmConfig, namespace: str | None = None) -> StreamScorer:
+    """``reward.num_workers == 0``: the in-driver :class:`~ivgr_dist.reward.scorer.InProcessScorer`; else a
+    :class:`RewardPool` of that many workers. (Here, not in ``scorer``: the pool builds on the scorer, not the
+    other way round.)"""
+    if reward_cfg.num_workers == 0:
+        return InProcessScorer(algo, reward_cfg.judge)
+    return RewardPool(reward_cfg, algo, namespace=namespace)

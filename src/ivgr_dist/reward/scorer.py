@@ -410,11 +410,3 @@ class InProcessScorer(StreamScorer):
 RuleScorer = InProcessScorer
 """Former name of the in-process scorer (its consistency is now the judge's, ``rule`` by default)."""
 
-
-def make_scorer(reward_cfg, algo: AlgorithmConfig, namespace: str | None = None) -> StreamScorer:
-    """``reward.num_workers == 0``: :class:`InProcessScorer`; else a :class:`~ivgr_dist.reward.pool.RewardPool`."""
-    if reward_cfg.num_workers == 0:
-        return InProcessScorer(algo, reward_cfg.judge)
-    from ivgr_dist.reward.pool import RewardPool
-
-    return RewardPool(reward_cfg, algo, namespace=namespace)
