@@ -38,6 +38,10 @@ class StandInEngine:
         subprocess_gcs = None
         if self.tp == 1:  # vLLM runs in this actor's own processes on the device the actor holds
             bundles, gpus, nodes = [0], [list(map(int, ray.get_gpu_ids()))], [node]
+        elif not any(b.get("GPU", 0) for b in pg.bundle_specs):
+            # CPU: vLLM's TP workers are processes of this actor (mp executor), no Ray workers and no ray.init()
+            # in the EngineCore (a bare ray.init() there would start a second local cluster)
+            bundles, gpus, nodes = list(range(len(pg.bundle_specs))), [[] for _ in pg.bundle_specs], [node]
         else:
             env = os.environ.get("VLLM_RAY_BUNDLE_INDICES")
             if env:
