@@ -69,6 +69,13 @@ BENCHES = {
             target=("<=", 0.2),  # 1/n of before, n = 5
         ),
         Bench(
+            "e2e",
+            "bench_e2e.py",
+            ("k0_steps_per_s", "k1_steps_per_s", "k2_steps_per_s", "ideal_speedup", "overlap_efficiency_k1"),
+            ratio="speedup_k1",
+            target=(">=", 1.3),
+        ),
+        Bench(
             "reward",
             "bench_reward.py",
             ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),

@@ -334,6 +334,9 @@ class EngineConfig:
     """Engine sampling seed (each engine adds its index)."""
     max_images_per_prompt: int = 1
     """Images one prompt may carry (vLLM reserves encoder budget for this many; records with more are bad rows)."""
+    cpu_affinity: list[int] = field(default_factory=list)
+    """CPU cores the engines' processes run on (os.sched_setaffinity, before vLLM starts its processes); empty:
+    any. For a disaggregated shape on one CPU machine (benchmarks/bench_e2e.py pins engines and learners apart)."""
     max_num_batched_tokens: int | None = None
     """Tokens the scheduler processes per engine step (prefill chunk size); None: vLLM's default (2048 for an
     ``AsyncLLM``, small for prompts of thousands of image tokens: the GPU recipes set 16384)."""
@@ -435,6 +438,10 @@ class AlgorithmConfig:
     """Two predicted boxes with IoU above this make box_valid 0 (anti-spam)."""
     max_answer_chars: int = 1000
     """Answers longer than this score accuracy 0."""
+    tis_cap: float = 2.0
+    """Off-policy correction: each token's surrogate is weighted by min(pi_proximal / pi_behaviour, tis_cap),
+    the learner's probability at the start of the step over the sampling engine's (truncated importance
+    sampling); ~1 when on-policy. 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.clip_low < 1.0, "algorithm.clip_low", self.clip_low, "must be in (0, 1)")
@@ -449,6 +456,12 @@ class AlgorithmConfig:
         _check(0.0 <= self.ref_min_iou <= 1.0, "algorithm.ref_min_iou", self.ref_min_iou, "must be in [0, 1]")
         _check(0.0 < self.dup_box_iou <= 1.0, "algorithm.dup_box_iou", self.dup_box_iou, "must be in (0, 1]")
         _check(self.max_answer_chars >= 1, "algorithm.max_answer_chars", self.max_answer_chars, "must be >= 1")
+        _check(
+            self.tis_cap == 0 or (self.tis_cap >= 1.0 and math.isfinite(self.tis_cap)),
+            "algorithm.tis_cap",
+            self.tis_cap,
+            "must be 0 (off) or a finite cap >= 1",
+        )
 
 
 # ------------------------------------------------------------------------------------------- learner
@@ -508,6 +521,8 @@ class LearnerConfig:
     """Recompute activations in the backward pass (saves memory, costs ~30% compute)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    cpu_affinity: list[int] = field(default_factory=list)
+    """CPU cores the ranks' processes run on (os.sched_setaffinity); empty: any (see rollout.engine.cpu_affinity)."""
 
     def __post_init__(self) -> None:
         _check(self.num_ranks >= 1, "learner.num_ranks", self.num_ranks, "must be >= 1")
@@ -707,9 +722,17 @@ class TrainerConfig:
     """Mirror metrics.jsonl to TensorBoard event files in output_dir/tensorboard."""
     ray_address: str | None = None
     """Ray cluster to join; None: RAY_ADDRESS if set (ray job submit sets it), else a local cluster."""
+    max_staleness: int = 0
+    """0: on-policy (generate, then train, then push: the recipe's loop). k >= 1: engines keep generating while
+    the learner trains (at most k + 1 batches ahead) and weights are pushed into running generations; a rollout
+    is trained on at most k policy versions after the one it was submitted under (its oldest token's)."""
+    trace: bool = False
+    """Write a Chrome/Perfetto trace of every step (engines' generations, reward scoring, learner phases,
+    weight pushes) to output_dir/trace.json (open it in ui.perfetto.dev or chrome://tracing)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "trainer.output_dir", self.output_dir, "must be a non-empty path")
+        _check(self.max_staleness >= 0, "trainer.max_staleness", self.max_staleness, "must be >= 0 (0 = on-policy)")
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "must be >= 0")
         _check(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
         _check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = all)")

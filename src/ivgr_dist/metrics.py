@@ -71,6 +71,51 @@ class Timer:
         return {f"time/{k}_s": v for k, v in self.seconds.items()}
 
 
+class Tracer:
+    """A Chrome/Perfetto trace (``trainer.trace``): complete events on named tracks, one track per engine,
+    reward worker, learner phase and weight push; thread-safe (the batch producer records from its thread).
+    Times are ``time.perf_counter()`` values, written in microseconds from the tracer's start."""
+
+    def __init__(self, path: str | Path):
+        import threading
+
+        self.path = Path(path)
+        self.t0 = time.perf_counter()
+        self._events: list[dict] = []
+        self._tracks: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def span(self, track: str, name: str, start: float, end: float, **args) -> None:
+        with self._lock:
+            tid = self._tracks.setdefault(track, len(self._tracks) + 1)
+            event = {"name": name, "ph": "X", "pid": 1, "tid": tid, "ts": (start - self.t0) * 1e6}
+            event["dur"] = max(0.0, end - start) * 1e6
+            if args:
+                event["args"] = args
+            self._events.append(event)
+
+    @contextmanager
+    def __call__(self, track: str, name: str, **args):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.span(track, name, t0, time.perf_counter(), **args)
+
+    def write(self) -> Path:
+        """Write everything recorded so far (the file is replaced, so it is complete at any time)."""
+        with self._lock:
+            meta = [
+                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
+                for track, tid in self._tracks.items()
+            ]
+            doc = {"traceEvents": meta + list(self._events), "displayTimeUnit": "ms"}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.path)
+        return self.path
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file."""
     with Path(path).open() as f:

@@ -182,3 +182,21 @@ class EnginePlacement:
             except Exception as exc:  # noqa: BLE001 - teardown: Ray may already be shutting down
                 log.debug("removing the placement group of engine %d: %s", self.index, exc)
             self.pg = None
+
+
+def pin_to_cores(cores: list[int], what: str) -> None:
+    """Run this process (every thread it has now, and what it starts later) on ``cores`` only. For a
+    disaggregated shape on one machine (``rollout.engine.cpu_affinity`` / ``learner.cpu_affinity``); a core
+    this process may not use is refused with the cores it may."""
+    import os
+
+    if not cores:
+        return
+    allowed = os.sched_getaffinity(0)
+    if not set(cores) <= allowed:
+        raise ValueError(f"{what}: cpu_affinity={sorted(cores)} includes cores outside {sorted(allowed)}")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except OSError:  # a thread that ended meanwhile
+            pass

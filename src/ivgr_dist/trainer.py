@@ -6,26 +6,35 @@
       -> push weights (version v+1) into every engine -> log -> checkpoint
 
 Everything heavy lives in the roles (``RolloutPool``, ``LearnerGroup``, the scorer, the weight
-sync); this file only wires them in the order of the algorithm. Generation and learning alternate
-(on-policy, like the recipe); the asynchronous one-step-off mode is a later option.
+sync); this file only wires them in the order of the algorithm. The batches come from a
+``BatchProducer`` (sampling, generation and scoring): with ``trainer.max_staleness=0`` it produces a
+step's batch when the step asks for it (generation and learning alternate, on-policy like the recipe);
+with ``k >= 1`` it produces up to ``k + 1`` batches ahead in a thread while the learner trains, and the
+weight push lands in running generations. The loop below is the same for both.
+
+Off-policy correction: the learner's log-probs at the start of a step are the PROXIMAL policy (the PPO
+ratio's denominator); each token is weighted by min(proximal / behaviour, ``algorithm.tis_cap``), the
+behaviour being the engine's sampled log-probs (``ivgr_dist.learner.grpo.truncated_is_weights``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ivgr_dist.config import Config, to_yaml
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
-from ivgr_dist.metrics import MetricsLogger, Timer
+from ivgr_dist.metrics import MetricsLogger, Timer, Tracer
+from ivgr_dist.producer import BatchProducer
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Rollout
 
@@ -53,7 +62,14 @@ class Trainer:
         )
         storage = StorageProbe(self.out, cfg.model.path)  # every engine's and rank's node must see both
         try:
-            self.rollouts = RolloutPool(cfg.model, cfg.rollout, self.sync.engine_backend, use_gpus, storage=storage)
+            self.rollouts = RolloutPool(
+                cfg.model,
+                cfg.rollout,
+                self.sync.engine_backend,
+                use_gpus,
+                storage=storage,
+                inflight_updates=cfg.trainer.max_staleness > 0,
+            )
             try:
                 self.learners = LearnerGroup(
                     cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), storage=storage
@@ -67,6 +83,10 @@ class Trainer:
         self.sync.setup(self.learners, self.rollouts)
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
+        self.tracer = Tracer(self.out / "trace.json") if cfg.trainer.trace else None
+        self.scorer.trace = self.tracer
+        # max_staleness 0: each batch is produced when its step asks for it; k >= 1: ahead, in a thread
+        self.producer = BatchProducer(self.data, self.rollouts, self.scorer, cfg.trainer.max_staleness, self.tracer)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
@@ -83,16 +103,20 @@ class Trainer:
 
         records = []
         bar = tqdm(range(self.step + 1, self.cfg.trainer.max_steps + 1), desc="rl steps", unit="step")
-        for step in bar:
-            record = self.rl_step(step)
-            records.append(record)
-            bar.set_postfix(
-                reward_A=f"{record.get('reward/grounded/overall', float('nan')):.2f}",
-                reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
-                step_s=f"{record['time/step_s']:.1f}",
-            )
-            if self._should_save(step):
-                self.save(step)
+        self.producer.start(self.step + 1, self.cfg.trainer.max_steps, self.version)
+        try:
+            for step in bar:
+                record = self.rl_step(step)
+                records.append(record)
+                bar.set_postfix(
+                    reward_A=f"{record.get('reward/grounded/overall', float('nan')):.2f}",
+                    reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
+                    step_s=f"{record['time/step_s']:.1f}",
+                )
+                if self._should_save(step):
+                    self.save(step)
+        finally:
+            self.producer.close()
         if records:
             self.export_model()
         return records
@@ -109,63 +133,61 @@ class Trainer:
         return self.model_dir
 
     def rl_step(self, step: int) -> dict:
-        from ivgr_dist.rollout.pool import PoolStats
-
-        cfg, timer, gen = self.cfg, Timer(), PoolStats()
-        t0 = time.perf_counter()
-        with timer("step"):
-            prompts = self.data.next_prompts()
-            generated = self._timed(
-                self.rollouts.generate(prompts, stats=gen, seed=self.rollouts.sampling_seed(step)), timer
-            )
-            groups = list(self.scorer.score_stream(generated, prompts, step))  # overlaps generation
-            # Back to batch order: which groups share a mini-batch must not depend on which finished first.
-            position = {p.uid: i for i, p in enumerate(prompts)}
-            groups.sort(key=lambda g: position[g[0].prompt.uid])
-            reward_tail = time.perf_counter() - t0 - timer.seconds["generate"]
-            rollouts = [r for g in groups for r in g]
+        cfg, timer, span = self.cfg, Timer(), self._span
+        with timer("step"), span("trainer", f"step {step}"):
+            with timer("wait"), span("trainer", "wait for batch"):  # synchronous: generation and rewards now
+                batch = self.producer.get(step)
+            rollouts = batch.rollouts
             self._assign_advantages(rollouts)
             with timer("learner"):
                 T = cfg.rollout.temperature or 1.0
-                with timer("learner_input"):  # images once per record, arrays; placed on the ranks once
-                    batch = StepBatch.from_rollouts(rollouts)
-                    updates = self._mini_batches(len(batch))
-                    placed = self.learners.load_batch(batch, updates)
-                old = self.learners.compute_logprobs("policy", T)
+                with timer("learner_input"), span("learner", "load batch"):  # images once per record; placed once
+                    data = StepBatch.from_rollouts(rollouts)
+                    updates = self._mini_batches(len(data))
+                    placed = self.learners.load_batch(data, updates)
+                with span("learner", "old log-probs"):
+                    old = self.learners.compute_logprobs("policy", T)  # the proximal policy
                 if cfg.algorithm.kl_coef > 0:
-                    self.learners.compute_logprobs("reference", T)
-                train = self._update(len(updates), T)
-            with timer("sync"):
+                    with span("learner", "reference log-probs"):
+                        self.learners.compute_logprobs("reference", T)
+                with span("learner", "updates"):
+                    train = self._update(len(updates), T)
+            versions = _version_metrics(rollouts, self.version)  # against the policy just updated
+            mismatch = _mismatch(rollouts, old, self.version)
+            with timer("sync"), span("sync", f"push version {self.version + 1}"):
                 self.version += 1
                 sync = self.push_weights(step)
+            self.producer.trained(step, self.version, batch)
             self.verifier.choose_probe(rollouts)
             every = cfg.sync.verify_every
             verify = (
                 self.verifier.check(self.learners, self.rollouts, self.version) if every and step % every == 0 else {}
             )
+        gen = batch.metrics["time/generate_s"]
         metrics = {
             "weight_version": self.version,
             **timer.metrics(),
-            **gen.metrics(),
+            **batch.metrics,
             **reward_metrics(rollouts),
-            **(scorer_metrics := self.scorer.metrics()),
-            "time/reward_s": scorer_metrics.get("reward/busy_s", 0.0),
             **train,
             **sync,
             **verify,
+            **versions,
             "learner/input_bytes": placed["learner/input_bytes"],
             "learner/encode_s_max": placed["learner/encode_s_max"],
-            **_overhead(timer.seconds),
-            **self.data.records.metrics(),
-            **self.data.sampler.metrics(),
-            "reward/tail_s": reward_tail,
-            "rollout/tokens_per_s": gen.tokens / max(timer.seconds["generate"], 1e-9),
-            "logprob/mismatch_mean": _mismatch(rollouts, old),
+            **_overhead(timer.seconds, gen),
+            **mismatch,
         }
         record = self.metrics.log(step, metrics)
+        if self.tracer is not None:
+            self.tracer.write()
         if verify and (error := self.verifier.error()) is not None:
             raise error  # logged first, so metrics.jsonl shows sync/verified = 0 at this step
         return record
+
+    def _span(self, track: str, name: str):
+        """A trace span (``trainer.trace``), or nothing."""
+        return self.tracer(track, name) if self.tracer is not None else contextlib.nullcontext()
 
     def push_weights(self, step: int) -> dict[str, float]:
         """Push version ``self.version`` to every live engine. Engines that die or hang during the push are
@@ -188,15 +210,6 @@ class Trainer:
         except SyncError as err:
             raise SyncError(f"step {step}: {err}", err.version, err.failed_engines, err.errors) from first
         return {**out, "sync/failed_pushes": 1.0, "sync/dropped_engines": float(len(first.failed_engines))}
-
-    def _timed(self, groups: Iterator[list[Rollout]], timer: Timer) -> Iterator[list[Rollout]]:
-        """Pass groups through, recording when the last one arrived (generation end; the consumer's
-        scoring time between groups is not counted)."""
-        t0 = time.perf_counter()
-        timer.seconds["generate"] = 0.0
-        for group in groups:
-            timer.seconds["generate"] = time.perf_counter() - t0
-            yield group
 
     def _mini_batches(self, n: int) -> list[list[int]]:
         """Sample indices of each update: consecutive runs of global_batch_size groups (batch order)."""
@@ -236,7 +249,7 @@ class Trainer:
         state = {
             "step": step,
             "weight_version": self.version,
-            "sampler": self.data.sampler.state_dict(),
+            **self.producer.resume_state(step),  # the sampler before the first batch not trained on
             "scorer": self.scorer.state_dict(),
         }
         (path / "trainer_state.json").write_text(json.dumps(state))
@@ -253,7 +266,7 @@ class Trainer:
         path = done[-1]
         state = json.loads((path / "trainer_state.json").read_text())
         self.learners.load_checkpoint(str(path / "learner"))
-        self.data.sampler.load_state_dict(state["sampler"])
+        self.producer.load_state(state)
         self.scorer.load_state_dict(state["scorer"])
         self.step, self.version = state["step"], state["weight_version"]
         self.push_weights(self.step)  # engines start from the base weights
@@ -261,17 +274,21 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.tracer is not None:
+            self.tracer.write()
         self.scorer.close()
         self.sync.close()
         self.rollouts.shutdown()
         self.learners.shutdown()
 
 
-def _overhead(seconds: dict[str, float]) -> dict[str, float]:
-    """``time/overhead_s``: the step's time outside generation, learner compute (the learner's passes without
-    placing their input) and weight sync, i.e. the reward tail, the learner input, the probe check and
-    the driver's own work; ``time/overhead_frac``: its share of the step."""
-    compute = seconds["generate"] + seconds["learner"] - seconds["learner_input"] + seconds["sync"]
+def _overhead(seconds: dict[str, float], generate: float) -> dict[str, float]:
+    """``time/overhead_s``: the step's time outside generation the learner waited for (all of it when
+    synchronous, the part not hidden behind the previous step when asynchronous), learner compute (the
+    learner's passes without placing their input) and weight sync: the reward tail, the learner input, the
+    probe check and the driver's own work; ``time/overhead_frac``: its share of the step."""
+    exposed = min(seconds["wait"], generate)
+    compute = exposed + seconds["learner"] - seconds["learner_input"] + seconds["sync"]
     overhead = max(0.0, seconds["step"] - compute)
     return {"time/overhead_s": overhead, "time/overhead_frac": overhead / max(seconds["step"], 1e-9)}
 
@@ -319,14 +336,37 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _mismatch(rollouts: list[Rollout], learner_logprobs: list) -> float:
-    """Mean |learner - engine| log-prob over all sampled tokens."""
-    total, count = 0.0, 0
+def _version_metrics(rollouts: list[Rollout], version: int) -> dict[str, float]:
+    """How far behind the policy being updated (``version``) the rollouts were generated: staleness from each
+    rollout's oldest version, and the share whose generation spanned a weight update."""
+    if not rollouts:
+        return {}
+    stale = [version - r.weight_version for r in rollouts]
+    mixed = [r.weight_version_last is not None and r.weight_version_last != r.weight_version for r in rollouts]
+    return {
+        "rollout/staleness_mean": sum(stale) / len(stale),
+        "rollout/staleness_max": float(max(stale)),
+        "rollout/mixed_version_frac": sum(mixed) / len(mixed),
+    }
+
+
+def _mismatch(rollouts: list[Rollout], learner_logprobs: list, version: int) -> dict[str, float]:
+    """``logprob/mismatch_mean``: mean |learner - engine| log-prob over the tokens sampled under the learner's
+    own weights (version ``version`` from first to last token): nonzero only through numerics, so it checks
+    that the engines run the learner's weights. Tokens of older versions differ by policy change as well;
+    ``logprob/offpolicy_abs_mean`` reports them (asynchronous runs)."""
+    sums = {True: [0.0, 0], False: [0.0, 0]}
     for r, lp in zip(rollouts, learner_logprobs, strict=True):
-        for a, b in zip(r.logprobs, lp, strict=True):
-            total += abs(a - b)
-            count += 1
-    return total / max(count, 1)
+        on = r.weight_version == version and r.weight_version_last in (None, version)
+        acc = sums[on]
+        acc[0] += float(np.abs(np.asarray(r.logprobs, dtype=np.float64) - np.asarray(lp, dtype=np.float64)).sum())
+        acc[1] += len(r.logprobs)
+    out = {}
+    if sums[True][1]:
+        out["logprob/mismatch_mean"] = sums[True][0] / sums[True][1]
+    if sums[False][1]:
+        out["logprob/offpolicy_abs_mean"] = sums[False][0] / sums[False][1]
+    return out
 
 
 SUMMARY_KEYS = (

@@ -67,7 +67,8 @@ class Rollout:
     logprobs: list[float]
     """Log-probability of each generated token under the sampling engine (vLLM)."""
     weight_version: int
-    """Version of the policy weights the engine held when it generated this."""
+    """Version of the policy weights the engine held when the request was submitted: its oldest token's
+    version at the latest (staleness counts from it)."""
     finish_reason: str = "stop"
     """``stop`` (EOS/stop string) or ``length`` (hit max_response_length)."""
     rewards: dict[str, float] = field(default_factory=dict)
@@ -76,6 +77,9 @@ class Rollout:
     """Sum of the components for this stream: the GRPO reward."""
     advantage: float = 0.0
     """Group-normalised advantage, broadcast to every response token."""
+    weight_version_last: int | None = None
+    """Version the engine held when the request finished (differs from ``weight_version`` when a weight update
+    happened while it generated; None where unknown)."""
 
     @property
     def group_key(self) -> str:

@@ -162,3 +162,7 @@ def test_recipe_engines_get_gpu_shaped_arguments(name):
     assert Path(cfg.trainer.output_dir).is_absolute() and Path(cfg.model.path).is_absolute()
     tiny = load_config(None)
     assert "max_num_batched_tokens" not in engine_kwargs(tiny.model, tiny.rollout, 0, "ivgr_shm", cpu=True)
+    # asynchronous training: no prefix caching (vLLM 0.32 cannot recompute an image prefix it took from the cache)
+    assert kw["enable_prefix_caching"] is True
+    inflight = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_collective", cpu=False, inflight_updates=True)
+    assert inflight["enable_prefix_caching"] is False

@@ -336,8 +336,8 @@ def plan_packs(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 def response_fields(samples: Sequence[LearnerSample]) -> dict:
     """The per-response-token fields of a micro-batch, flat in sample order, each ``[1, K]``:
-    ``labels`` (the response ids), ``mask`` (all true), ``advantages``, ``old_logprobs`` / ``ref_logprobs``
-    (``None`` unless every sample has them; mixing is an error); and ``response_lens`` (a list).
+    ``labels`` (the response ids), ``mask`` (all true), ``advantages``, ``old_logprobs`` / ``ref_logprobs`` /
+    ``behaviour_logprobs`` (``None`` unless every sample has them; mixing is an error); and ``response_lens``.
 
     ``K = 0`` (no sample has a response: a dummy micro-batch) gives one masked-out entry, so the forward
     still has an output to back-propagate through (FSDP needs every rank's backward).
@@ -352,7 +352,7 @@ def response_fields(samples: Sequence[LearnerSample]) -> dict:
         "mask": torch.full((1, max(len(labels), 1)), not empty, dtype=torch.bool),
         "advantages": torch.tensor(advantages or [0.0], dtype=torch.float32)[None],
     }
-    for name in ("old_logprobs", "ref_logprobs"):
+    for name in ("old_logprobs", "ref_logprobs", "behaviour_logprobs"):
         have = [getattr(s, name) is not None for s in samples]
         if any(have) and not all(have):
             raise ValueError(f"{name} is set on some samples of the micro-batch but not on others")

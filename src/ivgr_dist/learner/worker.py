@@ -60,7 +60,7 @@ from ivgr_dist.learner.batch import (
     register_packed_sdpa,
     response_fields,
 )
-from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean
+from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean, truncated_is_weights
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.models.naming import checkpoint_names
 
@@ -109,6 +109,18 @@ def resolve_attn_implementation(choice: str, cuda: bool) -> str:
     return choice
 
 
+def _tis_metrics(tot: dict[str, float]) -> dict[str, float]:
+    """``offpolicy/*`` from the global sums of the truncated importance weights (none when the correction is off)."""
+    n = tot["w_n"]
+    if n <= 0:
+        return {}
+    return {
+        "offpolicy/is_weight_mean": tot["w"] / n,
+        "offpolicy/is_clip_frac": tot["w_capped"] / n,
+        "offpolicy/ess": tot["w"] ** 2 / (n * tot["w2"]) if tot["w2"] > 0 else 0.0,
+    }
+
+
 def pick_master_address() -> tuple[str, int]:
     """This node's address (Ray's node IP inside Ray, else 127.0.0.1) and a currently free TCP port."""
     addr = "127.0.0.1"
@@ -139,6 +151,9 @@ class LearnerWorker:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        from ivgr_dist.placement import pin_to_cores
+
+        pin_to_cores(list(learner_cfg.cpu_affinity), f"learner rank {rank}")
         self.model_cfg, self.cfg, self.algo_cfg = model_cfg, learner_cfg, algo_cfg
         self.rank, self.world_size, self.total_steps = rank, world_size, max(0, int(total_steps))
         self.loss_cfg = GRPOLossConfig(
@@ -457,7 +472,21 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         # Per-rank sums, kept on the device (no host sync per micro-batch): the losses (already divided
         # by denom), token-weighted fractions, tokens; then slots and real tokens (host ints).
-        keys = ["pg", "kl", "total", "clip", "clip_high", "clip_low", "approx_kl", "tokens"]
+        keys = [
+            "pg",
+            "kl",
+            "total",
+            "clip",
+            "clip_high",
+            "clip_low",
+            "approx_kl",
+            "tokens",
+            "w",
+            "w2",
+            "w_capped",
+            "w_n",
+        ]
+        cap = self.algo_cfg.tis_cap
         acc = torch.zeros(len(keys), dtype=torch.float64, device=self._device)
         slots = real = 0
         t0 = time.perf_counter()
@@ -476,12 +505,30 @@ class LearnerWorker:
                 ref = fields["ref_logprobs"]
                 ref = None if ref is None or not self.loss_cfg.uses_reference else ref.to(self._device)
                 adv = fields["advantages"].to(self._device)
-                loss, m = grpo_loss(logp, old, ref, adv, mask, denom=denom, **self.loss_cfg.loss_kwargs())
+                behaviour = fields["behaviour_logprobs"]
+                weights = None
+                if cap > 0 and behaviour is not None:  # off-policy correction: proximal (old) over behaviour
+                    weights = truncated_is_weights(old, behaviour.to(self._device), cap)
+                loss, m = grpo_loss(
+                    logp,
+                    old,
+                    ref,
+                    adv,
+                    mask,
+                    denom=denom,
+                    is_weights=weights,
+                    is_cap=cap,
+                    **self.loss_cfg.loss_kwargs(),
+                )
+                if weights is not None:
+                    w = weights[mask]
+                    count = torch.tensor(float(w.numel()), device=w.device)
+                    acc[-4:] += torch.stack([w.sum(), w.square().sum(), (w >= cap).sum().float(), count]).double()
             loss.backward()
             n = mask.sum()
             kl = m.get("kl_loss", torch.zeros((), device=self._device))
             fractions = [m[k] * n for k in ("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl")]
-            acc += torch.stack([m["pg_loss"], kl, m["loss"], *fractions, n]).double()
+            acc[:8] += torch.stack([m["pg_loss"], kl, m["loss"], *fractions, n]).double()
             if idx is not None:
                 slots += fields["slots"]
                 real += fields["real"]
@@ -523,6 +570,7 @@ class LearnerWorker:
             "clip/frac_high": tot["clip_high"] / tokens,
             "clip/frac_low": tot["clip_low"] / tokens,
             "policy/approx_kl": tot["approx_kl"] / tokens,
+            **_tis_metrics(tot),
             **common,
         }
 

@@ -136,6 +136,10 @@ class RewardPool(StreamScorer):
         self._where[ref] = (slot, self._gen[slot])
         return ref
 
+    def _track(self, ref) -> str:
+        slot = self._where.get(ref, (-1, -1))[0]
+        return f"reward worker {slot}" if slot >= 0 else "reward (driver)"
+
     def _wait(self, handles: list, timeout: float) -> list:
         import ray
 

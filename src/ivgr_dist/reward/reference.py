@@ -198,7 +198,8 @@ class ReferenceTable:
         """
         return {
             "version": STATE_VERSION,
-            "entries": [[k, ref.to_dict()] for k, ref in self._refs.items()],
+            # list(): one atomic copy (the batch producer's thread may add references meanwhile)
+            "entries": [[k, ref.to_dict()] for k, ref in list(self._refs.items())],
         }
 
     def load_state_dict(self, state: Any) -> None:

@@ -218,6 +218,8 @@ class _Entry:
     job: GroupJob
     deadline: float
     attempts: int = 1
+    submitted: float = 0.0
+    track: str = "reward (driver)"
 
 
 class StreamScorer:
@@ -225,6 +227,8 @@ class StreamScorer:
 
     max_attempts = 3
     """Times a group is submitted before the driver scores it rules-only."""
+    trace = None
+    """A ``metrics.Tracer`` (set by the batch producer with ``trainer.trace``): each group's scoring is a span."""
 
     def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig):
         self.algo, self.judge_cfg = algo, judge_cfg
@@ -286,7 +290,9 @@ class StreamScorer:
     def _start(self, group: list[Rollout], job: GroupJob | None = None, attempts: int = 1) -> None:
         job = job or job_from_group(group, self._step)
         handle = self._submit(job)
-        self._pending[handle] = _Entry(group, job, time.monotonic() + self.group_deadline_s, attempts)
+        entry = _Entry(group, job, time.monotonic() + self.group_deadline_s, attempts, time.perf_counter())
+        entry.track = self._track(handle)
+        self._pending[handle] = entry
 
     def _collect(self, timeout: float) -> Iterator[list[Rollout]]:
         if not self._pending:
@@ -316,7 +322,13 @@ class StreamScorer:
         ref = self._reference(job.record_key) if job.stream == "textual" else None
         return asyncio.run(score_job(job, FallbackJudge(), self.algo, self.judge_cfg.fallback_consistency, ref))
 
+    def _track(self, handle) -> str:
+        """The trace track of a submitted group (the pool names its worker)."""
+        return "reward (driver)"
+
     def _finish(self, entry: _Entry, result: GroupResult) -> Iterator[list[Rollout]]:
+        if self.trace is not None:
+            self.trace.span(entry.track, entry.job.key, entry.submitted, time.perf_counter())
         apply_result(entry.group, result)
         for k, v in result.counts.items():
             self._counts[k] += v
@@ -409,4 +421,3 @@ class InProcessScorer(StreamScorer):
 
 RuleScorer = InProcessScorer
 """Former name of the in-process scorer (its consistency is now the judge's, ``rule`` by default)."""
-

