@@ -15,9 +15,12 @@ Qwen2.5-VL on a local Ray cluster.
   (``learner.pack_sequences=false``) and with packed rows, same samples: ``learner/padding_ratio`` and the
   learner's compute time of each.
 
-Part 2, memory: peak RSS per rank while two ranks (gloo, plain processes) initialise a ~90 M-parameter random
-Qwen2.5-VL (policy and reference, fp32), with ``learner.sharded_init=false`` (every rank loads the full
-model, then shards) and ``=true`` (meta-device build, each rank reads its own rows).
+Part 2, memory: peak memory per rank while two ranks (gloo, plain processes) initialise a ~90 M-parameter random
+Qwen2.5-VL saved in bf16 like released checkpoints (policy and reference, fp32 on CPU), with
+``learner.sharded_init=false`` (every rank loads the full model, then shards) and ``=true`` (meta-device
+build, each rank reads its own rows). Peak RSS is the address space's high-water mark (VmHWM; it counts the
+checkpoint file's pages the process touched); peak anonymous memory (RssAnon, polled) is what the process
+itself allocated.
 
 Fields: ``driver_bytes_ratio`` (after / before), ``padding_ratio`` (after; ``padding_ratio_before``),
 ``peak_rss_ratio`` (after / before, the larger rank), ``input_s_before`` / ``input_s_after``,
@@ -34,10 +37,12 @@ import multiprocessing as mp
 import os
 import pickle
 import random
-import resource
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,6 +140,16 @@ def learner_step(cfg, batch, pack: bool) -> dict:
 # ----------------------------------------------------------------------------------- part 2: memory
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MiB. VmHWM is the peak resident set of this
+    address space (``ru_maxrss`` would not do: Linux carries it over ``execve``, so a spawned child starts with
+    its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _init_rank(rank: int, port: int, model_dir: str, sharded: bool, q) -> None:
     from ivgr_dist._ext_fix import install
 
@@ -142,10 +157,21 @@ def _init_rank(rank: int, port: int, model_dir: str, sharded: bool, q) -> None:
     import torch
 
     torch.set_num_threads(1)
+    import threading
+
     from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
     from ivgr_dist.learner.worker import LearnerWorker
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_mb("VmRSS")
+    anon = {"peak": _status_mb("RssAnon"), "stop": False}
+
+    def sample() -> None:  # no high-water mark exists for anonymous memory alone: poll it
+        while not anon["stop"]:
+            anon["peak"] = max(anon["peak"], _status_mb("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     worker = LearnerWorker(
         ModelConfig(path=model_dir, make_tiny_if_missing=False),
         LearnerConfig(num_ranks=2, sharded_init=sharded),
@@ -156,9 +182,11 @@ def _init_rank(rank: int, port: int, model_dir: str, sharded: bool, q) -> None:
     )
     worker.init_distributed("127.0.0.1", port)
     params = worker.num_params()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_mb("VmHWM")
+    anon["stop"] = True
+    sampler.join()
     worker.close()
-    q.put((rank, base / 1024, peak / 1024, params))
+    q.put((rank, base, peak, params, anon["peak"]))
 
 
 def init_peak_rss(model_dir: Path, sharded: bool) -> dict:
@@ -179,7 +207,28 @@ def init_peak_rss(model_dir: Path, sharded: bool) -> dict:
         "base_mb": [round(got[r][0]) for r in range(2)],
         "peak_mb": [round(got[r][1]) for r in range(2)],
         "params": got[0][2],
+        "anon_peak_mb": [round(got[r][3]) for r in range(2)],
     }
+
+
+def bf16_copy(model_dir: Path) -> Path:
+    """The model directory with its weights in bf16, as released checkpoints are (the learner keeps fp32
+    masters, so loading casts: that is when a full model lands in each rank's memory)."""
+    from safetensors.torch import load_file, save_file
+
+    out = model_dir.with_name(model_dir.name + "-bf16")
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name("." + out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    state = load_file(str(tmp / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(out)
+    return out
 
 
 def main() -> None:
@@ -238,7 +287,7 @@ def main() -> None:
     if not args.skip_memory:
         from bench_sync import build_model
 
-        big = build_model(workdir / f"io-qwen2.5-vl-h{args.hidden}-l{args.layers}", args.hidden, args.layers)
+        big = bf16_copy(build_model(workdir / f"io-qwen2.5-vl-h{args.hidden}-l{args.layers}", args.hidden, args.layers))
         full = init_peak_rss(big, sharded=False)
         sharded = init_peak_rss(big, sharded=True)
         out.update(
@@ -246,8 +295,11 @@ def main() -> None:
                 "params": full["params"],
                 "peak_rss_mb_before": full["peak_mb"],
                 "peak_rss_mb_after": sharded["peak_mb"],
+                "peak_anon_mb_before": full["anon_peak_mb"],
+                "peak_anon_mb_after": sharded["anon_peak_mb"],
                 "rss_mb_at_start": sharded["base_mb"],
                 "peak_rss_ratio": round(max(sharded["peak_mb"]) / max(full["peak_mb"]), 3),
+                "peak_anon_ratio": round(max(sharded["anon_peak_mb"]) / max(full["anon_peak_mb"]), 3),
             }
         )
     out.update({"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)})
