@@ -6,11 +6,11 @@ for the exact resume state)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+
+from support.cli import run_train
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,7 @@ def _train(tmp_path, tiny_model_dir, *extra: str) -> subprocess.CompletedProcess
         "trainer.trace=true",
         *extra,
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-m", "ivgr_dist.cli", "train", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+    return run_train(overrides, timeout=900)
 
 
 def test_one_step_off_training_keeps_the_bound_and_resumes(tmp_path, tiny_model_dir):

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 
 import pytest
 import torch
+
+from support.cli import run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,15 +50,7 @@ def _train(tmp_path, seed: int, staleness: int) -> subprocess.CompletedProcess:
         f"trainer.seed={seed}",
         "trainer.tensorboard=false",
     ]
-    # A local cluster of its own, whatever the caller's environment points at.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-m", "ivgr_dist.cli", "train", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-    )
+    return run_train(overrides, timeout=1200)
 
 
 def _improvement(records: list[dict], key: str) -> tuple[float, float, float]:
