@@ -12,7 +12,8 @@ import pytest
 
 from support.cli import run_train
 
-pytestmark = pytest.mark.integration
+# Slow tier (two subprocess runs, ~2.5 min): the default tier stays well under 30 min on 2 cores.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _train(tmp_path, tiny_model_dir, *extra: str) -> subprocess.CompletedProcess:
