@@ -150,7 +150,9 @@ def test_gloo_push_puts_the_learner_weights_in_every_engine(stack):
     slow.push(learners, pool, version=2)
     stack["slow_push_s"] = time.monotonic() - t0
     print(f"[gloo] {SLOW_BUCKET}-byte buckets: push {stack['slow_push_s']:.2f}s")
-    assert pool.versions() == [2, 2, 2] and stack["slow_push_s"] > 0.5
+    # long enough for the fault tests below to strike a third of the way in (0.41-0.6 s measured on 2 cores;
+    # a push no longer waits for vLLM's multimodal-cache reset, which made it ~0.1 s longer before)
+    assert pool.versions() == [2, 2, 2] and stack["slow_push_s"] > 0.25
 
 
 def test_an_engine_killed_during_a_push_fails_it_in_time_and_the_rest_go_on(stack):
