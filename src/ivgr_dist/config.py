@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EngineConfig",
+    "HealthConfig",
     "JudgeConfig",
     "LearnerConfig",
     "ModelConfig",
@@ -371,6 +372,27 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Health checks of the rollout engines (``rollout.health``)."""
+
+    interval_s: float = 10.0
+    """Each live engine is probed this often with a no-op that reaches its vLLM EngineCore and every TP
+    worker (``collective_rpc``), not only the Ray actor: a hung core behind a live actor fails it."""
+    timeout_s: float = 10.0
+    """A probe that takes longer than this failed."""
+    failures: int = 3
+    """Consecutive failed probes that mark an engine unhealthy: it gets no new work, is killed (its
+    placement group released) and replaced. A dead engine (actor or EngineCore gone) is marked at once."""
+    enabled: bool = True
+    """false: no probing (dead engines are still noticed by their failed requests and replaced)."""
+
+    def __post_init__(self) -> None:
+        _check(self.interval_s > 0, "rollout.health.interval_s", self.interval_s, "must be > 0")
+        _check(self.timeout_s > 0, "rollout.health.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.failures >= 1, "rollout.health.failures", self.failures, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """Sampling of both streams."""
 
@@ -383,7 +405,21 @@ class RolloutConfig:
     max_response_length: int = 256
     """Most tokens per response (recipe: 4096)."""
     num_engines: int = 2
-    """vLLM engines (each a Ray actor); scaled independently of the learners."""
+    """Target number of vLLM engines (each a Ray actor); scaled independently of the learners. The fleet keeps
+    this many: a dead or hung engine is replaced, engines that cannot be placed yet start when resources
+    appear (a node joins), and ``ivgr-dist scale --engines N`` changes the target while the job runs."""
+    min_engines: int = 1
+    """The run fails, naming what is missing, when fewer engines than this are live and none can be started
+    (no resources within ``placement_timeout_s``, or ``max_restarts`` used up). The first start waits for
+    at least this many engines; the rest of the target may come later."""
+    max_engines: int = 0
+    """Most engines ``ivgr-dist scale`` may ask for (0: ``num_engines``)."""
+    max_restarts: int = 8
+    """Replacements of failed engines over the whole run (scaling up is not a restart)."""
+    restart_backoff_s: float = 5.0
+    """Wait before replacing again after a replacement failed to start; doubles with each such failure."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Health checks (``rollout.health.*``)."""
     tensor_parallel_size: int = 1
     """Devices per engine (recipe: 2): one placement group of this many one-device bundles per engine, on one
     node. On CPU machines each TP rank is a vLLM worker process with a core of its own."""
@@ -409,6 +445,20 @@ class RolloutConfig:
         _check(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, "must be >= 1")
         _check(self.num_engines >= 1, "rollout.num_engines", self.num_engines, "must be >= 1")
+        _check(
+            1 <= self.min_engines <= self.num_engines,
+            "rollout.min_engines",
+            self.min_engines,
+            f"must be in [1, rollout.num_engines={self.num_engines}]",
+        )
+        _check(
+            self.max_engines == 0 or self.max_engines >= self.num_engines,
+            "rollout.max_engines",
+            self.max_engines,
+            f"must be 0 (= num_engines) or >= rollout.num_engines={self.num_engines}",
+        )
+        _check(self.max_restarts >= 0, "rollout.max_restarts", self.max_restarts, "must be >= 0")
+        _check(self.restart_backoff_s >= 0, "rollout.restart_backoff_s", self.restart_backoff_s, "must be >= 0")
         _check(
             self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", self.tensor_parallel_size, "must be >= 1"
         )

@@ -141,6 +141,32 @@ class EnginePlacement:
         pg = reserve(bundles, "STRICT_PACK", f"rollout engine {index} (tensor_parallel_size={tp})", timeout_s)
         return cls(index=index, tp=tp, use_gpus=use_gpus, bundles=bundles, pg=pg)
 
+    @classmethod
+    def request(cls, index: int, tp: int, use_gpus: bool, resources: dict[str, float] | None = None) -> EnginePlacement:
+        """Ask Ray for the group without waiting: it stays pending (Ray places it as soon as a node has room,
+        e.g. one that joins later) until :meth:`is_ready`, or until :meth:`release` withdraws it."""
+        from ray.util.placement_group import placement_group
+
+        bundles = engine_bundles(tp, use_gpus, 1.0, resources)
+        pg = placement_group([dict(b) for b in bundles], strategy="STRICT_PACK")
+        return cls(index=index, tp=tp, use_gpus=use_gpus, bundles=bundles, pg=pg)
+
+    def ready_ref(self) -> Any:
+        """One ``pg.ready()`` object for the group (each call of ``pg.ready()`` starts a new check task)."""
+        if getattr(self, "_ready", None) is None:
+            self._ready = self.pg.ready()
+        return self._ready
+
+    def is_ready(self, timeout_s: float = 0.0) -> bool:
+        import ray
+
+        ready, _ = ray.wait([self.ready_ref()], timeout=timeout_s)
+        return bool(ready)
+
+    def shortfall(self) -> str:
+        """What the cluster lacks for this group right now (for logs and errors)."""
+        return f"rollout engine {self.index} (tensor_parallel_size={self.tp}) {shortfall(self.bundles, 'STRICT_PACK')}"
+
     def actor_options(self) -> dict[str, Any]:
         """``ray.remote(...).options(**this)`` for the engine's actor: bundle 0 with its CPU; the device of
         bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU)."""

@@ -112,8 +112,10 @@ class BatchProducer:
             self._thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
             self._thread.start()
 
-    def get(self, step: int) -> Batch:
-        """Step ``step``'s batch (blocks until it is produced); stale records are dropped and requeued."""
+    def get(self, step: int, while_waiting: Callable[[], object] | None = None) -> Batch:
+        """Step ``step``'s batch (blocks until it is produced); stale records are dropped and requeued.
+        ``while_waiting``: called every second or so while the batch is not ready (ahead-of-time production:
+        the trainer heals the rollout fleet then, its learner group being idle)."""
         if self._thread is None:
             batch = self._produce(step)
         else:
@@ -126,6 +128,12 @@ class BatchProducer:
                     if not self._thread.is_alive():
                         raise ProducerError(f"the producer thread stopped before step {step}'s batch")
                     self._cond.wait(timeout=1.0)
+                    if while_waiting is not None and step not in self._ready:
+                        self._cond.release()
+                        try:
+                            while_waiting()
+                        finally:
+                            self._cond.acquire()
                 batch = self._ready.pop(step)
         stale = stale_records(batch.groups, self._version, self.k)
         if stale:

@@ -119,13 +119,14 @@ def fake_gpu_cluster():
     ray.shutdown()
 
 
-def _cfg(engines: int, tp: int, ranks: int = 2, timeout_s: float = 5.0):
+def _cfg(engines: int, tp: int, ranks: int = 2, timeout_s: float = 5.0, min_engines: int = 1):
     from ivgr_dist.config import load_config
 
     return load_config(
         None,
         [
             f"rollout.num_engines={engines}",
+            f"rollout.min_engines={min_engines}",
             f"rollout.tensor_parallel_size={tp}",
             f"rollout.placement_timeout_s={timeout_s}",
             f"learner.num_ranks={ranks}",
@@ -193,14 +194,15 @@ def test_three_tp2_engines_and_two_learners_hold_disjoint_devices(fake_gpu_clust
 
 
 def test_too_few_devices_for_the_fleet_fails_fast_and_releases_what_it_took(fake_gpu_cluster):
-    """5 engines x TP 2 need 10 devices of 8: engines 0-3 get theirs, engine 4 times out; the pool
-    releases the 4 groups it made."""
+    """5 engines x TP 2 need 10 devices of 8 and all 5 must start (rollout.min_engines=5): engines 0-3 get
+    theirs, engine 4 times out; the pool releases the 4 groups it made. (With the default min_engines=1 the
+    four start and the fifth waits for room: test_fleet_pool.py.)"""
     import ray
 
     from ivgr_dist.placement import PlacementError
     from ivgr_dist.rollout.pool import RolloutPool
 
-    cfg = _cfg(engines=5, tp=2, timeout_s=2.0)
+    cfg = _cfg(engines=5, tp=2, timeout_s=2.0, min_engines=5)
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"rollout engine 4 \(tensor_parallel_size=2\).*not ready within 2s"):
         RolloutPool(cfg.model, cfg.rollout, "nccl", use_gpus=True, start_timeout_s=30, worker_cls=StandInEngine)

@@ -196,8 +196,13 @@ def test_an_engine_hung_during_a_push_is_named_within_the_deadline_and_dropped(s
         assert f"engine {victim} did not answer within {TIMEOUT_S + GRACE_S:g}s (hung)" in str(error)
         assert elapsed < TIMEOUT_S + GRACE_S + 3  # the deadline, plus the time the thread took to start
         pool.drop(victim, str(error))
+        import psutil
+
+        _, alive = psutil.wait_procs([core], timeout=15)
+        assert not alive  # dropping the engine killed its stopped EngineCore too (a stopped core outlives its actor)
     finally:
-        core.kill()  # a stopped process ignores everything but SIGKILL; it is the one this test stopped
+        if core.is_running():
+            core.kill()  # a stopped process ignores everything but SIGKILL; it is the one this test stopped
     t0 = time.monotonic()
     sync.push(learners, pool, version=4)
     assert pool.alive == [0] and pool.versions() == [4]

@@ -77,6 +77,10 @@ def test_dotted_overrides_apply_and_nest():
         ("data.nope=1", "data.nope: Key 'nope' not in 'DataConfig'"),
         ("rollout.n=abc", "rollout.n: Value 'abc'"),
         ("justakey", "override 'justakey': must look like key.sub=value"),
+        ("rollout.min_engines=3", "rollout.min_engines=3: must be in [1, rollout.num_engines=2]"),
+        ("rollout.max_engines=1", "rollout.max_engines=1: must be 0 (= num_engines) or >= rollout.num_engines=2"),
+        ("rollout.health.failures=0", "rollout.health.failures=0: must be >= 1"),
+        ("rollout.health.interval_s=0", "rollout.health.interval_s=0.0: must be > 0"),
     ],
 )
 def test_validation_errors_quote_value_and_rule(override, expected):

@@ -314,7 +314,7 @@ class FakeRollouts:
     def __init__(self, engines=2, fail=False):
         self.engines, self.fail, self.seen = engines, fail, []
 
-    def update_weights(self, buckets, version, timeout_s=None):
+    def update_weights(self, buckets, version, timeout_s=None, engines=None):
         assert all(os.path.isfile(b["path"]) for b in buckets)  # the files exist while engines load
         self.seen.append((buckets, version))
         if self.fail:

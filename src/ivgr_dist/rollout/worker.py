@@ -248,6 +248,48 @@ class RolloutWorker:
         A call waiting on the core (a weight update, say) may never learn it; callers poll this instead."""
         return self.engine is None or bool(self.engine.errored)
 
+    async def probe(self, timeout_s: float = 10.0) -> dict:
+        """Health probe: a no-op through the EngineCore to every TP worker (``collective_rpc``), so a live actor in
+        front of a dead or hung core fails it. Raises when the core is gone or does not answer in ``timeout_s``."""
+        if self.engine is None:
+            raise RuntimeError(f"rollout engine {self.index} is not started")
+        if self.engine.errored:
+            raise RuntimeError(f"rollout engine {self.index}: its vLLM EngineCore is dead")
+        t0 = time.perf_counter()
+        try:
+            pids = await asyncio.wait_for(self.engine.collective_rpc("ivgr_ping"), timeout_s)
+        except TimeoutError as exc:
+            raise TimeoutError(f"rollout engine {self.index}: EngineCore did not answer within {timeout_s:g}s") from exc
+        return {"engine": self.index, "probe_s": time.perf_counter() - t0, "workers": list(pids)}
+
+    def engine_processes(self) -> list[dict]:
+        """The processes of this engine's vLLM (EngineCore, TP workers): children of this actor, with their PIDs and
+        names. Fault-injection tests signal them; :meth:`kill_engine` ends them."""
+        import psutil
+
+        out = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                out.append({"pid": child.pid, "name": child.name(), "cmdline": " ".join(child.cmdline())[:200]})
+            except psutil.Error:
+                continue
+        return out
+
+    def kill_engine(self) -> int:
+        """SIGKILL this engine's vLLM processes (a stopped or wedged EngineCore cannot shut down; killing only the
+        actor would leave it holding memory and devices). Returns how many it killed."""
+        import psutil
+
+        procs = psutil.Process().children(recursive=True)
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(procs, timeout=10)
+        self.engine = None
+        return len(procs)
+
     def load(self) -> int:
         """Requests (groups) in flight on this engine: the pool dispatches to the least loaded."""
         return self.in_flight

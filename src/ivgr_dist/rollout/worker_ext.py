@@ -7,6 +7,8 @@ Names carry the ``ivgr_`` prefix so they cannot collide with vLLM's own worker m
 
 from __future__ import annotations
 
+import os
+
 QUALNAME = "ivgr_dist.rollout.worker_ext.IvgrWorkerExtension"
 """What ``engine_kwargs`` passes as ``worker_extension_cls``."""
 
@@ -21,3 +23,8 @@ class IvgrWorkerExtension:
         finishes; others (vLLM's own NCCL engine) report nothing."""
         engine = getattr(self, "weight_transfer_engine", None)
         return list(getattr(engine, "missing", None) or [])
+
+    def ivgr_ping(self) -> int:
+        """The health probe's no-op: answers with this worker's PID, proving that the EngineCore loop and this
+        worker both still run (``RolloutWorker.probe``)."""
+        return os.getpid()

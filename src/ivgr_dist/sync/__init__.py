@@ -33,8 +33,9 @@ class WeightSync(Protocol):
     def setup(self, learners, rollouts) -> None:
         """One-time checks and rendezvous between the learner group and the engines."""
 
-    def push(self, learners, rollouts, version: int) -> dict[str, float]:
-        """Send the weights, make every live engine take ``version``; returns ``sync/*`` metrics."""
+    def push(self, learners, rollouts, version: int, engines: list[int] | None = None) -> dict[str, float]:
+        """Send the weights, make every live engine (at least ``engines``, when given) take ``version``;
+        returns ``sync/*`` metrics."""
 
     def close(self) -> None: ...
 

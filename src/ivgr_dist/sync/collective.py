@@ -395,8 +395,10 @@ class CollectiveWeightSync:
             len(members), world, self.communicator, addr, port, time.perf_counter() - t0,
         )  # fmt: skip
 
-    def push(self, learners, rollouts, version: int) -> dict[str, float]:
-        """Send the learner's weights to every live engine as ``version`` (see the module docstring)."""
+    def push(self, learners, rollouts, version: int, engines: list[int] | None = None) -> dict[str, float]:
+        """Send the learner's weights to every live engine as ``version`` (see the module docstring). ``engines``
+        (engines joining the fleet) changes nothing: a broadcast reaches every member of the group, which is
+        re-formed first whenever the live engines changed."""
         t0 = time.perf_counter()
         reformed = self.members != list(rollouts.alive)
         if reformed:

@@ -349,7 +349,9 @@ class ShmWeightSync:
                 f"nodes ({where}); shared memory is per node. Use sync.backend=gloo (CPU, any nodes) or nccl (GPU)"
             )
 
-    def push(self, learners, rollouts, version: int) -> dict[str, float]:
+    def push(self, learners, rollouts, version: int, engines: list[int] | None = None) -> dict[str, float]:
+        """The learner's weights as ``version`` into every live engine, or into ``engines`` only (engines that
+        join the fleet)."""
         import shutil
 
         t0 = time.perf_counter()
@@ -357,7 +359,7 @@ class ShmWeightSync:
         try:
             buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes, self.dtype)
             t_write = time.perf_counter() - t0
-            per_engine = rollouts.update_weights(buckets, version, self.timeout_s)
+            per_engine = rollouts.update_weights(buckets, version, self.timeout_s, engines)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         nbytes = sum(b["nbytes"] for b in buckets)
