@@ -137,6 +137,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Change the rollout engine target of a running job (at its next step boundary), or show its fleet."""
+    import os
+
+    import ray
+
+    from ivgr_dist import control
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    ray.init(address=address, namespace=control.NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        try:
+            actor = control.find(args.run)
+        except LookupError as exc:
+            print(f"ivgr-dist scale: {exc}", file=sys.stderr)
+            return 1
+        if args.command == "stop":
+            print(json.dumps(ray.get(actor.request_stop.remote(), timeout=30)))
+            return 0
+        if args.engines is None:
+            print(json.dumps(ray.get(actor.status.remote(), timeout=30)))
+            return 0
+        try:
+            reply = ray.get(actor.set_target.remote(args.engines), timeout=30)
+        except ray.exceptions.RayTaskError as exc:
+            print(f"ivgr-dist scale: {exc.cause if exc.cause is not None else exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(reply))
+        return 0
+    finally:
+        ray.shutdown()
+
+
 def cmd_bench_reward(args: argparse.Namespace) -> int:
     """Reward tail: pipelined RewardPool vs the recipe's after-the-batch schedule (one JSON line each)."""
     from ivgr_dist.reward.bench import run_bench
@@ -176,6 +209,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
     sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
+
+    sp = sub.add_parser("scale", help=cmd_scale.__doc__, description=cmd_scale.__doc__)
+    sp.set_defaults(fn=cmd_scale)
+    sp.add_argument("--engines", type=int, default=None, help="new target number of rollout engines (omit: show)")
+    sp.add_argument("--run", default=None, help="the run (last part of trainer.output_dir); default: the only one")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else the local one)")
+
+    sp = sub.add_parser("stop", help="end a running job after its current step, with a checkpoint (resumable)")
+    sp.set_defaults(fn=cmd_scale)
+    sp.add_argument("--run", default=None, help="the run (last part of trainer.output_dir); default: the only one")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else the local one)")
 
     sp = add("sft", cmd_sft, "supervised warm start with the learner group; writes a model directory")
     sp.add_argument("--overwrite", action="store_true", help="retrain even if the SFT model directory exists")

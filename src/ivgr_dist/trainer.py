@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,15 @@ class Trainer:
             storage.close()
         _write_nodes(self.out / "nodes.json", storage.checked)
         self.sync.setup(self.learners, self.rollouts)
+        # the self-healing, elastic fleet: replacements and joins happen in this thread, where the learner
+        # group is idle (step boundaries, waits for a batch); see RolloutPool.heal
+        self.rollouts.healer = self._heal
+        self.rollouts.heal_thread = threading.current_thread()
+        self.rollouts.storage_check = self._check_storage
+        self.rollouts.start_health_checks()
+        self.control = self._control_actor()
+        self._step_in_progress = 0
+        self._stop_requested = False
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
         self.tracer = Tracer(self.out / "trace.json") if cfg.trainer.trace else None
@@ -113,8 +123,11 @@ class Trainer:
                     reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
                     step_s=f"{record['time/step_s']:.1f}",
                 )
-                if self._should_save(step):
+                if self._should_save(step) or self._stop_requested:
                     self.save(step)
+                if self._stop_requested:
+                    log.info("stopped after step %d at the request of `ivgr-dist stop` (checkpoint written)", step)
+                    break
         finally:
             self.producer.close()
         if records:
@@ -135,8 +148,9 @@ class Trainer:
     def rl_step(self, step: int) -> dict:
         cfg, timer, span = self.cfg, Timer(), self._span
         with timer("step"), span("trainer", f"step {step}"):
+            self._step_in_progress = step
             with timer("wait"), span("trainer", "wait for batch"):  # synchronous: generation and rewards now
-                batch = self.producer.get(step)
+                batch = self.producer.get(step, while_waiting=self._heal)
             rollouts = batch.rollouts
             self._assign_advantages(rollouts)
             with timer("learner"):
@@ -158,6 +172,8 @@ class Trainer:
                 self.version += 1
                 sync = self.push_weights(step)
             self.producer.trained(step, self.version, batch)
+            with timer("fleet"), span("trainer", "fleet"):  # step boundary: scale requests, replacements
+                fleet = self._fleet_step()
             self.verifier.choose_probe(rollouts)
             every = cfg.sync.verify_every
             verify = (
@@ -177,8 +193,10 @@ class Trainer:
             "learner/encode_s_max": placed["learner/encode_s_max"],
             **_overhead(timer.seconds, gen),
             **mismatch,
+            **fleet,
         }
         record = self.metrics.log(step, metrics)
+        _log_trained(self.out / "trained.jsonl", step, rollouts)
         if self.tracer is not None:
             self.tracer.write()
         if verify and (error := self.verifier.error()) is not None:
@@ -189,14 +207,18 @@ class Trainer:
         """A trace span (``trainer.trace``), or nothing."""
         return self.tracer(track, name) if self.tracer is not None else contextlib.nullcontext()
 
-    def push_weights(self, step: int) -> dict[str, float]:
-        """Push version ``self.version`` to every live engine. Engines that die or hang during the push are
-        dropped and the push is tried once more (the others must not go on with a partial update); a second
-        failure stops the run, naming the step."""
+    def push_weights(self, step: int, engines: list[int] | None = None) -> dict[str, float]:
+        """Push version ``self.version`` to every live engine (``engines``: at least to those, the ones joining).
+        Engines that die or hang during the push are dropped (and replaced later) and the push is tried once
+        more (the others must not go on with a partial update); a second failure stops the run, naming the step."""
         from ivgr_dist.sync.fanout import SyncError
 
+        def push(subset: list[int] | None) -> dict[str, float]:
+            extra = {"engines": subset} if subset is not None else {}
+            return self.sync.push(self.learners, self.rollouts, self.version, **extra)
+
         try:
-            return self.sync.push(self.learners, self.rollouts, self.version)
+            return push(engines)
         except SyncError as err:
             first = err
         for e in first.failed_engines:
@@ -206,10 +228,65 @@ class Trainer:
             step, first, first.failed_engines, len(self.rollouts.alive),
         )  # fmt: skip
         try:
-            out = self.sync.push(self.learners, self.rollouts, self.version)
+            subset = None if engines is None else [e for e in engines if e in self.rollouts.alive]
+            out = push(subset) if subset is None or subset else {}
         except SyncError as err:
             raise SyncError(f"step {step}: {err}", err.version, err.failed_engines, err.errors) from first
         return {**out, "sync/failed_pushes": 1.0, "sync/dropped_engines": float(len(first.failed_engines))}
+
+    # ----------------------------------------------------------------------------- the fleet
+
+    def _heal(self) -> None:
+        """Replace lost engines, start pending ones, retire extra ones (RolloutPool.heal); a joining engine gets
+        the current weights before it takes work (at version 0 it loaded them itself from model.path)."""
+
+        def push(engines: list[int]) -> None:
+            if self.version > 0:
+                self.push_weights(self._step_in_progress, engines)
+
+        self.rollouts.heal(push)
+
+    def _fleet_step(self) -> dict[str, float]:
+        """At a step boundary: apply a target from ``ivgr-dist scale``, heal, report the fleet."""
+        import ray
+
+        if self.control is not None:
+            try:
+                wanted = ray.get(self.control.take_request.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - the mailbox is a convenience; training goes on without it
+                log.warning("fleet control actor unreachable: %s", exc)
+                wanted = None
+            if wanted is not None:
+                self.rollouts.set_target(wanted)
+            try:
+                self._stop_requested = bool(ray.get(self.control.stop_requested.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - see above
+                pass
+        self._heal()
+        out = self.rollouts.fleet_metrics()
+        if self.control is not None:
+            self.control.report.remote(
+                {"step": self._step_in_progress, **{k.split("/", 1)[1]: v for k, v in out.items()}}
+            )
+        return out
+
+    def _check_storage(self, targets) -> None:
+        from ivgr_dist.storage import StorageProbe
+
+        probe = StorageProbe(self.out, self.cfg.model.path)
+        try:
+            probe.probe(targets)
+        finally:
+            probe.close()
+
+    def _control_actor(self):
+        from ivgr_dist import control
+
+        try:
+            return control.create(self.out, self.rollouts.max_engines)
+        except RuntimeError as exc:
+            log.warning("%s; `ivgr-dist scale` cannot reach this run", exc)
+            return None
 
     def _mini_batches(self, n: int) -> list[list[int]]:
         """Sample indices of each update: consecutive runs of global_batch_size groups (batch order)."""
@@ -273,6 +350,10 @@ class Trainer:
         log.info("resumed from %s (step %d, weight version %d)", path, self.step, self.version)
 
     def close(self) -> None:
+        if getattr(self, "control", None) is not None:
+            import ray
+
+            ray.kill(self.control)
         self.metrics.close()
         if self.tracer is not None:
             self.tracer.write()
@@ -334,6 +415,16 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
         if p not in kept and p < newest:
             log.info("removing old checkpoint %s (trainer.keep_checkpoints=%d)", p, keep)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _log_trained(path: Path, step: int, rollouts: list[Rollout]) -> None:
+    """``trained.jsonl``: per step, the rollouts the learner trained on, counted per prompt uid (an audit that
+    no rollout was lost or trained twice when engines fail, join or leave)."""
+    counts: dict[str, int] = {}
+    for r in rollouts:
+        counts[r.prompt.uid] = counts.get(r.prompt.uid, 0) + 1
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "rollouts": len(rollouts), "groups": counts}) + "\n")
 
 
 def _version_metrics(rollouts: list[Rollout], version: int) -> dict[str, float]:
