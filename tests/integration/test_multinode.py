@@ -99,6 +99,7 @@ def model(shared, tiny_model_dir):
     return path
 
 
+@pytest.mark.slow  # ~4 min: the slow tier (CI runs it after the default tier)
 def test_train_on_three_nodes_then_resume(cluster, shared, model):
     rc, log, elapsed = _submit(cluster, _overrides(shared, model, steps=2))
     assert rc == 0 and "succeeded" in log.lower(), log[-8000:]
