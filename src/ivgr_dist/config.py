@@ -631,10 +631,19 @@ class JudgeConfig:
     fallback_consistency: float = 0.0
     """Consistency score when every try fails (counted in judge/failures)."""
     num_engines: int = 1
-    """engine: judge vLLM engines (own resources)."""
+    """engine: judge vLLM engines, ONE fleet shared by every reward worker (and the driver's scorer)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """engine: the judge engines' own vLLM arguments (``max_model_len``, ``max_num_seqs``, ...)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """engine: health checks of the judge engines (as ``rollout.health``): dead or hung ones are replaced."""
+    max_restarts: int = 8
+    """engine: replacements of failed judge engines over the run."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """engine: extra Ray resources of each judge engine, e.g. ``{judge_node: 1}``."""
 
     def __post_init__(self) -> None:
         p = "reward.judge."
+        _check(self.max_restarts >= 0, p + "max_restarts", self.max_restarts, "must be >= 0")
         _check_choice(p + "backend", self.backend, ["rule", "openai", "engine"])
         if self.backend == "openai":
             _check(len(self.urls) > 0, p + "urls", self.urls, "must list at least one endpoint for backend=openai")

@@ -44,11 +44,11 @@ _NO_WORKER = "__ivgr_no_reward_worker__"
 class RewardWorker:
     """One reward actor: rule rewards + a judge client; scores whole groups, many at once."""
 
-    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache):
+    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache, fleet=None):
         from ivgr_dist.reward.judge import make_judge
 
         self.judge_cfg, self.algo, self.cache = judge_cfg, algo, cache
-        self.judge = make_judge(judge_cfg)
+        self.judge = make_judge(judge_cfg, fleet=fleet)  # fleet: the shared judge engines (backend=engine)
 
     async def score(self, job: GroupJob) -> GroupResult:
         reference = await self.cache.get.remote(job.record_key) if job.stream == "textual" else None
@@ -81,6 +81,7 @@ class RewardPool(StreamScorer):
         namespace: str | None = None,
         ready_timeout_s: float = 120.0,
         rpc_timeout_s: float = 60.0,
+        fleet=None,
     ):
         import ray
 
@@ -95,6 +96,7 @@ class RewardPool(StreamScorer):
             )
         super().__init__(algo, cfg.judge)
         self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
+        self.judge_fleet = fleet  # one fleet of judge engines for every worker (closed with the pool)
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
         self.cache = get_reference_cache(self.namespace)
         self._actor = ray.remote(
@@ -119,7 +121,7 @@ class RewardPool(StreamScorer):
             ) from None
 
     def _spawn(self):
-        return self._actor.remote(self.cfg.judge, self.algo, self.cache)
+        return self._actor.remote(self.cfg.judge, self.algo, self.cache, self.judge_fleet)
 
     # executor hooks -----------------------------------------------------------------------------
     def _submit(self, job: GroupJob):
@@ -245,12 +247,40 @@ class RewardPool(StreamScorer):
                 except Exception as exc:  # noqa: BLE001
                     log.debug("kill: %s", exc)
         self.workers = []
+        close_fleet(getattr(self, "judge_fleet", None))
+        self.judge_fleet = None
 
 
 def make_scorer(reward_cfg: RewardConfig, algo: AlgorithmConfig, namespace: str | None = None) -> StreamScorer:
     """``reward.num_workers == 0``: the in-driver :class:`~ivgr_dist.reward.scorer.InProcessScorer`; else a
     :class:`RewardPool` of that many workers. (Here, not in ``scorer``: the pool builds on the scorer, not the
     other way round.)"""
-    if reward_cfg.num_workers == 0:
-        return InProcessScorer(algo, reward_cfg.judge)
-    return RewardPool(reward_cfg, algo, namespace=namespace)
+    fleet = None
+    if reward_cfg.judge.backend == "engine":  # one shared fleet of judge engines, not one per worker
+        from ivgr_dist.reward.judge.fleet import create_fleet
+
+        fleet = create_fleet(reward_cfg.judge)
+    try:
+        if reward_cfg.num_workers == 0:
+            from ivgr_dist.reward.judge import make_judge
+
+            scorer = InProcessScorer(algo, reward_cfg.judge, judge=make_judge(reward_cfg.judge, fleet=fleet))
+            scorer.judge_fleet = fleet
+            return scorer
+        return RewardPool(reward_cfg, algo, namespace=namespace, fleet=fleet)
+    except BaseException:
+        close_fleet(fleet)
+        raise
+
+
+def close_fleet(fleet) -> None:
+    """Stop the shared judge engines (best effort, bounded) and the fleet actor."""
+    if fleet is None:
+        return
+    import ray
+
+    try:
+        ray.get(fleet.close.remote(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - teardown
+        log.debug("closing the judge fleet: %s", exc)
+    ray.kill(fleet)

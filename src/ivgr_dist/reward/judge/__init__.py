@@ -72,8 +72,9 @@ class Judge(Protocol):
 JUDGE_BACKENDS = ("rule", "openai", "engine")
 
 
-def make_judge(cfg) -> Judge:
-    """The judge for ``reward.judge`` (a ``JudgeConfig``); unknown backends list the valid names."""
+def make_judge(cfg, fleet=None) -> Judge:
+    """The judge for ``reward.judge`` (a ``JudgeConfig``); unknown backends list the valid names. ``fleet``:
+    the shared judge-engine fleet (``backend=engine``; see ``reward.judge.fleet``)."""
     if cfg.backend == "rule":
         from ivgr_dist.reward.judge.rule import RuleJudge
 
@@ -85,5 +86,5 @@ def make_judge(cfg) -> Judge:
     if cfg.backend == "engine":
         from ivgr_dist.reward.judge.engine import EngineJudge
 
-        return EngineJudge(cfg)
+        return EngineJudge(cfg, fleet=fleet)
     raise ValueError(f"reward.judge.backend={cfg.backend!r}: unknown judge; valid: {list(JUDGE_BACKENDS)}")

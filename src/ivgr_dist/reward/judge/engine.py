@@ -11,6 +11,10 @@ answers are parsed by :mod:`~ivgr_dist.reward.judge.prompts`. Retries, deadlines
 engines (least in flight, cool-down of failing engines), fallback and counters are those of the
 HTTP judge (:func:`~ivgr_dist.reward.judge.openai.run_request`).
 
+With a ``fleet`` (a :class:`~ivgr_dist.reward.judge.fleet.JudgeFleet` actor handle: how ``make_scorer`` builds
+it for a run) the judge owns no engine: every reward worker sends its requests to the one shared fleet, which
+balances, health-checks and replaces the engines; ``close()`` leaves the fleet to its creator.
+
 Lifecycle: the engines start lazily on the first ``score()`` (Ray must be initialised by then, else
 ``RuntimeError``: a set-up bug) and stop in ``close()``. If they cannot start, every request gets its fallback (``failed=True``) and
 the error is logged; the start is not retried (it costs minutes), ``close()`` and a new judge do.
@@ -45,12 +49,15 @@ class EngineJudge:
         num_gpus_per_engine: float | None = None,
         start_timeout_s: float = 600.0,
         cooldown_s: float = 30.0,
+        fleet=None,
     ):
         self.cfg = cfg
-        self.engine_cfg = engine or EngineConfig()
+        self.fleet = fleet
+        self.engine_cfg = engine or getattr(cfg, "engine", None) or EngineConfig()
         self.num_gpus_per_engine = num_gpus_per_engine  # None: 1 when the cluster has GPUs, else 0
         self.start_timeout_s = start_timeout_s
-        self.balancer = Balancer([f"judge-engine-{i}" for i in range(cfg.num_engines)], cooldown_s=cooldown_s)
+        names = ["judge-fleet"] if fleet is not None else [f"judge-engine-{i}" for i in range(cfg.num_engines)]
+        self.balancer = Balancer(names, cooldown_s=cooldown_s)
         self.actors: list = []
         self.start_error: str | None = None
         self._tokenizer = None
@@ -93,6 +100,11 @@ class EngineJudge:
         from ivgr_dist.rollout.worker import RolloutWorker
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
+        if self.fleet is not None:  # the shared fleet: started once, whoever asks first
+            stats = await asyncio.wait_for(self.fleet.start.remote(), timeout=self.start_timeout_s)
+            self.actors = [self.fleet]
+            log.info("judge: using the shared fleet (%d engines serving)", stats["engines_live"])
+            return
         model_cfg = ModelConfig(path=self.cfg.model, make_tiny_if_missing=False)
         rollout_cfg = RolloutConfig(
             n=self.cfg.samples,
@@ -173,6 +185,13 @@ class EngineJudge:
             import ray
 
             res.calls += 1
+            if self.fleet is not None:
+                try:
+                    return await self.fleet.generate.remote(
+                        prompt, self.cfg.samples, self.cfg.temperature, self.cfg.max_tokens
+                    )
+                except ray.exceptions.RayError as e:
+                    raise CallError(f"{ep.name}: {type(e).__name__}: {str(getattr(e, 'cause', e))[:200]}") from None
             ref = self.actors[ep.index].generate_group.remote(
                 prompt, n=self.cfg.samples, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens
             )
@@ -189,5 +208,8 @@ class EngineJudge:
             return await run_request(req, self.cfg, self.balancer, call)
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            self.actors = []  # the fleet belongs to whoever created it (make_scorer's owner)
+            return
         if self.actors:
             await self._kill_actors()
