@@ -72,6 +72,7 @@ def ray_head():
         cluster.stop()
 
 
+@pytest.mark.slow  # ~3 min; the default tier still submits jobs (test_multinode's start-up failure cases)
 def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
