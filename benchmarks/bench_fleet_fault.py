@@ -1,7 +1,8 @@
 """An engine killed mid-run costs time, not rollouts: two training runs of the same config, one undisturbed and
 one whose engine's vLLM EngineCore is SIGKILLed during step ``--kill-at``; prints ONE JSON line.
 
-Both runs are ``ivgr-dist train`` as a user runs it (a local Ray cluster each, two engines, no warm start).
+Both runs are ``ivgr-dist train`` as a user runs it (a local Ray cluster each, the embedded tiny config with two
+engines, no warm start: the random model's responses run to the config's length, so steps cost the same).
 Reported per run: steps, trained rollouts (from ``trained.jsonl``), wall time; for the disturbed run the time
 from the kill to the replacement serving, two ways: wall clock from the kill to the first step whose metrics
 show the fleet back at its target with a restart counted (step granularity, an upper bound), and the pool's
@@ -48,9 +49,8 @@ def run(workdir: Path, name: str, args, kill_at: int | None) -> dict:
         f"model.path={workdir / 'tiny-qwen2.5-vl'}",
         f"data.train_files=[{workdir / 'synthetic' / 'train.parquet'}]",
         f"data.val_files=[{workdir / 'synthetic' / 'val.parquet'}]",
-        f"data.rollout_batch_size={args.prompts}",
+        *([f"data.rollout_batch_size={args.prompts}"] if args.prompts else []),
         "rollout.num_engines=2",
-        "rollout.max_response_length=48",
         "rollout.restart_backoff_s=1",
         "reward.num_workers=0",
         "sft.enabled=false",
@@ -107,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--kill-at", type=int, default=5)
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=0, help="data.rollout_batch_size (0: the config's)")
     ap.add_argument("--workdir", default="outputs/bench/fleet_fault")
     args = ap.parse_args()
 
