@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _tiny_assets import asset_overrides, ensure_assets  # noqa: E402 - a sibling module
+
 N_SAMPLES = 5  # rollout.n of the embedded config (rollouts per prompt)
 
 
@@ -40,9 +42,7 @@ def run(workdir: Path, k: int, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cores = sorted(os.sched_getaffinity(0))
     overrides = [
-        f"model.path={workdir / 'tiny-qwen2.5-vl'}",
-        f"data.train_files=[{workdir / 'synthetic' / 'train.parquet'}]",
-        f"data.val_files=[{workdir / 'synthetic' / 'val.parquet'}]",
+        *asset_overrides(workdir),
         f"data.rollout_batch_size={args.prompts}",
         f"rollout.max_response_length={args.response}",
         "rollout.num_engines=1",
@@ -98,23 +98,8 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("bench_e2e needs at least 2 cores: one for the engine, one for the learner")
 
-    from ivgr_dist._ext_fix import install
-
-    install()
-    from ivgr_dist.config import load_config
-    from ivgr_dist.data.pipeline import ensure_model, ensure_synthetic
-
     workdir = Path(args.workdir).resolve()
-    base = load_config(
-        None,
-        [
-            f"model.path={workdir / 'tiny-qwen2.5-vl'}",
-            f"data.train_files=[{workdir / 'synthetic' / 'train.parquet'}]",
-            f"data.val_files=[{workdir / 'synthetic' / 'val.parquet'}]",
-        ],
-    )
-    ensure_model(base.model)
-    ensure_synthetic(base.data)
+    ensure_assets(workdir)
     ks = [int(k) for k in args.staleness.split(",")]
     results = {k: run(workdir, k, args) for k in ks}
     out = {"bench": "e2e", "steps": args.steps, "prompts": args.prompts, "response_tokens": args.response}

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _tiny_assets import asset_overrides, ensure_assets  # noqa: E402 - a sibling module
+
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -46,9 +48,7 @@ def run(workdir: Path, name: str, args, kill_at: int | None) -> dict:
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
-        f"model.path={workdir / 'tiny-qwen2.5-vl'}",
-        f"data.train_files=[{workdir / 'synthetic' / 'train.parquet'}]",
-        f"data.val_files=[{workdir / 'synthetic' / 'val.parquet'}]",
+        *asset_overrides(workdir),
         *([f"data.rollout_batch_size={args.prompts}"] if args.prompts else []),
         "rollout.num_engines=2",
         "rollout.restart_backoff_s=1",
@@ -111,23 +111,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="outputs/bench/fleet_fault")
     args = ap.parse_args()
 
-    from ivgr_dist._ext_fix import install
-
-    install()
-    from ivgr_dist.config import load_config
-    from ivgr_dist.data.pipeline import ensure_model, ensure_synthetic
-
     workdir = Path(args.workdir).resolve()
-    base = load_config(
-        None,
-        [
-            f"model.path={workdir / 'tiny-qwen2.5-vl'}",
-            f"data.train_files=[{workdir / 'synthetic' / 'train.parquet'}]",
-            f"data.val_files=[{workdir / 'synthetic' / 'val.parquet'}]",
-        ],
-    )
-    ensure_model(base.model)
-    ensure_synthetic(base.data)
+    ensure_assets(workdir)
     calm = run(workdir, "undisturbed", args, None)
     hit = run(workdir, "killed", args, args.kill_at)
     out = {"bench": "fleet_fault", "steps": args.steps, "kill_at_step": args.kill_at}

@@ -134,14 +134,6 @@ class EnginePlacement:
     pg: Any = field(default=None, repr=False)
 
     @classmethod
-    def reserve(
-        cls, index: int, tp: int, use_gpus: bool, timeout_s: float, resources: dict[str, float] | None = None
-    ) -> EnginePlacement:
-        bundles = engine_bundles(tp, use_gpus, 1.0, resources)
-        pg = reserve(bundles, "STRICT_PACK", f"rollout engine {index} (tensor_parallel_size={tp})", timeout_s)
-        return cls(index=index, tp=tp, use_gpus=use_gpus, bundles=bundles, pg=pg)
-
-    @classmethod
     def request(cls, index: int, tp: int, use_gpus: bool, resources: dict[str, float] | None = None) -> EnginePlacement:
         """Ask Ray for the group without waiting: it stays pending (Ray places it as soon as a node has room,
         e.g. one that joins later) until :meth:`is_ready`, or until :meth:`release` withdraws it."""

@@ -39,6 +39,26 @@ __all__ = ["EngineJudge"]
 log = logging.getLogger(__name__)
 
 
+def judge_engine_setup(cfg, engine_cfg: EngineConfig, use_gpus: bool) -> tuple[ModelConfig, RolloutConfig, dict]:
+    """The model and rollout configs of a judge engine (a ``RolloutWorker`` serving ``cfg.model`` with the judge's
+    sampling), and its actor environment: CPU engines share the node's cores, unpinned (as the rollout engines
+    do). Used by :class:`EngineJudge` and the shared ``JudgeFleet``."""
+    model_cfg = ModelConfig(path=cfg.model, make_tiny_if_missing=False)
+    rollout_cfg = RolloutConfig(
+        n=cfg.samples,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        max_response_length=cfg.max_tokens,
+        num_engines=cfg.num_engines,
+        engine=engine_cfg,
+    )
+    env: dict[str, str] = {}
+    if not use_gpus:
+        threads = str(max(1, (os.cpu_count() or 1) // cfg.num_engines))
+        env = {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return model_cfg, rollout_cfg, env
+
+
 class EngineJudge:
     """Judge over ``cfg.num_engines`` vLLM engine actors serving the model directory ``cfg.model``."""
 
@@ -105,22 +125,10 @@ class EngineJudge:
             self.actors = [self.fleet]
             log.info("judge: using the shared fleet (%d engines serving)", stats["engines_live"])
             return
-        model_cfg = ModelConfig(path=self.cfg.model, make_tiny_if_missing=False)
-        rollout_cfg = RolloutConfig(
-            n=self.cfg.samples,
-            temperature=self.cfg.temperature,
-            top_p=1.0,
-            max_response_length=self.cfg.max_tokens,
-            num_engines=self.cfg.num_engines,
-            engine=self.engine_cfg,
-        )
         gpus = self.num_gpus_per_engine
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        env: dict[str, str] = {}
-        if not gpus:  # CPU engines share the node's cores, unpinned (as the rollout engines do)
-            threads = str(max(1, (os.cpu_count() or 1) // self.cfg.num_engines))
-            env = {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.engine_cfg, bool(gpus))
         remote_cls = ray.remote(RolloutWorker)
         self.actors = [
             remote_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1024, runtime_env={"env_vars": env}).remote(

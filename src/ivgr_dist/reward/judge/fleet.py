@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -71,27 +70,15 @@ class JudgeFleet:
     async def _start_engine(self, i: int) -> None:
         import ray
 
-        from ivgr_dist.config import ModelConfig, RolloutConfig
         from ivgr_dist.placement import EnginePlacement
+        from ivgr_dist.reward.judge.engine import judge_engine_setup
         from ivgr_dist.rollout.worker import RolloutWorker
 
         placement = EnginePlacement.request(i, 1, bool(self.use_gpus), dict(self.cfg.resources) or None)
         self.placements[i] = placement
         try:
             await asyncio.wait_for(placement.ready_ref(), timeout=self.start_timeout_s)
-            model_cfg = ModelConfig(path=self.cfg.model, make_tiny_if_missing=False)
-            rollout_cfg = RolloutConfig(
-                n=self.cfg.samples,
-                temperature=self.cfg.temperature,
-                top_p=1.0,
-                max_response_length=self.cfg.max_tokens,
-                num_engines=max(1, self.cfg.num_engines),
-                engine=self.cfg.engine,
-            )
-            env: dict[str, str] = {}
-            if not self.use_gpus:  # CPU engines share the node's cores, unpinned (as the rollout engines do)
-                threads = str(max(1, (os.cpu_count() or 1) // max(1, self.cfg.num_engines)))
-                env = {"OMP_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+            model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.cfg.engine, bool(self.use_gpus))
             actor = (
                 ray.remote(RolloutWorker)
                 .options(**placement.actor_options(), max_concurrency=1024, runtime_env={"env_vars": env})
