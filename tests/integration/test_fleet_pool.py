@@ -262,3 +262,51 @@ def test_the_fleet_grows_when_room_appears_and_follows_its_target(ray_cluster):
             list(pool.generate(_prompts(2)))
     finally:
         pool.shutdown()
+
+
+
+class DiesOnFirstStart(StandInEngine):
+    """Its worker process dies (SIGKILL) the first time an engine with this index starts, as a Ray worker that
+    crashes while the actor is being created does; a marker file in ``markers`` remembers it."""
+
+    markers = ""  # set by the test before the pool ships the class (by value) to Ray
+
+    def start(self) -> dict:
+        import os
+        import signal
+        from pathlib import Path
+
+        marker = Path(self.markers) / f"engine_{self.index}"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().start()
+
+
+class FailsToStart(StandInEngine):
+    def start(self) -> dict:
+        raise RuntimeError(f"engine {self.index}: bad model path")
+
+
+def test_an_engine_whose_worker_dies_while_the_pool_starts_is_started_again(ray_cluster, tmp_path, monkeypatch):
+    """Ray workers sometimes die before the actor runs ("connection error code 2"): the pool starts that engine
+    again in its placement group (counted), while an engine that raises is not retried."""
+    from ivgr_dist.rollout.pool import RolloutPool
+
+    monkeypatch.setattr(DiesOnFirstStart, "markers", str(tmp_path))
+    cfg = _cfg()
+    pool = RolloutPool(cfg.model, cfg.rollout, "nccl", use_gpus=True, start_timeout_s=30, worker_cls=DiesOnFirstStart)
+    try:
+        assert sorted(pool.serving) == [0, 1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_0", "engine_1"]  # each died once
+        assert pool.fleet_metrics()["rollout/engine_failed_starts"] == 2
+        for info in pool.start_info:  # the engine that serves runs in a new process
+            assert info["pid"] != int((tmp_path / f"engine_{info['engine']}").read_text())
+    finally:
+        pool.shutdown()
+    _wait_free(ray_cluster, NUM_GPUS)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="bad model path"):
+        RolloutPool(cfg.model, cfg.rollout, "nccl", use_gpus=True, start_timeout_s=30, worker_cls=FailsToStart)
+    assert time.monotonic() - t0 < 20  # not retried
+    _wait_free(ray_cluster, NUM_GPUS)
