@@ -264,7 +264,6 @@ def test_the_fleet_grows_when_room_appears_and_follows_its_target(ray_cluster):
         pool.shutdown()
 
 
-
 class DiesOnFirstStart(StandInEngine):
     """Its worker process dies (SIGKILL) the first time an engine with this index starts, as a Ray worker that
     crashes while the actor is being created does; a marker file in ``markers`` remembers it."""
