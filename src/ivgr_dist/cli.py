@@ -34,6 +34,7 @@ def _run_config(args: argparse.Namespace):
     cfg = _config(args)
     resolved = resolve_paths(cfg)
     check_not_node_local(cfg, resolved)
+    args.run_config = resolved  # for the interrupt message (main)
     return resolved
 
 
@@ -134,7 +135,43 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     ray.shutdown()  # flush the actors' last log lines before the summary, so it is what the user sees last
     print(summarize(cfg, records))
+    if trainer.stop_signal is not None:
+        from ivgr_dist.interrupts import Interrupted
+
+        stopped = Interrupted(trainer.stop_signal)
+        print(
+            f"ivgr-dist train: stopped by {stopped.name} after step {trainer.step + len(records)}; checkpoint "
+            f"{trainer.last_checkpoint}; resume: {_same_command(args)}",
+            file=sys.stderr,
+        )
+        return stopped.exit_code
     return 0
+
+
+def _same_command(args: argparse.Namespace) -> str:
+    """The command that ran (resuming is running it again: trainer.resume=true)."""
+    import os
+    import shlex
+
+    if os.path.basename(sys.argv[0]) == "ivgr-dist":
+        return shlex.join(["ivgr-dist", *args.argv])
+    return shlex.join(["python", "-m", "ivgr_dist.cli", *args.argv])
+
+
+def _interrupted_message(args: argparse.Namespace, exc) -> str:
+    """One line: which signal, and for a run with an output directory the newest checkpoint to resume from."""
+    line = f"ivgr-dist {args.command}: interrupted by {exc.name}"
+    cfg = getattr(args, "run_config", None)
+    if args.command == "train" and cfg is not None:
+        from pathlib import Path
+
+        root = Path(cfg.trainer.output_dir) / "checkpoints"
+        done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+        if done:
+            line += f"; newest checkpoint {done[-1]}; resume: {_same_command(args)}"
+        else:
+            line += f"; no checkpoint yet in {root}; run the same command again to start over: {_same_command(args)}"
+    return line
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -247,15 +284,21 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.config import ConfigError
     from ivgr_dist.data.dataset import DataError
+    from ivgr_dist.interrupts import Interrupted, raise_on_signals
     from ivgr_dist.storage import StorageError
 
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    raise_on_signals()
     try:
         return args.fn(args)
+    except Interrupted as exc:  # Ctrl-C / SIGTERM outside the RL loop, or a second one inside it
+        print(_interrupted_message(args, exc), file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"ivgr-dist {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,9 @@ class Trainer:
         self.control = self._control_actor()
         self._step_in_progress = 0
         self._stop_requested = False
+        self.stop_signal: int | None = None
+        """SIGINT or SIGTERM received during :meth:`train`: it stops after the current step, with a checkpoint."""
+        self.last_checkpoint: Path | None = None
         self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
         self.tracer = Tracer(self.out / "trace.json") if cfg.trainer.trace else None
@@ -109,30 +113,60 @@ class Trainer:
     # ---------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
+        """Run the RL steps left. SIGINT/SIGTERM (:mod:`ivgr_dist.interrupts`) and ``ivgr-dist stop`` end it
+        after the current step, with its checkpoint; after a signal the policy is not exported (a preempted
+        job's grace period goes to the checkpoint) and :attr:`stop_signal` says which one came."""
         from tqdm import tqdm
+
+        from ivgr_dist.interrupts import graceful
 
         records = []
         bar = tqdm(range(self.step + 1, self.cfg.trainer.max_steps + 1), desc="rl steps", unit="step")
         self.producer.start(self.step + 1, self.cfg.trainer.max_steps, self.version)
         try:
-            for step in bar:
-                record = self.rl_step(step)
-                records.append(record)
-                bar.set_postfix(
-                    reward_A=f"{record.get('reward/grounded/overall', float('nan')):.2f}",
-                    reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
-                    step_s=f"{record['time/step_s']:.1f}",
-                )
-                if self._should_save(step) or self._stop_requested:
-                    self.save(step)
-                if self._stop_requested:
-                    log.info("stopped after step %d at the request of `ivgr-dist stop` (checkpoint written)", step)
-                    break
+            with graceful(self._on_signal):
+                for step in bar:
+                    record = self.rl_step(step)
+                    records.append(record)
+                    bar.set_postfix(
+                        reward_A=f"{record.get('reward/grounded/overall', float('nan')):.2f}",
+                        reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
+                        step_s=f"{record['time/step_s']:.1f}",
+                    )
+                    stopping = self._stop_requested or self.stop_signal is not None
+                    if self._should_save(step) or stopping:
+                        self.save(step)
+                    if stopping:
+                        why = "`ivgr-dist stop`" if self.stop_signal is None else self._signal_name()
+                        log.info("stopped after step %d at the request of %s (checkpoint written)", step, why)
+                        break
         finally:
+            bar.close()
             self.producer.close()
-        if records:
+        if records and self.stop_signal is None:
             self.export_model()
         return records
+
+    def _on_signal(self, signum: int) -> None:
+        """First SIGINT/SIGTERM: finish the current step, checkpoint it, stop. Second: stop now."""
+        from ivgr_dist.interrupts import Interrupted
+
+        if self.stop_signal is not None:
+            raise Interrupted(signum)
+        self.stop_signal = signum
+        step = self._step_in_progress or self.step + 1
+        from tqdm import tqdm
+
+        tqdm.write(
+            f"ivgr-dist: {self._signal_name()} received: stopping after step {step} with its checkpoint "
+            f"(again to stop now, without it)",
+            file=sys.stderr,
+        )
+
+    def _signal_name(self) -> str:
+        import signal
+
+        return signal.Signals(self.stop_signal).name if self.stop_signal is not None else ""
 
     @property
     def model_dir(self) -> Path:
@@ -331,6 +365,7 @@ class Trainer:
         }
         (path / "trainer_state.json").write_text(json.dumps(state))
         (path / "COMPLETE").write_text(str(time.time()))
+        self.last_checkpoint = path
         log.info("checkpoint written to %s", path)
         _prune_checkpoints(self.out / "checkpoints", self.cfg.trainer.keep_checkpoints)
         return path
@@ -538,8 +573,11 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
+    from ivgr_dist.interrupts import raise_on_signals
+
     if address:
         ray.init(address=address, log_to_driver=True)
+        raise_on_signals()
         return
     # one CPU per engine TP rank (their placement-group bundles), one or more per learner rank
     need = cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
@@ -547,3 +585,4 @@ def init_ray(cfg: Config) -> None:
     need += math.ceil(cfg.reward.num_workers * cfg.reward.cpus_per_worker)  # reward workers (CPU actors)
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)
+    raise_on_signals()  # ray.init replaced the SIGTERM handler with its own sys.exit
