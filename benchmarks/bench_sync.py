@@ -10,7 +10,7 @@ weight-transfer lifecycle (layerwise reload, then CPU repacking in ``finish_weig
 The lower bound is one copy of the pushed bytes per engine at this machine's copy bandwidth
 (``torch`` ``copy_`` of the same number of bytes, best of 5): ``copy_bound_s = bytes / bandwidth``,
 ``ratio = push_s / copy_bound_s``, ``per_engine_ratio = push_s / (engines * copy_bound_s)`` (the
-ARCHITECTURE.md target is <= 3). Reported split: ``gather_write_s`` (learner side, until the files
+the target (docs/architecture.md) is <= 3). Reported split: ``gather_write_s`` (learner side, until the files
 exist), ``engine_load_s`` (slowest engine's whole update), the rest (Ray round trips, clean-up), and,
 measured in this process on the same bytes, what the file format alone costs (``stage_write_s``,
 ``stage_read_s``: safetensors write to / read from /dev/shm).

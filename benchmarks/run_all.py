@@ -3,7 +3,7 @@
 Each benchmark is a script in this folder that prints ONE JSON line on stdout; this runner starts
 each in its own process (they start Ray clusters and vLLM engines, which must not overlap on a small
 machine), keeps its stderr in ``<logs>/<bench>.log``, collects the JSON lines into ``--jsonl`` and
-prints a table of the key numbers, each ratio next to its ARCHITECTURE.md target.
+prints a table of the key numbers, each ratio next to its target.
 
     python benchmarks/run_all.py                          # rules, rollout, sync (several minutes)
     python benchmarks/run_all.py --only rules,sync        # a subset
@@ -33,7 +33,7 @@ class Bench:
     ratio: str | None = None
     """Field holding the headline ratio, compared with ``target``."""
     target: tuple[str, float] | None = None
-    """(">=" | "<=", value): the ARCHITECTURE.md number for ``ratio``."""
+    """(">=" | "<=", value): the target for ``ratio``."""
     default_args: tuple[str, ...] = field(default_factory=tuple)
 
 

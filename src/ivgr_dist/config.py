@@ -64,7 +64,7 @@ class TinyModelConfig:
     """Shape of the tiny random model built by ``ivgr-dist make-tiny-model`` (CPU development).
 
     The sizes are the smallest that both transformers and vLLM's CPU kernels accept
-    (see CPU_STACK.md): vLLM's CPU attention rejects head_dim 16, and the M-RoPE sections must sum
+    (see the README, "The CPU stack"): vLLM's CPU attention rejects head_dim 16, and the M-RoPE sections must sum
     to head_dim / 2. The same sizes serve both families.
     """
 
@@ -156,7 +156,7 @@ SYNTHETIC_QUESTION_TYPES = ("color", "shape", "count", "position")
 class SyntheticConfig:
     """The synthetic visual-grounding set (``ivgr-dist make-synthetic``); difficulty knobs included.
 
-    Default difficulty follows the learning calibration in CPU_STACK.md: one object per image and
+    Default difficulty follows the learning calibration in the README ("Does it learn?"): one object per image and
     colour questions learn within minutes on the tiny model; more objects and named-shape
     questions are much slower at that scale. Objects cover 40-80% of the image side, so that box
     IoU, which the tiny model learns slowly, starts high enough for RL to improve it within
@@ -470,7 +470,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """GRPO and iVGR reward coefficients (ALGORITHM.md)."""
+    """GRPO and iVGR reward coefficients (docs/algorithm.md)."""
 
     clip_low: float = 0.2
     """Lower clip: ratio >= 1 - clip_low."""

@@ -322,7 +322,7 @@ def test_greedy_output_matches_transformers_on_the_exported_weights(pool, synced
 
     Measured on this random tiny model: the best two logits are often within 0.001-0.008 of each other
     (logit std ~0.2), below what bf16 vs fp32 kernels can resolve, so a fixed 8-token greedy prefix
-    diverges after 2-4 tokens on some prompts (for transformers in bf16 too; CPU_STACK.md saw 15 tokens
+    diverges after 2-4 tokens on some prompts (for transformers in bf16 too; the project notes saw 15 tokens
     on the untrained model). The comparison is therefore: (1) identical tokens up to the first step whose
     top-2 margin is < TIE (and where they part, the engine's token is within TIE of the best); (2)
     teacher-forced on the engine's tokens, every engine token is within TIE of transformers' best and

@@ -1,6 +1,6 @@
 """Real Ray clusters for tests: ``ray start`` heads and worker nodes on loopback, stopped by their own PIDs.
 
-Several raylets on one machine form one cluster (CPU_STACK.md): each node gets its own ``--temp-dir`` (short:
+Several raylets on one machine form one cluster (measured here: README, "Multi-node runs"): each node gets its own ``--temp-dir`` (short:
 Ray puts unix sockets there, ~107 bytes at most) and its own dashboard-agent port. Every process of a node
 carries its temp dir in its command line, which is how :func:`stop_cluster` finds exactly those processes
 (``ray stop`` would kill every Ray process on the machine). Token authentication is on, as Ray >= 2.5x

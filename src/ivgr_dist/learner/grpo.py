@@ -1,6 +1,6 @@
 """GRPO loss maths as pure torch functions (no Ray, no process groups).
 
-What the module computes, following the "Policy optimisation" section of ALGORITHM.md:
+What the module computes, following docs/algorithm.md (4, "GRPO advantages"; 5, "The loss and the update"):
 
 * :func:`group_advantages` - per-rollout advantage ``(r - mean_g) / (std_g + eps)`` over the
   rollouts of one group (one prompt instance of one stream), with ``std_g`` the unbiased sample

@@ -1,6 +1,6 @@
 """Reference reasoning for the consistency reward: which grounded rollout becomes the reference, and the cache.
 
-The spec is ``/work/shared/ALGORITHM.md`` ("Reference selection"). Among this step's stream-A (grounded) rollouts of
+The spec is ``docs/algorithm.md`` (3.2, "The reference and its cache"). Among this step's stream-A (grounded) rollouts of
 one record, those with accuracy 1 and ``box_iou >= 0.3`` qualify; the one with the highest ``box_iou`` is the
 candidate (ties: the earliest). A per-record cache keeps one reference across steps; the candidate replaces the
 cached one if its accuracy is higher, or equal with a higher ``box_iou``. Stream B is scored against the cached

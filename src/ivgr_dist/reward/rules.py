@@ -2,8 +2,8 @@
 
 Every function here is pure (no I/O, no global state), never raises on arbitrary model output, and runs in time
 linear in the length of the response (no regex with quadratic backtracking on degenerate text such as long
-whitespace runs or thousands of unclosed tags). The spec is ``/work/shared/ALGORITHM.md`` ("Output format",
-"Rewards").
+whitespace runs or thousands of unclosed tags). The spec is ``docs/algorithm.md`` (2, "Prompts and output format";
+3, "Rewards").
 
 Before scoring, every response goes through :func:`normalize_response` (whitespace around ``<``, ``>`` and ``/``
 removed, ends stripped). Tags are case-sensitive (``<Think>`` is not a think tag).

