@@ -29,12 +29,14 @@ def _config(args: argparse.Namespace):
 def _run_config(args: argparse.Namespace):
     """The config of a job that runs on Ray: paths made absolute here, on the driver, before any actor sees
     them; shared paths that landed in this node's copy of the job's working directory are refused."""
+    from ivgr_dist.logs import setup_run_logs
     from ivgr_dist.storage import check_not_node_local, resolve_paths
 
     cfg = _config(args)
     resolved = resolve_paths(cfg)
     check_not_node_local(cfg, resolved)
     args.run_config = resolved  # for the interrupt message (main)
+    setup_run_logs(resolved.trainer.output_dir)
     return resolved
 
 
@@ -219,12 +221,15 @@ def _parser() -> argparse.ArgumentParser:
     from ivgr_dist.config import TINY_FAMILIES
 
     p = argparse.ArgumentParser(prog="ivgr-dist", description=__doc__.split("\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose_help = "debug logging, and Ray's, vLLM's and every actor's output on the console (default: in logs/)"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
+        # also after the sub-command; SUPPRESS: absent here leaves the top-level value
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         sp.add_argument("--config", default=None, help="YAML config file (default: the embedded tiny CPU config)")
         return sp
 
@@ -285,14 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.config import ConfigError
     from ivgr_dist.data.dataset import DataError
     from ivgr_dist.interrupts import Interrupted, raise_on_signals
+    from ivgr_dist.logs import setup_console
     from ivgr_dist.storage import StorageError
 
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_console(args.verbose)
     raise_on_signals()
     try:
         return args.fn(args)

@@ -105,6 +105,28 @@ class Trainer:
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
             self.maybe_resume()
+        log.info("%s", self.startup_summary())
+
+    def startup_summary(self) -> str:
+        """What the run holds and where its outputs go (the console's start-up lines)."""
+        import ray
+
+        res = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        cfg = self.cfg
+        judge = cfg.reward.judge.backend
+        lines = [
+            f"cluster: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs",
+            f"rollout: {len(self.rollouts.serving)} of {self.rollouts.target} engine(s) serving, tensor_parallel_size "
+            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {cfg.sync.backend}",
+            f"learner: {len(self.learners.actors)} FSDP2 rank(s); reward: {cfg.reward.num_workers} worker(s), judge "
+            f"{judge}",
+            f"steps {self.step + 1}-{cfg.trainer.max_steps}"
+            + (f" (resumed at step {self.step})" if self.step else "")
+            + f"; outputs in {self.out}: metrics.jsonl, checkpoints/, logs/ (engines, learners, Ray, vLLM)"
+            + (f"; tensorboard --logdir {self.out / 'tensorboard'}" if cfg.trainer.tensorboard else ""),
+        ]
+        return "\n  ".join(["run:", *lines])
 
     def total_updates(self) -> int:
         per_step = -(-self.cfg.data.rollout_batch_size // self.cfg.learner.global_batch_size)
@@ -574,9 +596,11 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
     from ivgr_dist.interrupts import raise_on_signals
+    from ivgr_dist.logs import quiet, quiet_ray_logger
 
+    quiet_ray_logger()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet())
         raise_on_signals()
         return
     # one CPU per engine TP rank (their placement-group bundles), one or more per learner rank
@@ -584,5 +608,5 @@ def init_ray(cfg: Config) -> None:
     need += cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
     need += math.ceil(cfg.reward.num_workers * cfg.reward.cpus_per_worker)  # reward workers (CPU actors)
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=not quiet())
     raise_on_signals()  # ray.init replaced the SIGTERM handler with its own sys.exit

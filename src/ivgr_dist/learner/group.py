@@ -34,6 +34,7 @@ import numpy as np
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.learner.worker import LearnerWorker
+from ivgr_dist.logs import actor_env
 
 __all__ = ["LearnerGroup"]
 
@@ -86,7 +87,7 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=r
                 ),
-                runtime_env={"env_vars": env},
+                runtime_env={"env_vars": {**env, **actor_env(f"learner-{r}")}},
             ).remote(model_cfg, learner_cfg, algo_cfg, r, n, total_steps)
             for r in range(n)
         ]

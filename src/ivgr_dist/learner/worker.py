@@ -17,7 +17,7 @@ everywhere (:func:`~ivgr_dist.learner.batch.append_dummy_image`).
 
 Loss scaling: the token-mean loss of an update uses ``denom = global response tokens / world size``
 on every rank; FSDP averages gradients over ranks, so the result is the exact token mean over the
-whole global batch whatever the split (ALGORITHM.md: token-mean aggregation).
+whole global batch whatever the split (docs/algorithm.md: token-mean aggregation).
 
 Loading: with ``learner.sharded_init`` (default) each rank builds the model on the meta device, shards
 it and reads only its own rows of every tensor from the safetensors files (``ivgr_dist.learner.loading``),
@@ -151,7 +151,10 @@ class LearnerWorker:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        from ivgr_dist.logs import redirect_actor_output
         from ivgr_dist.placement import pin_to_cores
+
+        redirect_actor_output(f"learner-{rank}")
 
         pin_to_cores(list(learner_cfg.cpu_affinity), f"learner rank {rank}")
         self.model_cfg, self.cfg, self.algo_cfg = model_cfg, learner_cfg, algo_cfg

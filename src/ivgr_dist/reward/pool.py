@@ -1,6 +1,6 @@
 """``RewardPool``: M CPU reward workers (Ray actors) scoring whole groups while generation goes on.
 
-Shape (ARCHITECTURE.md, "RewardPool"):
+Shape (docs/architecture.md, reward workers):
 
 - ``RewardWorker`` (``num_cpus=reward.cpus_per_worker``): an async actor holding one judge from
   ``make_judge(reward.judge)``. ``score(job)`` runs :func:`~ivgr_dist.reward.scorer.score_job`;
@@ -45,6 +45,11 @@ class RewardWorker:
     """One reward actor: rule rewards + a judge client; scores whole groups, many at once."""
 
     def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache, fleet=None):
+        import os
+
+        from ivgr_dist.logs import redirect_actor_output
+
+        redirect_actor_output(f"reward-{os.getpid()}")
         from ivgr_dist.reward.judge import make_judge
 
         self.judge_cfg, self.algo, self.cache = judge_cfg, algo, cache
@@ -121,7 +126,11 @@ class RewardPool(StreamScorer):
             ) from None
 
     def _spawn(self):
-        return self._actor.remote(self.cfg.judge, self.algo, self.cache, self.judge_fleet)
+        from ivgr_dist.logs import actor_env
+
+        env = actor_env()
+        options = {"runtime_env": {"env_vars": env}} if env else {}
+        return self._actor.options(**options).remote(self.cfg.judge, self.algo, self.cache, self.judge_fleet)
 
     # executor hooks -----------------------------------------------------------------------------
     def _submit(self, job: GroupJob):

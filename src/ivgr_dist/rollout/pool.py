@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.logs import actor_env
 from ivgr_dist.placement import EnginePlacement, PlacementError, shortfall
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
@@ -265,6 +266,7 @@ class RolloutPool:
     def _start_actor(self, i: int) -> None:
         placement = self.placements[i]
         env = {**_engine_env(self.use_gpus, self.cfg.num_engines, self.cfg.tensor_parallel_size), **placement.env()}
+        env |= actor_env(f"engine-{i}")
         self.actors[i] = self._remote_cls.options(
             **placement.actor_options(), max_concurrency=4096, runtime_env={"env_vars": env}
         ).remote(

@@ -99,6 +99,9 @@ class RolloutWorker:
         weight_backend: str = "ivgr_shm",
         inflight_updates: bool = False,
     ):
+        from ivgr_dist.logs import redirect_actor_output
+
+        redirect_actor_output(f"engine-{engine_index}")  # judge engines are named by IVGR_LOG_LABEL
         self.model_cfg = model_cfg
         self.cfg = rollout_cfg
         self.index = engine_index

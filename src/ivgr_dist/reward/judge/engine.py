@@ -29,6 +29,7 @@ import logging
 import os
 
 from ivgr_dist.config import EngineConfig, ModelConfig, RolloutConfig
+from ivgr_dist.logs import actor_env
 from ivgr_dist.reward.judge import JudgeRequest, JudgeResult
 from ivgr_dist.reward.judge.openai import Balancer, CallError, Endpoint, run_request
 from ivgr_dist.reward.judge.prompts import build_messages, parser_for
@@ -131,9 +132,12 @@ class EngineJudge:
         model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.engine_cfg, bool(gpus))
         remote_cls = ray.remote(RolloutWorker)
         self.actors = [
-            remote_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1024, runtime_env={"env_vars": env}).remote(
-                model_cfg, rollout_cfg, i, "ivgr_shm"
-            )
+            remote_cls.options(
+                num_cpus=1,
+                num_gpus=gpus,
+                max_concurrency=1024,
+                runtime_env={"env_vars": {**env, **actor_env(f"judge-{i}")}},
+            ).remote(model_cfg, rollout_cfg, i, "ivgr_shm")
             for i in range(self.cfg.num_engines)
         ]
         infos = await asyncio.wait_for(

@@ -28,6 +28,9 @@ class JudgeFleet:
     """The judge engines (see the module docstring); methods are awaited by many callers at once."""
 
     def __init__(self, cfg, use_gpus: bool | None = None, start_timeout_s: float = 600.0):
+        from ivgr_dist.logs import redirect_actor_output
+
+        redirect_actor_output("judge-fleet")
         self.cfg = cfg
         self.use_gpus = use_gpus
         self.start_timeout_s = start_timeout_s
@@ -70,6 +73,7 @@ class JudgeFleet:
     async def _start_engine(self, i: int) -> None:
         import ray
 
+        from ivgr_dist.logs import actor_env
         from ivgr_dist.placement import EnginePlacement
         from ivgr_dist.reward.judge.engine import judge_engine_setup
         from ivgr_dist.rollout.worker import RolloutWorker
@@ -81,7 +85,11 @@ class JudgeFleet:
             model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.cfg.engine, bool(self.use_gpus))
             actor = (
                 ray.remote(RolloutWorker)
-                .options(**placement.actor_options(), max_concurrency=1024, runtime_env={"env_vars": env})
+                .options(
+                    **placement.actor_options(),
+                    max_concurrency=1024,
+                    runtime_env={"env_vars": {**env, **actor_env(f"judge-{i}")}},
+                )
                 .remote(model_cfg, rollout_cfg, i, "ivgr_shm")
             )
             self.actors[i] = actor
@@ -219,4 +227,8 @@ def create_fleet(cfg):
     """The shared judge fleet actor (no resources of its own; it lives as long as its creator)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_concurrency=4096)(JudgeFleet).remote(cfg)
+    from ivgr_dist.logs import actor_env
+
+    env = actor_env("judge-fleet")
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    return ray.remote(num_cpus=0, max_concurrency=4096)(JudgeFleet).options(**options).remote(cfg)
