@@ -1,5 +1,5 @@
 """``ivgr-dist report``: the plots written for the keys present, report.md's links and table, the step-time
-breakdown (no Ray, no model)."""
+breakdown and the CLI's error for a run directory without metrics (no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ivgr_dist.cli import main
 from ivgr_dist.report import Table, moving_average, step_time_breakdown, window_means, write_report
 
 ALL_PLOTS = {
@@ -232,3 +233,16 @@ def test_window_means_and_moving_average():
     assert window_means(table, "missing") is None
     avg = moving_average(np.array([1.0, 2.0, math.nan, 4.0]), 2)
     assert math.isnan(avg[0]) and list(avg[1:]) == [1.5, 2.0, 4.0]
+
+
+def test_cli_prints_the_report_path(tmp_path, capsys):
+    run = _run_dir(tmp_path, _records(3, fleet=False, staleness=False))
+    assert main(["report", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"report": str(run / "report" / "report.md")}
+
+
+def test_cli_without_metrics_exits_1_naming_the_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"ivgr-dist report: no metrics file {tmp_path / 'metrics.jsonl'}"
+    assert not (tmp_path / "report").exists()
