@@ -217,6 +217,14 @@ def cmd_bench_reward(args: argparse.Namespace) -> int:
     return 0 if all(r["rewards_missing"] == 0 for r in rows) else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Plots and a Markdown summary of a run's metrics.jsonl in RUN_DIR/report/ (see ivgr_dist.report)."""
+    from ivgr_dist.report import write_report
+
+    print(json.dumps({"report": str(write_report(args.run_dir))}))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from ivgr_dist.config import TINY_FAMILIES
 
@@ -275,6 +283,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("prepare", cmd_prepare, "make missing CPU assets, validate the data and build one batch of prompts")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.rollout_batch_size=32")
+
+    sp = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
+    sp.set_defaults(fn=cmd_report)
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory (trainer.output_dir)")
 
     from ivgr_dist.reward.bench import add_arguments as add_bench_reward_arguments
 
