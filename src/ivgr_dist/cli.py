@@ -137,6 +137,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     ray.shutdown()  # flush the actors' last log lines before the summary, so it is what the user sees last
     print(summarize(cfg, records))
+    if records:
+        from ivgr_dist.report import write_report
+
+        try:
+            print(f"  report (plots): {write_report(cfg.trainer.output_dir)}")
+        except Exception as exc:  # noqa: BLE001 - plots are a convenience; the run's outputs are complete
+            log.error("could not write the report: %s (ivgr-dist report %s)", exc, cfg.trainer.output_dir)
     if trainer.stop_signal is not None:
         from ivgr_dist.interrupts import Interrupted
 

@@ -111,6 +111,8 @@ class Trainer:
         """What the run holds and where its outputs go (the console's start-up lines)."""
         import ray
 
+        from ivgr_dist.sync import resolve_backend
+
         res = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         cfg = self.cfg
@@ -118,7 +120,7 @@ class Trainer:
         lines = [
             f"cluster: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs",
             f"rollout: {len(self.rollouts.serving)} of {self.rollouts.target} engine(s) serving, tensor_parallel_size "
-            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {cfg.sync.backend}",
+            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {resolve_backend(cfg.sync.backend, cluster_has_gpus())}",
             f"learner: {len(self.learners.actors)} FSDP2 rank(s); reward: {cfg.reward.num_workers} worker(s), judge "
             f"{judge}",
             f"steps {self.step + 1}-{cfg.trainer.max_steps}"
