@@ -371,6 +371,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     temperature, n = (cfg.rollout.temperature, cfg.rollout.n) if args.sample else (0.0, 1)
     out = args.out or str(Path(cfg.trainer.output_dir) / "eval")
+    from ivgr_dist.logs import setup_run_logs
+
+    setup_run_logs(Path(out).resolve())  # the engines' and Ray's output: <out>/logs/ (console with -v)
     run_eval(cfg, args.model, files, args.mode, out, temperature=temperature, n=n, max_records=args.max_records)
     print((Path(out) / "eval.md").read_text(), end="")
     return 0
