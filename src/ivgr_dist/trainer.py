@@ -34,7 +34,7 @@ import torch
 from ivgr_dist.config import Config, to_yaml
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
-from ivgr_dist.metrics import MetricsLogger, Timer, Tracer
+from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
 from ivgr_dist.producer import BatchProducer
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Rollout
@@ -53,6 +53,7 @@ class Trainer:
         from ivgr_dist.sync.verify import WeightVerifier
 
         self.cfg = cfg
+        require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails here, before any actor starts
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -97,10 +98,17 @@ class Trainer:
         self.scorer.trace = self.tracer
         # max_staleness 0: each batch is produced when its step asks for it; k >= 1: ahead, in a thread
         self.producer = BatchProducer(self.data, self.rollouts, self.scorer, cfg.trainer.max_staleness, self.tracer)
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
             self.maybe_resume()
+            truncate_jsonl(self.out / "trained.jsonl", self.step)
+        # after the resume step is known: the logs continue from it (later records, about to be redone, dropped)
+        self.metrics = MetricsLogger(
+            self.out,
+            cfg.trainer.active_loggers,
+            resume_step=self.step if cfg.trainer.resume else None,
+            wandb=wandb_options(cfg),
+        )
 
     def total_updates(self) -> int:
         per_step = -(-self.cfg.data.rollout_batch_size // self.cfg.learner.global_batch_size)
@@ -354,7 +362,8 @@ class Trainer:
             import ray
 
             ray.kill(self.control)
-        self.metrics.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.tracer is not None:
             self.tracer.write()
         self.scorer.close()
