@@ -37,6 +37,7 @@ from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
 from ivgr_dist.producer import BatchProducer
 from ivgr_dist.reward.summary import reward_metrics
+from ivgr_dist.samples import sample_records
 from ivgr_dist.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,8 @@ class Trainer:
                 batch = self.producer.get(step, while_waiting=self._heal)
             rollouts = batch.rollouts
             self._assign_advantages(rollouts)
+            sample_every, per_stream = cfg.trainer.log_samples_every, cfg.trainer.log_samples_per_stream
+            samples = sample_records(rollouts, step, per_stream) if sample_every and step % sample_every == 0 else []
             with timer("learner"):
                 T = cfg.rollout.temperature or 1.0
                 with timer("learner_input"), span("learner", "load batch"):  # images once per record; placed once
@@ -204,6 +207,7 @@ class Trainer:
             **fleet,
         }
         record = self.metrics.log(step, metrics)
+        self.metrics.log_samples(step, samples)
         _log_trained(self.out / "trained.jsonl", step, rollouts)
         if self.tracer is not None:
             self.tracer.write()
