@@ -4,7 +4,8 @@ The metrics say how the rewards move; the samples show what the policy wrote and
 judged it: prompt, response, the answer the rules extracted and the ground truth, every component, the
 advantage, the weight versions and, for a textual rollout, the grounded reasoning its consistency was judged
 against. The choice is deterministic, so two runs of the same batch log the same rollouts: per stream, its
-groups in batch order, from each the best rollout (highest reward, the first of ties) and then the worst (lowest
+groups in batch order, those whose rewards differ first (the ones GRPO learns from; a group of equal rewards has
+zero advantages), from each the best rollout (highest reward, the first of ties) and then the worst (lowest
 reward, the last of ties), until ``per_stream`` are taken. A best/worst pair shows what the advantage rewarded.
 """
 
@@ -26,7 +27,9 @@ def sample_records(rollouts: Sequence[Rollout], step: int, per_stream: int) -> l
     out: list[dict] = []
     for stream in streams:
         taken = 0
-        for group in groups[stream].values():
+        spread = [g for g in groups[stream].values() if len({r.reward for r in g}) > 1]
+        tied = [g for g in groups[stream].values() if len({r.reward for r in g}) <= 1]
+        for group in spread + tied:
             for pick, r in _best_and_worst(group):
                 if taken == per_stream:
                     break

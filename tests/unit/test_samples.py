@@ -50,6 +50,13 @@ def test_best_and_worst_of_the_first_groups_in_batch_order():
     assert sample_records(rollouts, 7, 2) == sample_records(list(rollouts), 7, 2)  # nothing random
 
 
+def test_groups_whose_rewards_differ_come_first():
+    tied = _group(_prompt(1, "grounded"), [0.0, 0.0, 0.0])
+    spread = _group(_prompt(2, "grounded"), [0.0, 1.0, 0.0])
+    picks = [(s["uid"], s["sample_idx"], s["pick"]) for s in sample_records(tied + spread, 3, 3)]
+    assert picks == [("2:grounded", 1, "best"), ("2:grounded", 2, "worst"), ("1:grounded", 0, "best")]
+
+
 def test_streams_in_fixed_order_and_absent_streams_skipped():
     single = _group(_prompt(2, "single", answer="17"), [1.0])
     textual = _group(_prompt(1, "textual"), [0.0, 1.0])
