@@ -759,6 +759,9 @@ class SFTConfig:
 # ------------------------------------------------------------------------------------------- trainer
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Run-level settings."""
@@ -777,8 +780,29 @@ class TrainerConfig:
     """Complete checkpoints to keep (the newest ones; a 7B checkpoint with optimizer state is ~100 GB); 0 keeps all."""
     resume: bool = True
     """Continue from the newest complete checkpoint in output_dir/checkpoints when there is one."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where each step's metrics go, the same record to each: ``jsonl`` (output_dir/metrics.jsonl, and the sample
+    log output_dir/samples.jsonl), ``tensorboard`` (event files in output_dir/tensorboard), ``wandb`` (Weights &
+    Biases: ``pip install -e .[wandb]``; the API key only from the environment or ``wandb login``, WANDB_MODE=offline
+    honoured). A single name is accepted for a list: ``trainer.loggers=wandb``."""
     tensorboard: bool = True
-    """Mirror metrics.jsonl to TensorBoard event files in output_dir/tensorboard."""
+    """false removes ``tensorboard`` from ``loggers`` (the switch older configs and scripts use)."""
+    wandb_project: str = "ivgr-dist"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None: the account's default."""
+    wandb_run_name: str | None = None
+    """W&B run name; None: the last part of output_dir. The run id is kept in output_dir/wandb_run_id, so a resumed
+    run continues the same W&B run."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    log_samples_every: int = 5
+    """Every this many steps, write a few whole rollouts per stream (prompt, response, answer, every reward component,
+    advantage, versions, the consistency reference) to output_dir/samples.jsonl (and a ``samples`` table to W&B);
+    0 turns the sample log off."""
+    log_samples_per_stream: int = 2
+    """Rollouts per stream in each sample log: the best and the worst of the stream's first groups in batch order,
+    groups whose rewards differ first (see ivgr_dist.samples)."""
     ray_address: str | None = None
     """Ray cluster to join; None: RAY_ADDRESS if set (ray job submit sets it), else a local cluster."""
     max_staleness: int = 0
@@ -795,6 +819,24 @@ class TrainerConfig:
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "must be >= 0")
         _check(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
         _check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = all)")
+        for name in self.loggers:
+            _check_choice("trainer.loggers[]", name, LOGGERS)
+        _check(len(set(self.loggers)) == len(self.loggers), "trainer.loggers", self.loggers, "must not repeat a logger")
+        _check(bool(self.wandb_project), "trainer.wandb_project", self.wandb_project, "must be a non-empty name")
+        _check(
+            self.log_samples_every >= 0, "trainer.log_samples_every", self.log_samples_every, "must be >= 0 (0 = off)"
+        )
+        _check(
+            self.log_samples_per_stream >= 1,
+            "trainer.log_samples_per_stream",
+            self.log_samples_per_stream,
+            "must be >= 1",
+        )
+
+    @property
+    def active_loggers(self) -> list[str]:
+        """``loggers`` without ``tensorboard`` when ``tensorboard`` is false."""
+        return [name for name in self.loggers if self.tensorboard or name != "tensorboard"]
 
 
 @dataclass(frozen=True)
@@ -846,11 +888,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
-            layers.append(OmegaConf.load(path))
+            layers.append(_scalars_to_lists(schema, OmegaConf.load(path)))
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_scalars_to_lists(schema, OmegaConf.from_dotlist(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -863,6 +905,29 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _scalars_to_lists(schema, layer):
+    """``layer`` with each single value given for a list key made a one-element list (``trainer.loggers=wandb``
+    means ``[wandb]``), where OmegaConf would reject it."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def walk(node, values: dict) -> None:
+        for key, value in values.items():
+            if not isinstance(node, DictConfig) or key not in node:
+                continue  # unknown keys: OmegaConf's merge reports them
+            default = node[key]
+            if isinstance(value, dict):
+                walk(default, value)
+            elif isinstance(default, ListConfig) and isinstance(value, (str, int, float)):
+                if not (isinstance(value, str) and value.startswith("${")):  # interpolations resolve later
+                    values[key] = [value]
+
+    values = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(values, dict):
+        return layer  # not a mapping (a YAML list or scalar): let the merge report it
+    walk(schema, values)
+    return OmegaConf.create(values)
 
 
 def to_yaml(cfg: Config) -> str:

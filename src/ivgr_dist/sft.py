@@ -117,7 +117,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
 
     from ivgr_dist.data.pipeline import build_pipeline
     from ivgr_dist.learner.group import LearnerGroup
-    from ivgr_dist.metrics import MetricsLogger
+    from ivgr_dist.metrics import MetricsLogger, wandb_options
 
     out = Path(cfg.sft_model_dir)
     if (out / "config.json").is_file() and not overwrite:
@@ -131,7 +131,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
         cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, lr_schedule="constant"
     )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
-    logs = MetricsLogger(cfg.sft_logs_dir, tensorboard=cfg.trainer.tensorboard)
+    logs = MetricsLogger(cfg.sft_logs_dir, cfg.trainer.active_loggers, wandb=wandb_options(cfg, name_suffix="-sft"))
     from ivgr_dist.storage import StorageProbe
 
     storage = StorageProbe(out.parent, cfg.model.path)

@@ -35,9 +35,10 @@ import torch
 from ivgr_dist.config import Config, to_yaml
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
-from ivgr_dist.metrics import MetricsLogger, Timer, Tracer
+from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
 from ivgr_dist.producer import BatchProducer
 from ivgr_dist.reward.summary import reward_metrics
+from ivgr_dist.samples import sample_records
 from ivgr_dist.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Trainer:
         from ivgr_dist.sync.verify import WeightVerifier
 
         self.cfg = cfg
+        require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails here, before any actor starts
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -101,10 +103,17 @@ class Trainer:
         self.scorer.trace = self.tracer
         # max_staleness 0: each batch is produced when its step asks for it; k >= 1: ahead, in a thread
         self.producer = BatchProducer(self.data, self.rollouts, self.scorer, cfg.trainer.max_staleness, self.tracer)
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.trainer.tensorboard)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
             self.maybe_resume()
+            truncate_jsonl(self.out / "trained.jsonl", self.step)
+        # after the resume step is known: the logs continue from it (later records, about to be redone, dropped)
+        self.metrics = MetricsLogger(
+            self.out,
+            cfg.trainer.active_loggers,
+            resume_step=self.step if cfg.trainer.resume else None,
+            wandb=wandb_options(cfg),
+        )
         log.info("%s", self.startup_summary())
 
     def startup_summary(self) -> str:
@@ -126,7 +135,12 @@ class Trainer:
             f"steps {self.step + 1}-{cfg.trainer.max_steps}"
             + (f" (resumed at step {self.step})" if self.step else "")
             + f"; outputs in {self.out}: metrics.jsonl, checkpoints/, logs/ (engines, learners, Ray, vLLM)"
-            + (f"; tensorboard --logdir {self.out / 'tensorboard'}" if cfg.trainer.tensorboard else ""),
+            + (
+                f"; tensorboard --logdir {self.out / 'tensorboard'}"
+                if "tensorboard" in cfg.trainer.active_loggers
+                else ""
+            )
+            + ("; W&B: project " + cfg.trainer.wandb_project if "wandb" in cfg.trainer.active_loggers else ""),
         ]
         return "\n  ".join(["run:", *lines])
 
@@ -211,6 +225,8 @@ class Trainer:
                 batch = self.producer.get(step, while_waiting=self._heal)
             rollouts = batch.rollouts
             self._assign_advantages(rollouts)
+            sample_every, per_stream = cfg.trainer.log_samples_every, cfg.trainer.log_samples_per_stream
+            samples = sample_records(rollouts, step, per_stream) if sample_every and step % sample_every == 0 else []
             with timer("learner"):
                 T = cfg.rollout.temperature or 1.0
                 with timer("learner_input"), span("learner", "load batch"):  # images once per record; placed once
@@ -254,6 +270,7 @@ class Trainer:
             **fleet,
         }
         record = self.metrics.log(step, metrics)
+        self.metrics.log_samples(step, samples)
         _log_trained(self.out / "trained.jsonl", step, rollouts)
         if self.tracer is not None:
             self.tracer.write()
@@ -413,7 +430,8 @@ class Trainer:
             import ray
 
             ray.kill(self.control)
-        self.metrics.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.tracer is not None:
             self.tracer.write()
         self.scorer.close()

@@ -80,6 +80,9 @@ class Rollout:
     weight_version_last: int | None = None
     """Version the engine held when the request finished (differs from ``weight_version`` when a weight update
     happened while it generated; None where unknown)."""
+    consistency_reference: str | None = None
+    """Textual rollouts: the grounded reasoning (the cached reference's ``<think>`` text) the consistency judge
+    compared this response against; None without a reference (and for the other streams)."""
 
     @property
     def group_key(self) -> str:

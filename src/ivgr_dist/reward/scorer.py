@@ -98,6 +98,8 @@ class GroupResult:
     counts: dict[str, float] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     busy_s: float = 0.0
+    reference: str | None = None
+    """Textual groups: the reference reasoning the consistency judge compared against (kept on each rollout)."""
 
 
 def job_from_group(group: list[Rollout], step: int) -> GroupJob:
@@ -120,6 +122,7 @@ def job_from_group(group: list[Rollout], step: int) -> GroupJob:
 def apply_result(group: list[Rollout], result: GroupResult) -> None:
     for r, rewards, total in zip(group, result.rewards, result.totals, strict=True):
         r.rewards, r.reward = dict(rewards), float(total)
+        r.consistency_reference = result.reference
 
 
 class FallbackJudge:
@@ -199,7 +202,9 @@ async def score_job(
     else:
         totals = [rules.single_overall(r["format"], r["accuracy"], algo.single_accuracy_weight) for r in rewards]
         candidate = None
-    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, time.perf_counter() - t0)
+    used = reference.think if job.stream == "textual" and reference is not None else None
+    busy = time.perf_counter() - t0
+    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, busy, used)
 
 
 def _percentile(values: list[float], q: float) -> float:
