@@ -114,12 +114,23 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finished(cfg) -> bool:
+    """Whether ``train`` would resume from a checkpoint already at ``trainer.max_steps``."""
+    from ivgr_dist.checkpoints import latest_checkpoint
+
+    found = latest_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
+    return found is not None and found.step >= cfg.trainer.max_steps
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
     from ivgr_dist.sft import run_sft, sft_config_for_rl
     from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
 
     cfg = _run_config(args)
+    if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do
+        print(summarize(cfg, []))
+        return 0
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     if cfg.sft.enabled:
