@@ -109,7 +109,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
-    out = run_sft(cfg, overwrite=args.overwrite)
+    out = run_sft(cfg, overwrite=args.overwrite, command="sft")
     print(json.dumps({"sft_model_dir": str(out), "metrics": cfg.sft_logs_dir}))
     return 0
 
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     if cfg.sft.enabled:
-        run_sft(cfg)
+        run_sft(cfg, overwrite=args.overwrite_sft, command="train")
         cfg = sft_config_for_rl(cfg)
     trainer = Trainer(cfg)
     try:
@@ -219,6 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed (default: data.synthetic.seed)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
     sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
+    sp.add_argument(
+        "--overwrite-sft", action="store_true", help="with sft.enabled: retrain the warm start even if its model exists"
+    )
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
 
     sp = sub.add_parser("scale", help=cmd_scale.__doc__, description=cmd_scale.__doc__)

@@ -75,3 +75,52 @@ def test_a_job_with_work_left_starts(tmp_path, no_start, overrides):
         main(["train", f"trainer.output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(_Started, match="init_ray"):  # no checkpoint at all
         main(["train", f"trainer.output_dir={tmp_path / 'fresh'}", "trainer.max_steps=3"])
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monkeypatch, caplog, command):
+    """A reused warm start says how to train it again with an option the command that ran it accepts."""
+    import re
+
+    from ivgr_dist.cli import _parser, main
+
+    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+
+    def no_trainer(cfg):
+        raise _Started("Trainer")
+
+    monkeypatch.setattr("ivgr_dist.trainer.Trainer", no_trainer)
+    (tmp_path / "run" / "sft_model").mkdir(parents=True)
+    (tmp_path / "run" / "sft_model" / "config.json").write_text("{}")
+    args = [command, f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    with caplog.at_level("INFO", logger="ivgr_dist.sft"):
+        if command == "train":
+            with pytest.raises(_Started, match="Trainer"):  # the warm start was reused; RL would start now
+                main(args)
+        else:
+            assert main(args) == 0
+    (message,) = [r.getMessage() for r in caplog.records if "reusing it" in r.getMessage()]
+    options = re.findall(r"(?<![\w-])--[a-z][\w-]*", message)
+    assert options, message
+    for option in options:
+        parsed = _parser().parse_args([command, option])  # exits (SystemExit) on an option it does not take
+        assert any(v is True for v in vars(parsed).values()), (command, option)
+    assert f"ivgr-dist {command} --" in message and "sft.output_dir" in message
+
+
+def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
+    from ivgr_dist.cli import main
+
+    calls = []
+
+    def run_sft(cfg, overwrite=False, command="sft"):
+        calls.append((overwrite, command))
+        raise _Started("run_sft")
+
+    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.sft.run_sft", run_sft)
+    base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    for argv in (base, [base[0], "--overwrite-sft", *base[1:]]):
+        with pytest.raises(_Started):
+            main(argv)
+    assert calls == [(False, "train"), (True, "train")]
