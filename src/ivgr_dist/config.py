@@ -846,11 +846,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
-            layers.append(OmegaConf.load(path))
+            layers.append(_scalars_to_lists(OmegaConf.load(path), f" (in {path})"))
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_scalars_to_lists(OmegaConf.from_dotlist(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -863,6 +863,46 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise
     assert isinstance(cfg, Config)
     return cfg
+
+
+_EXAMPLE_ITEMS = {str: "a,b", int: "0,1", float: "0.5,1.0", bool: "true,false"}
+
+
+def _scalars_to_lists(layer, where: str = ""):
+    """``layer`` (one YAML file or the overrides) with a single value given for a ``list[str]`` field made a
+    one-element list (``data.train_files=a.parquet`` means ``[a.parquet]``); a single value for another list
+    field raises :class:`ConfigError` with an example of the list syntax (``cpu_affinity=3``: core 3, or 3
+    cores?). Keys that are not fields are left for the merge to report."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    def fix(node: dict, cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in node.items():
+            kind = hints.get(key) if key in fields else None
+            if kind is None:
+                continue
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+                fix(value, kind, f"{prefix}{key}.")
+            elif typing.get_origin(kind) is list and value is not None and not isinstance(value, (list, dict)):
+                if isinstance(value, str) and value.startswith("${"):
+                    continue  # an interpolation: resolved at merge
+                (item,) = typing.get_args(kind)
+                if item is str:
+                    node[key] = [value]
+                    continue
+                default = fields[key].default_factory() if callable(fields[key].default_factory) else []
+                items = ",".join(str(v) for v in default) if default else _EXAMPLE_ITEMS.get(item, "a,b")
+                raise ConfigError(f"{prefix}{key} expects a list, e.g. {prefix}{key}=[{items}]; got {value!r}{where}")
+
+    tree = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(tree, dict):
+        return layer
+    fix(tree, Config, "")
+    return OmegaConf.create(tree)
 
 
 def to_yaml(cfg: Config) -> str:
