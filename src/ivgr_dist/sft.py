@@ -160,7 +160,9 @@ def run_sft(cfg: Config, overwrite: bool = False, command: str = "sft") -> Path:
             last = logs.log(step, metrics)
             first = first or last
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}")
-        group.export_hf(out)  # complete or absent: a present directory is a finished warm start
+        # complete or absent: a present directory is a finished warm start. In the engines' dtype (model.dtype),
+        # so they load it as it is; the RL learner reads it into its fp32 masters.
+        group.export_hf(out, dtype=cfg.model.dtype)
     finally:
         logs.close()
         group.shutdown()
