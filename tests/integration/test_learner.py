@@ -301,6 +301,23 @@ def test_export_hf_config_json_names_the_dtype_of_its_weights(make_worker, tmp_p
     assert config["dtype"] == "bfloat16" and config.get("torch_dtype", "bfloat16") == "bfloat16"
 
 
+def test_export_and_checkpoint_files_get_the_umask_mode(make_worker, tmp_path):
+    """Not 0600 (safetensors writes through a private temporary file): other users of a shared cluster read them."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    worker = make_worker()
+    worker.export_hf(tmp_path / "hf", dtype="bfloat16")
+    worker.save_checkpoint(tmp_path / "ckpt")
+    for directory in (tmp_path / "hf", tmp_path / "ckpt"):
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        assert files and {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys(
+            (p.name for p in files), 0o666 & ~mask
+        )
+
+
 # -------------------------------------------------------------------------------------- Ray group
 
 

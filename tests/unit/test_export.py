@@ -99,3 +99,43 @@ def test_the_warm_start_is_exported_in_the_engines_dtype(tiny_model_dir, tmp_pat
     assert json.loads((tiny_model_dir / "config.json").read_text())["dtype"] == "float32"
     run_sft(cfg)
     assert exported == [cfg.model.dtype] == ["bfloat16"]
+
+
+def _umask_mode() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def assert_umask_modes(directory) -> None:
+    """Every file under ``directory`` has the mode a plain ``open()`` gives (0644 with umask 022), not 0600."""
+    import os
+    import stat
+
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert files
+    modes = {str(p.relative_to(directory)): oct(stat.S_IMODE(os.stat(p).st_mode)) for p in files}
+    assert modes == dict.fromkeys(modes, oct(_umask_mode()))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_exported_files_get_the_umask_mode(tiny_model_dir, tmp_path, shards):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ivgr_dist.models.export import write_hf_model
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "tokenizer.json").chmod(0o600)  # a private source file: the copy is readable all the same
+    state = list(load_file(str(src / "model.safetensors")).items())
+    size = -(-len(state) // shards)
+    write_hf_model(tmp_path / "hf", src, [state[i : i + size] for i in range(0, len(state), size)], "bfloat16")
+    assert_umask_modes(tmp_path / "hf")
+
+
+def test_the_tiny_model_files_get_the_umask_mode(tiny_model_dir):
+    assert_umask_modes(tiny_model_dir)

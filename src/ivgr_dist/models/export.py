@@ -1,22 +1,52 @@
 """Writing a Hugging Face model directory: weights (safetensors, checkpoint naming), the source model's other
 files, and a ``config.json`` whose dtype is the dtype the weights are stored in.
+
+Files get the mode an ordinary ``open()`` gives them (``0o666`` less the process umask: 0644 with umask 022).
+``safetensors`` writes through a private temporary file, which leaves ``0600``, and a model directory on a
+shared cluster must be readable to the other users and services that load it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-__all__ = ["WEIGHT_SUFFIXES", "set_config_dtype", "write_hf_model"]
+__all__ = ["WEIGHT_SUFFIXES", "default_file_mode", "make_files_readable", "set_config_dtype", "write_hf_model"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 """Files of a model directory that hold (or index) weights: not copied from the source, the export writes its own."""
 DTYPE_KEYS = ("dtype", "torch_dtype")
 """Keys of ``config.json`` (and its sub-configs) naming the weights' dtype (transformers 5 / earlier)."""
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~_umask()
+
+
+def make_files_readable(directory: str | Path) -> None:
+    """Give every file under ``directory`` the :func:`default_file_mode` (``0600`` temporaries included)."""
+    mode = default_file_mode()
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def set_config_dtype(config: dict, dtype: str) -> dict:
@@ -63,3 +93,4 @@ def write_hf_model(out: str | Path, src: str | Path, buckets: Iterable[list[tupl
             (out / f.name).write_text(json.dumps({**config, "dtype": dtype}, indent=2) + "\n")
         else:
             shutil.copy2(f, out / f.name)
+    make_files_readable(out)  # safetensors' 0600 temporaries, and copies keep the source's modes
