@@ -1,10 +1,12 @@
-"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA."""
+"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA. Shared-memory
+segments the session leaves in /dev/shm fail it (support.shm_check)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ivgr_dist._ext_fix import install
+from support.shm_check import pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary  # noqa: F401
 
 install()  # same as the installed .pth does; keeps a PYTHONPATH=src checkout working
 
