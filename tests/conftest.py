@@ -1,10 +1,12 @@
-"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA."""
+"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA. Shared-memory
+segments the session leaves in /dev/shm fail it (support.shm_check)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ivgr_dist._ext_fix import install
+from support.shm_check import pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary  # noqa: F401
 
 install()  # same as the installed .pth does; keeps a PYTHONPATH=src checkout working
 
@@ -20,6 +22,27 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging():
+    """``ivgr_dist.cli.main`` sets up the process's logging (console filter, logs/driver.log, captured warnings);
+    tests that call it must not change what later tests see."""
+    import logging
+
+    from ivgr_dist import logs
+
+    root = logging.getLogger()
+    handlers, level, state = list(root.handlers), root.level, dict(logs._state)
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    logs._state.clear()
+    logs._state.update(state)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")

@@ -112,9 +112,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
-    out = run_sft(cfg, overwrite=args.overwrite)
+    out = run_sft(cfg, overwrite=args.overwrite, command="sft")
     print(json.dumps({"sft_model_dir": str(out), "metrics": cfg.sft_logs_dir}))
     return 0
+
+
+def _finished(cfg) -> bool:
+    """Whether ``train`` would resume from a checkpoint already at ``trainer.max_steps``."""
+    from ivgr_dist.checkpoints import latest_checkpoint
+
+    found = latest_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
+    return found is not None and found.step >= cfg.trainer.max_steps
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,10 +131,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
 
     cfg = _run_config(args)
+    if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do
+        print(summarize(cfg, []))
+        return 0
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     if cfg.sft.enabled:
-        run_sft(cfg)
+        run_sft(cfg, overwrite=args.overwrite_sft, command="train")
         cfg = sft_config_for_rl(cfg)
     trainer = Trainer(cfg)
     try:
@@ -265,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed (default: data.synthetic.seed)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
     sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
+    sp.add_argument(
+        "--overwrite-sft", action="store_true", help="with sft.enabled: retrain the warm start even if its model exists"
+    )
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
 
     sp = sub.add_parser("scale", help=cmd_scale.__doc__, description=cmd_scale.__doc__)

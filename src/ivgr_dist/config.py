@@ -888,11 +888,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
-            layers.append(_scalars_to_lists(schema, OmegaConf.load(path)))
+            layers.append(_scalars_to_lists(OmegaConf.load(path), f" (in {path})"))
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
-        layers.append(_scalars_to_lists(schema, OmegaConf.from_dotlist(list(overrides))))
+        layers.append(_scalars_to_lists(OmegaConf.from_dotlist(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -907,27 +907,44 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def _scalars_to_lists(schema, layer):
-    """``layer`` with each single value given for a list key made a one-element list (``trainer.loggers=wandb``
-    means ``[wandb]``), where OmegaConf would reject it."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+_EXAMPLE_ITEMS = {str: "a,b", int: "0,1", float: "0.5,1.0", bool: "true,false"}
 
-    def walk(node, values: dict) -> None:
-        for key, value in values.items():
-            if not isinstance(node, DictConfig) or key not in node:
-                continue  # unknown keys: OmegaConf's merge reports them
-            default = node[key]
-            if isinstance(value, dict):
-                walk(default, value)
-            elif isinstance(default, ListConfig) and isinstance(value, (str, int, float)):
-                if not (isinstance(value, str) and value.startswith("${")):  # interpolations resolve later
-                    values[key] = [value]
 
-    values = OmegaConf.to_container(layer, resolve=False)
-    if not isinstance(values, dict):
-        return layer  # not a mapping (a YAML list or scalar): let the merge report it
-    walk(schema, values)
-    return OmegaConf.create(values)
+def _scalars_to_lists(layer, where: str = ""):
+    """``layer`` (one YAML file or the overrides) with a single value given for a ``list[str]`` field made a
+    one-element list (``data.train_files=a.parquet`` means ``[a.parquet]``); a single value for another list
+    field raises :class:`ConfigError` with an example of the list syntax (``cpu_affinity=3``: core 3, or 3
+    cores?). Keys that are not fields are left for the merge to report."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    def fix(node: dict, cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in node.items():
+            kind = hints.get(key) if key in fields else None
+            if kind is None:
+                continue
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+                fix(value, kind, f"{prefix}{key}.")
+            elif typing.get_origin(kind) is list and value is not None and not isinstance(value, (list, dict)):
+                if isinstance(value, str) and value.startswith("${"):
+                    continue  # an interpolation: resolved at merge
+                (item,) = typing.get_args(kind)
+                if item is str:
+                    node[key] = [value]
+                    continue
+                default = fields[key].default_factory() if callable(fields[key].default_factory) else []
+                items = ",".join(str(v) for v in default) if default else _EXAMPLE_ITEMS.get(item, "a,b")
+                raise ConfigError(f"{prefix}{key} expects a list, e.g. {prefix}{key}=[{items}]; got {value!r}{where}")
+
+    tree = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(tree, dict):
+        return layer
+    fix(tree, Config, "")
+    return OmegaConf.create(tree)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -56,8 +56,13 @@ def setup_run_logs(output_dir: str | Path) -> Path:
     path = Path(output_dir) / "logs"
     path.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
+    target = str((path / "driver.log").resolve())
+    for h in list(root.handlers):  # one driver.log: this run's (a second run in the same process moves it)
+        if getattr(h, "_ivgr", None) == "file" and h.baseFilename != target:
+            root.removeHandler(h)
+            h.close()
     if not any(getattr(h, "_ivgr", None) == "file" for h in root.handlers):
-        handler = logging.FileHandler(path / "driver.log")
+        handler = logging.FileHandler(target)
         handler._ivgr = "file"  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)

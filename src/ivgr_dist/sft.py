@@ -35,7 +35,7 @@ from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SFTData", "run_sft", "sft_config_for_rl"]
+__all__ = ["RETRAIN_HINTS", "SFTData", "run_sft", "sft_config_for_rl"]
 
 END_TOKEN = "<|im_end|>"
 
@@ -108,10 +108,15 @@ def sft_config_for_rl(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def run_sft(cfg: Config, overwrite: bool = False) -> Path:
+RETRAIN_HINTS = {"sft": "ivgr-dist sft --overwrite", "train": "ivgr-dist train --overwrite-sft"}
+"""Per command that runs the warm start: how to make it train again over an existing output."""
+
+
+def run_sft(cfg: Config, overwrite: bool = False, command: str = "sft") -> Path:
     """Train the warm start and write its model directory; returns it.
 
-    An existing complete output is reused unless ``overwrite`` (then it is replaced).
+    An existing complete output is reused unless ``overwrite`` (then it is replaced). ``command``: the
+    ``ivgr-dist`` command running it (``sft`` or ``train``), whose option the reuse message names.
     """
     from tqdm import tqdm
 
@@ -121,7 +126,11 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
 
     out = Path(cfg.sft_model_dir)
     if (out / "config.json").is_file() and not overwrite:
-        log.info("SFT model %s exists; reusing it (sft.output_dir, or pass --overwrite to retrain)", out)
+        log.info(
+            "SFT model %s exists; reusing it (to train it again: %s, or set sft.output_dir to another directory)",
+            out,
+            RETRAIN_HINTS.get(command, RETRAIN_HINTS["sft"]),
+        )
         return out
     if Path(cfg.model.path).resolve() == out.resolve():
         raise ValueError(f"sft.output_dir={str(out)!r} is model.path: the warm start would overwrite its own base")
@@ -151,7 +160,9 @@ def run_sft(cfg: Config, overwrite: bool = False) -> Path:
             last = logs.log(step, metrics)
             first = first or last
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}")
-        group.export_hf(out)  # complete or absent: a present directory is a finished warm start
+        # complete or absent: a present directory is a finished warm start. In the engines' dtype (model.dtype),
+        # so they load it as it is; the RL learner reads it into its fp32 masters.
+        group.export_hf(out, dtype=cfg.model.dtype)
     finally:
         logs.close()
         group.shutdown()

@@ -412,12 +412,12 @@ class Trainer:
         return path
 
     def maybe_resume(self) -> None:
-        root = self.out / "checkpoints"
-        done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-        if not done:
+        from ivgr_dist.checkpoints import latest_checkpoint
+
+        found = latest_checkpoint(self.out)
+        if found is None:
             return
-        path = done[-1]
-        state = json.loads((path / "trainer_state.json").read_text())
+        path, state = found.path, found.state
         self.learners.load_checkpoint(str(path / "learner"))
         self.producer.load_state(state)
         self.scorer.load_state_dict(state["scorer"])
@@ -568,7 +568,10 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
     out = Path(cfg.trainer.output_dir)
     lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
     if not records:
-        lines.append(f"  nothing to do: the newest checkpoint is already at trainer.max_steps={cfg.trainer.max_steps}")
+        lines.append(
+            f"  nothing to do: the newest checkpoint is at or past trainer.max_steps={cfg.trainer.max_steps}; "
+            "raise trainer.max_steps to train further (it resumes from that checkpoint)"
+        )
     if records:
         w = _window_size(len(records), window)
         first, last = records[:w], records[-w:]

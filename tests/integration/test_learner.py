@@ -288,6 +288,36 @@ def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_w
         torch.testing.assert_close(torch.tensor(got), _hf_logprobs(model, encoder, s, TEMPERATURE), rtol=0, atol=1e-5)
 
 
+def test_export_hf_config_json_names_the_dtype_of_its_weights(make_worker, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    worker = make_worker()  # a float32 base model and learner
+    worker.export_hf(tmp_path / "hf", dtype="bfloat16")  # the engines' dtype (the trainer's and the warm start's)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config.get("torch_dtype", "bfloat16") == "bfloat16"
+
+
+def test_export_and_checkpoint_files_get_the_umask_mode(make_worker, tmp_path):
+    """Not 0600 (safetensors writes through a private temporary file): other users of a shared cluster read them."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    worker = make_worker()
+    worker.export_hf(tmp_path / "hf", dtype="bfloat16")
+    worker.save_checkpoint(tmp_path / "ckpt")
+    for directory in (tmp_path / "hf", tmp_path / "ckpt"):
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        assert files and {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys(
+            (p.name for p in files), 0o666 & ~mask
+        )
+
+
 # -------------------------------------------------------------------------------------- Ray group
 
 

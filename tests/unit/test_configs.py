@@ -118,6 +118,33 @@ def test_cli_reports_config_errors_with_exit_code_2():
     assert "data.paired_ratio=2.0: must be in [0, 1]" in proc.stderr
 
 
+def test_a_single_value_for_a_file_list_is_a_one_element_list(tmp_path, capsys):
+    from ivgr_dist.cli import main
+
+    cfg = load_config(None, ["data.train_files=foo.parquet", "data.streams=textual"])
+    assert cfg.data.train_files == ["foo.parquet"] and cfg.data.streams == ["textual"]
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  val_files: v.parquet\n")
+    assert load_config(yaml_file).data.val_files == ["v.parquet"]
+    assert main(["show-config", "data.train_files=foo.parquet"]) == 0
+    shown = OmegaConf.create(capsys.readouterr().out)
+    assert list(shown.data.train_files) == ["foo.parquet"]
+
+
+def test_a_single_value_for_a_number_list_is_a_clear_error(tmp_path, capsys):
+    from ivgr_dist.cli import main
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["learner.betas=0.9"])
+    assert str(err.value) == "learner.betas expects a list, e.g. learner.betas=[0.9,0.999]; got 0.9"
+    assert main(["show-config", "rollout.engine.cpu_affinity=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "ivgr-dist show-config: configuration error: rollout.engine.cpu_affinity expects a list, "
+        "e.g. rollout.engine.cpu_affinity=[0,1]; got 3"
+    )
+
+
 def test_cli_show_config_prints_overrides():
     proc = subprocess.run(
         [sys.executable, "-m", "ivgr_dist.cli", "show-config", "trainer.max_steps=11"],

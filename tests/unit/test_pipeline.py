@@ -110,3 +110,21 @@ def test_prepare_command_end_to_end(tmp_path, tiny_model_dir):
         cwd=tmp_path,
     )
     assert bad.returncode == 1 and "make_tiny_if_missing" in bad.stderr
+
+
+def test_a_truncated_train_file_is_a_one_line_data_error(tmp_path, tiny_model_dir, capsys):
+    """The synthetic-set staleness check opens the first train file before the record loader does: a damaged
+    file gives the loader's one-line DataError naming it there too, not a pyarrow traceback."""
+    from ivgr_dist.cli import main
+    from ivgr_dist.config import SyntheticConfig
+    from ivgr_dist.data.synthetic import make_synthetic
+
+    data = tmp_path / "data"
+    make_synthetic(data, SyntheticConfig(), num_records=12)
+    train = data / "train.parquet"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    args = [f"model.path={tiny_model_dir}", f"data.train_files=[{train}]", f"data.val_files=[{data}/val.parquet]"]
+    assert main(["prepare", *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"ivgr-dist prepare: {train}: cannot read as parquet ("), err

@@ -49,7 +49,7 @@ from ivgr_dist.data.image import FACTOR, smart_resize
 from ivgr_dist.data.prompts import PromptBuilder, instances_list
 from ivgr_dist.types import Prompt
 
-__all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable"]
+__all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable", "read_parquet"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,22 @@ def _probe_image(path: str) -> tuple[str | None, tuple[int, int] | None, str]:
     return None, size, ""
 
 
+def read_parquet(path: str | Path, *, schema_only: bool = False):
+    """The file's Arrow table (memory-mapped), or only its schema: the one checked open of a data file.
+    A missing file or one that is not parquet (truncated, another format) raises :class:`DataError` with a
+    one-line message naming the file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such parquet file")
+    try:
+        return pq.read_schema(path, memory_map=True) if schema_only else pq.read_table(path, memory_map=True)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError ... for a damaged file
+        detail = " ".join(str(exc).split())
+        raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {detail})") from exc
+
+
 # ------------------------------------------------------------------------------------------ table
 
 
@@ -197,8 +213,6 @@ class RecordTable:
         num_workers: int = 4,
         max_images: int | None = None,
     ):
-        import pyarrow.parquet as pq
-
         if isinstance(files, (str, Path)):
             files = [files]
         self.files = [Path(f) for f in files]
@@ -213,12 +227,7 @@ class RecordTable:
         self._tables = []
         self._offsets = [0]
         for path in self.files:
-            if not path.is_file():
-                raise DataError(f"{path}: no such parquet file")
-            try:
-                table = pq.read_table(path, memory_map=True)
-            except Exception as exc:
-                raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {exc})") from exc
+            table = read_parquet(path)
             if "answer" not in table.column_names:
                 raise DataError(f"{path}: no 'answer' column (columns: {table.column_names})")
             if "problem" not in table.column_names and "query" not in table.column_names:

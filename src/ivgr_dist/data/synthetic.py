@@ -328,10 +328,11 @@ SETTINGS_KEY = b"ivgr_synthetic"
 
 
 def generated_with(path: str | Path) -> dict | None:
-    """The generator settings stored in a synthetic parquet file, or None (other data, older sets)."""
-    import pyarrow.parquet as pq
+    """The generator settings stored in a synthetic parquet file, or None (other data, older sets).
+    A file that is not readable parquet raises ``DataError`` naming it (the data loader's checked open)."""
+    from ivgr_dist.data.dataset import read_parquet
 
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet(path, schema_only=True).metadata or {}
     return json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else None
 
 

@@ -66,8 +66,6 @@ from ivgr_dist.models.naming import checkpoint_names
 
 __all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then 1."""
@@ -780,42 +778,26 @@ class LearnerWorker:
     def export_hf(self, path: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 << 30) -> None:
         """A Hugging Face model directory at ``path`` (collective; rank 0 writes): the source
         directory's config/tokenizer/processor files and the current weights as safetensors in
-        checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json).
+        checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json), which its
+        config.json names (see ``ivgr_dist.models.export.write_hf_model``).
 
         Complete or absent: rank 0 writes a temporary sibling (``.<name>.tmp``) and, once every rank is
         through, renames it into place itself (the owner of a file finalises it: on several nodes the
         driver's view of rank 0's files is not to be relied on)."""
-        from safetensors.torch import save_file
+        from ivgr_dist.models.export import write_hf_model
 
         src, final = Path(self.model_cfg.path), Path(path)
         out = final.with_name(f".{final.name}.tmp")
         if dtype is None:
             cfg = json.loads((src / "config.json").read_text())
             dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        torch_dtype = getattr(torch, dtype)
+        buckets = self.iter_full_state(max_shard_bytes, getattr(torch, dtype))
         if self.rank == 0:
             shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-        files: list[tuple[str, list[str]]] = []
-        for bucket in self.iter_full_state(max_shard_bytes, torch_dtype):
-            if self.rank == 0:
-                name = f"model-part{len(files):05d}.safetensors"
-                save_file({n: t.contiguous().cpu() for n, t in bucket}, str(out / name), metadata={"format": "pt"})
-                files.append((name, [n for n, _ in bucket]))
-        if self.rank == 0:
-            if len(files) == 1:
-                (out / files[0][0]).rename(out / "model.safetensors")
-            else:
-                weight_map = {}
-                for i, (name, keys) in enumerate(files):
-                    final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-                    (out / name).rename(out / final)
-                    weight_map.update(dict.fromkeys(keys, final))
-                index = {"metadata": {}, "weight_map": weight_map}
-                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            for f in src.iterdir():
-                if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
-                    shutil.copy2(f, out / f.name)
+            write_hf_model(out, src, buckets, dtype)
+        else:
+            for _ in buckets:  # the all-gathers of rank 0's buckets
+                pass
         dist.barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)

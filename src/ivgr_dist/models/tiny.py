@@ -289,6 +289,7 @@ def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, ove
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     from ivgr_dist._ext_fix import install
+    from ivgr_dist.models.export import make_files_readable
 
     install()
     cfg = cfg or TinyModelConfig()
@@ -313,6 +314,7 @@ def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, ove
         ).save_pretrained(tmp)
         build_processor(tokenizer, family=cfg.family).save_pretrained(tmp)
         (tmp / "ivgr_tiny.json").write_text(json.dumps({"tiny_model_config": cfg.__dict__}, indent=2))
+        make_files_readable(tmp)  # save_pretrained's model.safetensors is 0600 (written via a temporary file)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -280,16 +280,26 @@ class RolloutWorker:
 
     def kill_engine(self) -> int:
         """SIGKILL this engine's vLLM processes (a stopped or wedged EngineCore cannot shut down; killing only the
-        actor would leave it holding memory and devices). Returns how many it killed."""
+        actor would leave it holding memory and devices). Returns how many it killed.
+
+        Their shared-memory segments (vLLM's message queues, ``/dev/shm/psm_*``, and locks, ``sem.mp-*``) are
+        unlinked here: a killed creator cannot, and the ``multiprocessing`` resource tracker that would is one of
+        the processes killed. Segments this actor maps itself are left alone."""
         import psutil
 
+        from ivgr_dist.shm_segments import mapped_segments, unlink_segments
+
         procs = psutil.Process().children(recursive=True)
+        segments = set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
         for proc in procs:
             try:
                 proc.kill()
             except psutil.Error:
                 continue
         psutil.wait_procs(procs, timeout=10)
+        removed = unlink_segments(segments)
+        if removed:
+            log.info("engine %d: removed %d shared-memory segment(s) of its killed processes", self.index, len(removed))
         self.engine = None
         return len(procs)
 

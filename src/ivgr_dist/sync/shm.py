@@ -355,7 +355,8 @@ class ShmWeightSync:
         import shutil
 
         t0 = time.perf_counter()
-        out_dir = make_shm_dir(self.shm_root, prefix=f"ivgr_sync_v{version}_")
+        # the driver's PID in the name: a folder left by a killed driver says whose it was
+        out_dir = make_shm_dir(self.shm_root, prefix=f"ivgr_sync_v{version}_{os.getpid()}_")
         try:
             buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes, self.dtype)
             t_write = time.perf_counter() - t0

@@ -1,0 +1,51 @@
+"""pytest plugin (tests/conftest.py imports its hooks): at the end of the session, shared-memory segments the
+session created and left in /dev/shm (vLLM's ``psm_*`` / ``sem.mp-*``, the shm weight sync's ``ivgr_sync_*``) are
+removed, listed in a "shared memory left behind" section, and fail the session (exit status 1).
+
+``IVGR_SHM_CHECK=0`` turns it off; ``IVGR_SHM_CHECK_INTERVAL_S`` sets the poll interval (default 2 s). See
+:mod:`support.shm_watch` for how a segment is told to be this session's.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+MARKER_VAR = "IVGR_TEST_SESSION"
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("IVGR_SHM_CHECK", "1") == "0" or not (os.path.isdir("/dev/shm") and os.path.isdir("/proc")):
+        return
+    from support.shm_watch import ShmWatch
+
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.environ[MARKER_VAR] = token  # every process this session starts inherits it (Ray daemons included)
+    interval = float(os.environ.get("IVGR_SHM_CHECK_INTERVAL_S", "2"))
+    session.config.stash[_WATCH] = ShmWatch(os.getpid(), f"{MARKER_VAR}={token}", interval_s=interval).start()
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish has torn down session-scoped fixtures
+def pytest_sessionfinish(session, exitstatus):
+    watch = session.config.stash.get(_WATCH, None)
+    if watch is None:
+        return
+    leaks = watch.finish()
+    session.config.stash[_LEAKS] = leaks
+    if leaks and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    from support.shm_watch import report
+
+    leaks = terminalreporter.config.stash.get(_LEAKS, None)
+    if leaks:
+        terminalreporter.section("shared memory left behind", red=True)
+        terminalreporter.line(report(leaks))
+
+
+_WATCH = pytest.StashKey()
+_LEAKS = pytest.StashKey()

@@ -1,0 +1,126 @@
+"""``ivgr-dist train`` decisions taken before anything starts (no Ray, no engines, no learners)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ivgr_dist.checkpoints import latest_checkpoint
+
+
+class _Started(RuntimeError):
+    """Raised by the guards below: something was started that should not have been."""
+
+
+@pytest.fixture
+def no_start(monkeypatch):
+    """``init_ray`` and the warm start raise :class:`_Started` instead of starting anything."""
+
+    def refuse(what):
+        def fn(*args, **kwargs):
+            raise _Started(what)
+
+        return fn
+
+    monkeypatch.setattr("ivgr_dist.trainer.init_ray", refuse("init_ray"))
+    monkeypatch.setattr("ivgr_dist.sft.run_sft", refuse("run_sft"))
+
+
+def _checkpoint(out, step: int, complete: bool = True):
+    path = out / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "weight_version": step}))
+    if complete:
+        (path / "COMPLETE").write_text("0")
+    return path
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    assert latest_checkpoint(tmp_path) is None
+    _checkpoint(tmp_path, 2)
+    three = _checkpoint(tmp_path, 3)
+    _checkpoint(tmp_path, 4, complete=False)  # interrupted while saving
+    found = latest_checkpoint(tmp_path)
+    assert found.path == three and found.step == 3 and found.state["weight_version"] == 3
+
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_a_finished_job_says_nothing_to_do_before_starting_anything(tmp_path, no_start, capsys, sft):
+    from ivgr_dist.cli import main
+
+    _checkpoint(tmp_path / "run", 3)
+    args = ["train", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=3", f"sft.enabled={sft}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "raise trainer.max_steps" in out
+    assert main([*args[:2], "trainer.max_steps=2", f"sft.enabled={sft}"]) == 0  # lowered below the checkpoint
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.max_steps=3", "trainer.resume=false"],  # starts over: not finished
+        ["trainer.max_steps=4"],  # one more step to train
+    ],
+)
+def test_a_job_with_work_left_starts(tmp_path, no_start, overrides):
+    from ivgr_dist.cli import main
+
+    _checkpoint(tmp_path / "run", 3)
+    with pytest.raises(_Started, match="init_ray"):
+        main(["train", f"trainer.output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(_Started, match="init_ray"):  # no checkpoint at all
+        main(["train", f"trainer.output_dir={tmp_path / 'fresh'}", "trainer.max_steps=3"])
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monkeypatch, caplog, command):
+    """A reused warm start says how to train it again with an option the command that ran it accepts."""
+    import re
+
+    from ivgr_dist.cli import _parser, main
+
+    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+
+    def no_trainer(cfg):
+        raise _Started("Trainer")
+
+    monkeypatch.setattr("ivgr_dist.trainer.Trainer", no_trainer)
+    (tmp_path / "run" / "sft_model").mkdir(parents=True)
+    (tmp_path / "run" / "sft_model" / "config.json").write_text("{}")
+    args = [command, f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    with caplog.at_level("INFO", logger="ivgr_dist.sft"):
+        if command == "train":
+            with pytest.raises(_Started, match="Trainer"):  # the warm start was reused; RL would start now
+                main(args)
+        else:
+            assert main(args) == 0
+    (message,) = [r.getMessage() for r in caplog.records if "reusing it" in r.getMessage()]
+    options = re.findall(r"(?<![\w-])--[a-z][\w-]*", message)
+    assert options, message
+    for option in options:
+        parsed = _parser().parse_args([command, option])  # exits (SystemExit) on an option it does not take
+        assert any(v is True for v in vars(parsed).values()), (command, option)
+    assert f"ivgr-dist {command} --" in message and "sft.output_dir" in message
+
+
+def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
+    from ivgr_dist.cli import main
+
+    calls = []
+
+    def run_sft(cfg, overwrite=False, command="sft"):
+        calls.append((overwrite, command))
+        raise _Started("run_sft")
+
+    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.sft.run_sft", run_sft)
+    base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    for argv in (base, [base[0], "--overwrite-sft", *base[1:]]):
+        with pytest.raises(_Started):
+            main(argv)
+    assert calls == [(False, "train"), (True, "train")]
