@@ -183,14 +183,16 @@ def _interrupted_message(args: argparse.Namespace, exc) -> str:
     line = f"ivgr-dist {args.command}: interrupted by {exc.name}"
     cfg = getattr(args, "run_config", None)
     if args.command == "train" and cfg is not None:
-        from pathlib import Path
+        from ivgr_dist.checkpoints import latest_checkpoint
 
-        root = Path(cfg.trainer.output_dir) / "checkpoints"
-        done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-        if done:
-            line += f"; newest checkpoint {done[-1]}; resume: {_same_command(args)}"
+        newest = latest_checkpoint(cfg.trainer.output_dir)
+        if newest is not None:
+            line += f"; newest checkpoint {newest.path}; resume: {_same_command(args)}"
         else:
-            line += f"; no checkpoint yet in {root}; run the same command again to start over: {_same_command(args)}"
+            line += (
+                f"; no checkpoint yet in {cfg.trainer.output_dir}; run the same command again to start over: "
+                f"{_same_command(args)}"
+            )
     return line
 
 
