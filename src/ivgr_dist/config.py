@@ -676,6 +676,10 @@ class RewardConfig:
     """Extra Ray resources per reward worker (node roles, e.g. ``{cpu_node: 1}``)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """The judge."""
+    recipe_exact: bool = False
+    """Score boxes and pick consistency references exactly by the public recipe's rules: boxes of four integers
+    only, the recipe's duplicate-box scope (the first ``total // 2`` parsed entries, ordered or not, against every
+    other parsed entry), and no non-blank ``<think>`` required of a reference. docs/algorithm.md, section 7."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "must be >= 0 (0 = in the driver)")

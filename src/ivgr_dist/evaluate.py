@@ -3,8 +3,9 @@
 The engine is the training stack itself: the records and prompts come from the data pipeline
 (:func:`~ivgr_dist.data.pipeline.build_pipeline`), generation from the same
 :class:`~ivgr_dist.rollout.pool.RolloutPool` (engines from ``cfg.rollout``), scoring from the same rule rewards
-and judge (:class:`~ivgr_dist.reward.scorer.InProcessScorer` with ``cfg.reward.judge``). Greedy decoding
-(temperature 0, one sample) by default; ``--sample`` uses ``rollout.temperature`` and ``rollout.n``.
+and judge (:class:`~ivgr_dist.reward.scorer.InProcessScorer` with ``cfg.reward.judge``; ``reward.recipe_exact``
+selects the recipe's box rules, as in training). Greedy decoding (temperature 0, one sample) by default;
+``--sample`` uses ``rollout.temperature`` and ``rollout.n``.
 
 Which prompts run: a record with target boxes (an A/B pair in training) is asked as T (textual) and/or
 G (grounded) per ``--mode``; a record without boxes is asked once with the ``single`` prompt in every
@@ -270,7 +271,7 @@ def run_eval(
         # No weight sync in eval; the engines still need a weight-transfer backend name (collective engines
         # wait for a group the driver never forms, which is fine: they only generate).
         pool = RolloutPool(cfg.model, cfg.rollout, engine_backend(cfg.sync.backend, use_gpus), use_gpus)
-        scorer = EvalScorer(cfg.algorithm, cfg.reward.judge)
+        scorer = EvalScorer(cfg.algorithm, cfg.reward.judge, recipe_exact=cfg.reward.recipe_exact)
         stats = PoolStats()
         table = EvalTable()
         seed = pool.sampling_seed()

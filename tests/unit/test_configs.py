@@ -64,6 +64,13 @@ def test_dotted_overrides_apply_and_nest():
     assert cfg.data.synthetic.colors == ["a", "b"]
 
 
+def test_reward_recipe_exact_defaults_off_and_overrides():
+    assert load_config(None).reward.recipe_exact is False
+    assert load_config(None, ["reward.recipe_exact=true"]).reward.recipe_exact is True
+    with pytest.raises(ConfigError, match="reward.recipe_exact"):
+        load_config(None, ["reward.recipe_exact=maybe"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

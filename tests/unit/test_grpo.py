@@ -479,10 +479,81 @@ def test_kl_k3_gradient_is_one_minus_exp_d():
     torch.testing.assert_close(logp.grad, expected)
 
 
-def test_kl_k3_clamps_log_ratio():
-    out = kl_k3(torch.tensor([0.0, 0.0]), torch.tensor([100.0, -100.0]))
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, torch.tensor([math.exp(20) - 21, math.exp(-20) + 19]))
+def _k3_value_and_grad(logp: list[float], ref: list[float], dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor(logp, dtype=dtype, requires_grad=True)
+    out = kl_k3(x, torch.tensor(ref, dtype=dtype))
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kl_k3_value_clamped_at_10_with_zero_gradient(dtype):
+    # d = ref - logp; unclamped k3 = exp(d) - d - 1; every token here is past the cap of 10:
+    #   d = 2.62:    exp(2.62) - 3.62      = 10.1157  (bf16: d = 2.625, 10.19)
+    #   d = 3:       exp(3) - 4            = 16.0855
+    #   d = -11.5:   exp(-11.5) + 10.5     = 10.50001
+    #   d = -11.99:  exp(-11.99) + 10.99   = 10.99    (logp -0.01, ref -12: the example of the recipe issue)
+    #   d = 100 -> clamped to 20: exp(20) - 21 = 4.85e8;  d = -100 -> -20: exp(-20) + 19 = 19.0
+    # Each contributes exactly 10.0 and has gradient exactly 0.
+    logp = [0.0, 0.0, 0.0, -0.01, 0.0, 0.0]
+    ref = [2.62, 3.0, -11.5, -12.0, 100.0, -100.0]
+    value, grad = _k3_value_and_grad(logp, ref, dtype)
+    assert value.dtype == dtype
+    assert value.tolist() == [10.0] * 6
+    assert grad.tolist() == [0.0] * 6
+
+
+def test_kl_k3_just_past_the_cap_on_both_sides():
+    # d = 2.62: exp(2.62) - 3.62 = 10.115723585077927; d = -11: exp(-11) + 10 = 10.00001670170079.
+    # Both are capped: value 10.0, gradient 0 (unclamped it would be 1 - exp(d) = -12.7357 and 0.9999833).
+    value, grad = _k3_value_and_grad([0.0, 0.0], [2.62, -11.0])
+    assert value.tolist() == [10.0, 10.0]
+    assert grad.tolist() == [0.0, 0.0]
+
+
+def test_kl_k3_exactly_at_the_cap_keeps_its_gradient_like_torch_clamp():
+    # In bf16, d = -11: expm1(-11) = -0.9999833 rounds to -1.0, so k3 = -1 + 11 = 10.0 exactly, ON the cap. The
+    # recipe's torch.clamp passes the gradient at the bound itself (only values strictly beyond it get 0), and so
+    # does kl_k3: value 10.0, gradient 1 - exp(-11) = 0.9999833, which is 1.0 in bf16.
+    value, grad = _k3_value_and_grad([0.0], [-11.0], torch.bfloat16)
+    assert value.item() == 10.0
+    assert grad.item() == 1.0
+
+
+def test_kl_k3_recipe_example_token():
+    # logp = -0.01, ref = -12: d = -11.99, exp(-11.99) + 10.99 = 10.99 before the cap -> 10.0; gradient 0 (before the
+    # cap it was 1 - exp(-11.99) = 0.9999938).
+    value, grad = _k3_value_and_grad([-0.01], [-12.0])
+    assert value.item() == 10.0 and grad.item() == 0.0
+
+
+def test_kl_k3_below_the_cap_is_the_closed_form():
+    # value exp(d) - d - 1, gradient d/dlogp = 1 - exp(d), d = ref - logp:
+    #   d = 2.61:   value 9.989050851830925,  grad -12.599050851830924  (just below the cap, positive side)
+    #   d = -10.99: value 9.990016869555674,  grad 0.9999831304443262   (just below the cap, negative side)
+    #   d = -5:     value 4.006737946999086,  grad 0.9932620530009145   (negative side)
+    value, grad = _k3_value_and_grad([0.0, 0.0, 0.0], [2.61, -10.99, -5.0])
+    torch.testing.assert_close(
+        value, torch.tensor([9.989050851830925, 9.990016869555674, 4.006737946999086], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        grad, torch.tensor([-12.599050851830924, 0.9999831304443262, 0.9932620530009145], dtype=torch.float64)
+    )
+    assert (value < 10.0).all() and (grad != 0).all()
+
+
+def test_grpo_loss_uses_the_clamped_kl():
+    # Two tokens, advantage 0 (no policy gradient): token 0 has d = -11.99 (k3 capped at 10, gradient 0),
+    # token 1 has d = log 0.5 (k3 = 0.5 + log 2 - 1 = 0.1931471805599454, gradient 1 - 0.5 = 0.5).
+    # kl_loss = (10 + 0.1931471805599454) / 2 = 5.096573590279973; loss = 0.1 * kl_loss; d loss / d logp =
+    # 0.1 * [0, 0.5] / 2 = [0, 0.025].
+    logp = torch.tensor([[-0.01, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-12.0, math.log(0.5)]], dtype=torch.float64)
+    loss, metrics = grpo_loss(logp, logp.detach(), ref, torch.zeros(1, dtype=torch.float64), torch.ones(1, 2), 0.1)
+    assert metrics["kl_loss"].item() == pytest.approx(5.096573590279973, abs=1e-12)
+    assert loss.item() == pytest.approx(0.5096573590279973, abs=1e-12)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.025]], dtype=torch.float64))
 
 
 @settings(max_examples=200, deadline=None)
@@ -494,7 +565,7 @@ def test_kl_k3_clamps_log_ratio():
 def test_kl_k3_non_negative(logps, refs, dtype):
     n = min(len(logps), len(refs))
     out = kl_k3(torch.tensor(logps[:n], dtype=dtype), torch.tensor(refs[:n], dtype=dtype))
-    assert (out >= 0).all() and torch.isfinite(out).all()
+    assert (out >= 0).all() and (out <= 10).all() and torch.isfinite(out).all()
 
 
 # --------------------------------------------------------------------------------------------------

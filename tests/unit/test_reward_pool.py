@@ -155,3 +155,20 @@ def test_judge_result_counters_are_summed():
         assert m["judge/latency_p50_s"] == 0.5 and m["judge/latency_p99_s"] == 0.5
     finally:
         scorer.close()
+
+
+def test_factory_passes_reward_recipe_exact_to_the_scorer():
+    # Entries [60,60,50,50] (unordered), A, A with A = [10,10,50,50]: the recipe compares only the first
+    # 3 // 2 = 1 parsed entry (the unordered one, IoU 0 with everything) -> box_valid 2/3; by default A ~ A -> 0.
+    text = (
+        "<think><box>[60,60,50,50]</box> <box>[10,10,50,50]</box> <box>[10,10,50,50]</box></think><answer>red</answer>"
+    )
+    for recipe_exact, expected in ((True, 2 / 3), (False, 0.0)):
+        scorer = make_scorer(RewardConfig(num_workers=0, recipe_exact=recipe_exact), AlgorithmConfig())
+        try:
+            assert scorer.recipe_exact is recipe_exact
+            a = _prompt(3, "grounded")
+            [scored] = list(scorer.score_stream([_group(a, [text])], [a], step=1))
+            assert scored[0].rewards["box_valid"] == pytest.approx(expected)
+        finally:
+            scorer.close()

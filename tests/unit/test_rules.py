@@ -373,6 +373,158 @@ def test_box_valid_many_boxes_uses_same_rule_on_numpy_path(scope):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# recipe_exact: the public recipe's box rules
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_recipe_exact_unordered_box_in_the_first_half_takes_the_place_of_a_duplicate():
+    # Entries: U = [50,50,0,0] (unordered; the same region as A, corners swapped), A = [0,0,50,50], A' = [0,0,50,50].
+    # recipe: total = 3, total // 2 = 1; the parsed list is [U, A, A'], so only U (row 0) is compared with A and A'.
+    #   U has an empty intersection with every box (largest x1 = 50 > smallest x2 = 0): IoU 0, no duplicate.
+    #   box_valid = valid / total = 2 / 3.
+    # default ("all"): valid boxes [A, A'], IoU(A, A') = 1 > 0.9 -> 0.
+    # "first_half": valid boxes [A, A'], row 0 = A, IoU(A, A') = 1 -> 0.
+    r = grounded("[50,50,0,0]", "[0,0,50,50]", "[0,0,50,50]")
+    assert iou([50, 50, 0, 0], [0, 0, 50, 50]) == 0.0
+    assert box_valid_reward(r, recipe_exact=True) == pytest.approx(2 / 3)
+    assert box_valid_reward(r) == 0.0
+    assert box_valid_reward(r, dup_scope="first_half") == 0.0
+
+
+def test_recipe_exact_unordered_box_duplicating_a_later_box_is_not_a_duplicate():
+    # Entries: U = [100,100,0,0] (unordered), A = [0,0,100,100] (U's region, ordered), B = [200,200,300,300],
+    # B2 = [200,200,300,310].
+    # IoU(B, B2) = 100*100 / (100*110) = 0.90909 > 0.9; IoU(U, anything) = 0 (empty intersection).
+    # recipe: total = 4, rows = parsed[:2] = [U, A]; U vs A, B, B2: 0; A vs U, B, B2: 0 -> no duplicate;
+    #   box_valid = 3 valid / 4 entries = 0.75 (B ~ B2 are both in the second half).
+    # default ("all"): valid [A, B, B2], B ~ B2 -> 0.
+    r = grounded("[100,100,0,0]", "[0,0,100,100]", "[200,200,300,300]", "[200,200,300,310]")
+    assert iou([200, 200, 300, 300], [200, 200, 300, 310]) == pytest.approx(10000 / 11000)
+    assert box_valid_reward(r, recipe_exact=True) == 0.75
+    assert box_valid_reward(r) == 0.0
+
+
+def test_recipe_exact_first_half_of_all_parsed_entries_vs_of_valid_boxes():
+    # Entries: U1 = [10,10,0,0], U2 = [30,30,20,20] (both unordered), A = [0,0,10,10], A' = [0,0,10,10].
+    # First half of the VALID boxes: [A]; first total // 2 = 2 of ALL parsed entries: [U1, U2].
+    # recipe: U1, U2 have IoU 0 with everything -> no duplicate; box_valid = 2 valid / 4 entries = 0.5.
+    # default ("all") and "first_half" (A vs A'): IoU 1 > 0.9 -> 0.
+    r = grounded("[10,10,0,0]", "[30,30,20,20]", "[0,0,10,10]", "[0,0,10,10]")
+    assert box_valid_reward(r, recipe_exact=True) == 0.5
+    assert box_valid_reward(r) == 0.0
+    assert box_valid_reward(r, dup_scope="first_half") == 0.0
+    # The other way round: two 3-number entries, then A = [0,0,10,10], B = [50,50,60,60], B' = [50,50,60,60].
+    # recipe: total = 5, total // 2 = 2, parsed = [A, B, B'], rows [A, B]; IoU(B, B') = 1 -> 0.
+    # "first_half": valid [A, B, B'], 3 // 2 = 1 row (A), A vs B, B': IoU 0 -> 3 valid / 5 entries = 0.6.
+    # default ("all"): B ~ B' -> 0.
+    r2 = grounded("[1,2,3]", "[1,2,3]", "[0,0,10,10]", "[50,50,60,60]", "[50,50,60,60]")
+    assert box_valid_reward(r2, recipe_exact=True) == 0.0
+    assert box_valid_reward(r2, dup_scope="first_half") == 0.6
+    assert box_valid_reward(r2) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("boxes", "expected"),
+    [
+        # A = [0,0,10,10], B = [20,20,30,30], "[1,2,3]" malformed. recipe: total 3, rows = parsed[:1] = [A]; A vs B:
+        # IoU 0 -> 2 valid / 3 entries. default: A vs B: 0 -> 2 / 3.
+        (("[0,0,10,10]", "[1,2,3]", "[20,20,30,30]"), 2 / 3),
+        # A, B, A: recipe rows = [A], IoU(A, A) = 1 -> 0; default: A ~ A -> 0.
+        (("[0,0,10,10]", "[20,20,30,30]", "[0,0,10,10]"), 0.0),
+        # A, B: IoU 0, 2 / 2 = 1 in both. A and A' = [0,0,10,9]: IoU exactly 0.9 is not above 0.9 -> 1 in both.
+        (("[0,0,10,10]", "[20,20,30,30]"), 1.0),
+        (("[0,0,10,10]", "[0,0,10,9]"), 1.0),
+        # negative integers parse in both grammars: [-10,-10,-5,-5] and A, IoU 0 -> 1.
+        (("[-10,-10,-5,-5]", "[0,0,10,10]"), 1.0),
+        # one swapped box, alone: 0 valid -> 0 in both.
+        (("[30,40,10,20]",), 0.0),
+    ],
+)
+def test_recipe_exact_and_default_agree(boxes, expected):
+    r = grounded(*boxes)
+    assert box_valid_reward(r, recipe_exact=True) == pytest.approx(expected)
+    assert box_valid_reward(r) == pytest.approx(expected)
+
+
+def test_recipe_exact_grammar_is_four_integers():
+    # A = [0,0,10,10] and S = [1.5,2,3.5,4] (decimals). Target T = [0,0,10,10].
+    # recipe: S does not parse -> invalid, not a prediction. box_valid = 1 / 2 = 0.5; box_iou: preds [A], recall 1,
+    #   precision 1 -> 1.0.
+    # default: both valid, IoU(A, S) = 4 / 100 = 0.04 (no duplicate) -> box_valid 1.0; box_iou: recall = 1,
+    #   precision = (1 + 0.04) / 2 = 0.52 -> 0.5 * (1 + 0.52) = 0.76.
+    r = grounded("[0,0,10,10]", "[1.5,2,3.5,4]")
+    targets = [[0, 0, 10, 10]]
+    assert grounded_box_rewards(r, targets, recipe_exact=True) == pytest.approx((0.5, 1.0))
+    assert grounded_box_rewards(r, targets) == pytest.approx((1.0, 0.76))
+    assert box_iou_reward(r, targets, recipe_exact=True) == pytest.approx(1.0)
+    assert valid_boxes(r, recipe_exact=True) == [(0.0, 0.0, 10.0, 10.0)]
+    [a, s] = parse_boxes(r, recipe_exact=True)
+    assert a.valid and s.coords is None and not s.valid
+    # A decimal copy of A: a duplicate by default (IoU 1 -> 0); in the recipe's grammar it does not parse, so it is
+    # neither compared nor valid: 1 / 2 = 0.5.
+    r2 = grounded("[0,0,10,10]", "[0.0,0,10,10]")
+    assert box_valid_reward(r2) == 0.0
+    assert box_valid_reward(r2, recipe_exact=True) == 0.5
+    # boxes in the answer count in both modes: 1 valid entry -> 1.0
+    assert box_valid_reward("<think>x</think><answer><box>[0,0,10,10]</box></answer>", recipe_exact=True) == 1.0
+
+
+def test_recipe_exact_fixes_its_dup_scope():
+    r = grounded("[0,0,10,10]")
+    assert box_valid_reward(r, dup_scope="recipe", recipe_exact=True) == 1.0
+    with pytest.raises(ValueError, match="recipe_exact"):
+        box_valid_reward(r, dup_scope="first_half", recipe_exact=True)
+    with pytest.raises(ValueError, match="recipe_exact"):
+        grounded_box_rewards(r, [[0, 0, 1, 1]], dup_scope="all", recipe_exact=True)
+
+
+def test_recipe_exact_many_boxes_uses_same_rule_on_numpy_path():
+    boxes = _spread_boxes(40)  # [20i, 20i, 20i+10, 20i+10]: disjoint, IoU 0 with each other
+    # 41 entries, the duplicate pair (39, 40) lies beyond the first 41 // 2 = 20 rows: not noticed -> 1.0.
+    assert box_valid_reward(grounded(*boxes, boxes[-1]), recipe_exact=True) == 1.0
+    # a duplicate of box 0 at the end: row 0 sees it -> 0.
+    assert box_valid_reward(grounded(*boxes, boxes[0]), recipe_exact=True) == 0.0
+    # 40 unordered boxes, then A, A: total 42, rows = the 21 first parsed entries, all unordered -> no duplicate;
+    # box_valid = 2 / 42.
+    unordered = [f"[{20 * i + 10},{20 * i + 10},{20 * i},{20 * i}]" for i in range(40)]
+    r = grounded(*unordered, "[0,0,10,10]", "[0,0,10,10]")
+    assert box_valid_reward(r, recipe_exact=True) == pytest.approx(2 / 42)
+    assert box_valid_reward(r) == 0.0
+
+
+def _recipe_box_valid_oracle(contents: list[str], dup_iou: float = 0.9) -> float:
+    """The recipe's rule written out directly from its statement, for comparison."""
+    import re
+
+    total = len(contents)
+    parsed = []
+    for c in contents:
+        m = re.fullmatch(r"\s*\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]\s*", c)
+        if m:
+            parsed.append(tuple(float(g) for g in m.groups()))
+    for i in range(min(total // 2, len(parsed))):
+        for j in range(len(parsed)):
+            if i != j and iou(parsed[i], parsed[j]) > dup_iou:
+                return 0.0
+    valid = sum(1 for b in parsed if b[0] < b[2] and b[1] < b[3])
+    return valid / total if total else 0.0
+
+
+_SMALL_COORD = st.integers(0, 6).map(lambda v: 10 * v)
+_BOX_CONTENT = st.one_of(
+    st.tuples(_SMALL_COORD, _SMALL_COORD, _SMALL_COORD, _SMALL_COORD).map(lambda t: "[{},{},{},{}]".format(*t)),
+    st.sampled_from(["[1,2,3]", "cat", "[0.5,0,10,10]", "[0,0,10,10]", "[10,10,0,0]"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BOX_CONTENT, max_size=40))
+def test_recipe_exact_matches_the_rule_as_stated(contents):
+    r = grounded(*contents) if contents else "<think>no boxes</think><answer>B</answer>"
+    assert box_valid_reward(r, recipe_exact=True) == pytest.approx(_recipe_box_valid_oracle(contents))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # box_iou_reward
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -483,6 +635,8 @@ def test_rules_never_raise_on_arbitrary_text(text):
         assert e.valid == ok
     assert 0.0 <= box_valid_reward(text) <= 1.0
     assert 0.0 <= box_valid_reward(text, dup_scope="first_half") <= 1.0
+    assert 0.0 <= box_valid_reward(text, recipe_exact=True) <= 1.0
+    assert 0.0 <= box_iou_reward(text, [[0, 0, 10, 10]], recipe_exact=True) <= 1.0
     assert 0.0 <= box_iou_reward(text, [[0, 0, 10, 10], [1, 1, 2, 2]]) <= 1.0
     ans = extract_answer(text)
     assert ans is None or isinstance(ans, str)
@@ -506,6 +660,7 @@ def test_degenerate_inputs_run_in_linear_time(text):
     t0 = time.perf_counter()
     format_reward(text)
     box_valid_reward(text)
+    box_valid_reward(text, recipe_exact=True)
     box_iou_reward(text, [[0, 0, 1, 1]])
     extract_answer(text)
     think_text(text)

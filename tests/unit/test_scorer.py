@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ivgr_dist.config import AlgorithmConfig
-from ivgr_dist.reward.scorer import RuleScorer
+from ivgr_dist.reward.scorer import RuleScorer, job_from_group
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Prompt, Rollout
 
@@ -101,3 +103,54 @@ def test_reward_metrics_per_stream():
     assert m["reward/grounded/box_iou"] == 0.5
     assert m["reward/single/accuracy"] == 1.0 and m["rollout/single/count"] == 1.0
     assert "reward/textual/overall" not in m
+
+
+# reward.recipe_exact ------------------------------------------------------------------------------------------------
+
+# Target [10,10,50,50], answer "red" (exact): each of these answers is right (accuracy 1).
+# Entries U = [60,60,50,50] (unordered), A, A with A = the target.
+UNORDERED_DUP_A = (
+    "<think>left <box>[60,60,50,50]</box>, then <box>[10,10,50,50]</box> and <box>[10,10,50,50]</box></think>"
+    "<answer>red</answer>"
+)
+DECIMAL_A = "<think>the circle <box>[10.0,10,50,50]</box></think><answer>red</answer>"
+BLANK_THINK_A = "<box>[10,10,50,50]</box><think></think><answer>red</answer>"  # format 0: a box before <think>
+
+
+@pytest.mark.parametrize("recipe_exact", [False, True])
+def test_recipe_exact_box_rules_reach_the_rewards(recipe_exact):
+    # UNORDERED_DUP_A: format 1, accuracy 1, box_iou 1.0 (predictions A, A against target A) in both modes.
+    #   recipe: total 3, rows = [U], IoU 0 with everything -> box_valid 2/3; reward 1 + 2/3 + 1 + 1 = 3.6667.
+    #   default: A ~ A (IoU 1 > 0.9) -> box_valid 0; reward 3.0.
+    # DECIMAL_A: recipe: "[10.0,10,50,50]" is not four integers -> box_valid 0, box_iou 0; reward 2.0.
+    #   default: valid, equal to the target -> box_valid 1, box_iou 1; reward 4.0.
+    scorer = RuleScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
+    p = _prompt(11, "grounded")
+    [scored] = list(scorer.score_stream([_group(p, [UNORDERED_DUP_A, DECIMAL_A])], [p], step=1))
+    dup, dec = scored
+    if recipe_exact:
+        assert dup.rewards == pytest.approx({"format": 1.0, "accuracy": 1.0, "box_valid": 2 / 3, "box_iou": 1.0})
+        assert dup.reward == pytest.approx(3 + 2 / 3)
+        assert (dec.rewards["box_valid"], dec.rewards["box_iou"], dec.reward) == (0.0, 0.0, 2.0)
+    else:
+        assert dup.rewards == {"format": 1.0, "accuracy": 1.0, "box_valid": 0.0, "box_iou": 1.0}
+        assert dup.reward == 3.0
+        assert (dec.rewards["box_valid"], dec.rewards["box_iou"], dec.reward) == (1.0, 1.0, 4.0)
+    # the rules-only fallback (judge failures, deadlines) applies the same rules
+    fallback = scorer._fallback(job_from_group(_group(p, [UNORDERED_DUP_A]), 1))
+    assert fallback.rewards[0]["box_valid"] == pytest.approx(2 / 3 if recipe_exact else 0.0)
+
+
+@pytest.mark.parametrize("recipe_exact", [False, True])
+def test_recipe_exact_reference_may_have_a_blank_think(recipe_exact):
+    # BLANK_THINK_A: accuracy 1, box_iou 1.0 >= 0.3, think text "". The recipe's rule (accuracy 1 and box_iou >= 0.3)
+    # makes it the reference; by default a blank think does not qualify and the record has no reference.
+    scorer = RuleScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
+    p = _prompt(12, "grounded")
+    [scored] = list(scorer.score_stream([_group(p, [BLANK_THINK_A])], [p], step=1))
+    assert scored[0].rewards == {"format": 0.0, "accuracy": 1.0, "box_valid": 1.0, "box_iou": 1.0}
+    ref = scorer.references.get(12)
+    if recipe_exact:
+        assert ref is not None and ref.think == "" and ref.box_iou == 1.0
+    else:
+        assert ref is None

@@ -11,7 +11,8 @@ What the module computes, following docs/algorithm.md (4, "GRPO advantages"; 5, 
   kept alive for autograd.
 * :func:`policy_loss` - the clipped surrogate with asymmetric clipping (ratio kept within
   ``[1 - clip_low, 1 + clip_high]``, recipe 0.2 / 0.28), aggregated as a token mean.
-* :func:`kl_k3` - the low-variance ("k3") estimator of KL(policy || reference), per token.
+* :func:`kl_k3` - the low-variance ("k3") estimator of KL(policy || reference), per token, with
+  the recipe's (EasyR1's, as verl's) bound: the value is clamped to ``[-10, 10]``.
 * :func:`grpo_loss` - policy loss plus ``kl_coef`` times the token mean of k3 (recipe 0.01).
 * :func:`truncated_is_weights` - the off-policy correction of asynchronous training: per token
   ``min(exp(proximal - behaviour), cap)`` (truncated importance sampling, as in verl's rollout
@@ -26,9 +27,9 @@ Where this departs from the recipe (an EasyR1/verl fork), on purpose:
   instead uses mean 0 / std 1 there, which turns the raw reward into the advantage. Groups whose
   rewards are all equal get exactly 0 (the formula gives 0 up to rounding; we force it).
 * The per-token log-ratio ``logp - old_logp`` is clamped to ``[-20, 20]`` before ``exp`` in
-  :func:`policy_loss`, and ``ref_logp - logp`` likewise in :func:`kl_k3`: this keeps ``exp`` finite
-  (no ``inf * 0 = nan`` from padded or wildly off-policy tokens). Inside that range the values are
-  the textbook ones; outside it the term has zero gradient.
+  :func:`policy_loss`: this keeps ``exp`` finite (no ``inf * 0 = nan`` from padded or wildly
+  off-policy tokens). Inside that range the values are the textbook ones; outside it the term has
+  zero gradient. (:func:`kl_k3` clamps ``ref_logp - logp`` the same way, as the recipe does.)
 * No dual-clip: for a negative advantage the unclipped branch still applies at large ratios,
   exactly as in the plain asymmetric-clip objective the recipe uses.
 * Padded positions are excluded with ``torch.where`` rather than a bare multiply, so a non-finite
@@ -61,6 +62,9 @@ __all__ = [
 # Bound on ``|log ratio|`` before exponentiating (policy ratio and k3): exp(20) ~ 4.9e8 is finite in
 # fp32/bf16 and far outside any ratio the clipped objective or a sane KL term would meet.
 LOG_RATIO_CLAMP = 20.0
+
+# Bound on the per-token k3 value in :func:`kl_k3`, as in the recipe (EasyR1's and verl's ``low_var_kl``).
+KL_VALUE_CLAMP = 10.0
 
 # fp32 workspace per chunk in :func:`logprobs_from_logits` when ``chunk_size`` is not given.
 _LOGPROB_CHUNK_BYTES = 256 * 1024 * 1024
@@ -507,17 +511,24 @@ def policy_loss(
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimate of KL(policy || reference): ``exp(d) - d - 1`` with ``d = ref_logp - logp``.
+    """Per-token k3 estimate of KL(policy || reference), clamped as in the recipe (EasyR1's ``low_var_kl``).
 
-    Unbiased for the KL when tokens are sampled from the policy, always >= 0, low variance. ``d`` is
-    clamped to [-20, 20] before ``exp`` so one far-off token cannot overflow (its gradient is then
-    0). Computed as ``expm1(d) - d`` (no cancellation near 0) and floored at 0 against rounding.
-    ``ref_logp`` is treated as a constant.
+    With ``d = clamp(ref_logp - logp, -20, 20)`` the value is ``clamp(exp(d) - d - 1, -10, 10)``:
+
+    * ``exp(d) - d - 1`` is unbiased for the KL when tokens are sampled from the policy, never negative
+      and of low variance; its gradient with respect to ``logp`` is ``1 - exp(d)``.
+    * Clamping ``d`` to [-20, 20] keeps ``exp`` finite; a token whose ``d`` is clamped has gradient 0.
+    * Clamping the value to [-10, 10] bounds what one far-off token can add: a token whose k3 exceeds 10
+      contributes exactly 10 and has gradient 0 (e.g. ``logp = -0.01``, ``ref_logp = -12``: k3 would be
+      10.99). The lower bound does not bind, since k3 >= 0.
+
+    ``exp(d) - d - 1`` is evaluated as ``expm1(d) - d``: mathematically the same value and gradient, without the
+    cancellation near ``d = 0``. ``ref_logp`` is treated as a constant.
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} must match")
     d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return (torch.expm1(d) - d).clamp(min=0.0)
+    return (torch.expm1(d) - d).clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)
 
 
 def grpo_loss(

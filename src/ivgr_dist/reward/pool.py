@@ -44,7 +44,7 @@ _NO_WORKER = "__ivgr_no_reward_worker__"
 class RewardWorker:
     """One reward actor: rule rewards + a judge client; scores whole groups, many at once."""
 
-    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache, fleet=None):
+    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache, fleet=None, recipe_exact: bool = False):
         import os
 
         from ivgr_dist.logs import redirect_actor_output
@@ -53,11 +53,14 @@ class RewardWorker:
         from ivgr_dist.reward.judge import make_judge
 
         self.judge_cfg, self.algo, self.cache = judge_cfg, algo, cache
+        self.recipe_exact = recipe_exact  # reward.recipe_exact
         self.judge = make_judge(judge_cfg, fleet=fleet)  # fleet: the shared judge engines (backend=engine)
 
     async def score(self, job: GroupJob) -> GroupResult:
         reference = await self.cache.get.remote(job.record_key) if job.stream == "textual" else None
-        result = await score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, reference)
+        result = await score_job(
+            job, self.judge, self.algo, self.judge_cfg.fallback_consistency, reference, self.recipe_exact
+        )
         if job.stream == "grounded":
             result.reference_updated = (
                 bool(await self.cache.update.remote(job.record_key, result.candidate))
@@ -99,7 +102,7 @@ class RewardPool(StreamScorer):
                 f"{cfg.cpus_per_worker} = {need:g} CPUs but the cluster has {free:g} free: add CPUs, or set "
                 "reward.cpus_per_worker=0 (workers mostly wait on the judge) or reward.num_workers=0 (in the driver)"
             )
-        super().__init__(algo, cfg.judge)
+        super().__init__(algo, cfg.judge, cfg.recipe_exact)
         self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
         self.judge_fleet = fleet  # one fleet of judge engines for every worker (closed with the pool)
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
@@ -130,7 +133,9 @@ class RewardPool(StreamScorer):
 
         env = actor_env()
         options = {"runtime_env": {"env_vars": env}} if env else {}
-        return self._actor.options(**options).remote(self.cfg.judge, self.algo, self.cache, self.judge_fleet)
+        return self._actor.options(**options).remote(
+            self.cfg.judge, self.algo, self.cache, self.judge_fleet, self.cfg.recipe_exact
+        )
 
     # executor hooks -----------------------------------------------------------------------------
     def _submit(self, job: GroupJob):
@@ -273,7 +278,8 @@ def make_scorer(reward_cfg: RewardConfig, algo: AlgorithmConfig, namespace: str 
         if reward_cfg.num_workers == 0:
             from ivgr_dist.reward.judge import make_judge
 
-            scorer = InProcessScorer(algo, reward_cfg.judge, judge=make_judge(reward_cfg.judge, fleet=fleet))
+            judge = make_judge(reward_cfg.judge, fleet=fleet)
+            scorer = InProcessScorer(algo, reward_cfg.judge, judge=judge, recipe_exact=reward_cfg.recipe_exact)
             scorer.judge_fleet = fleet
             return scorer
         return RewardPool(reward_cfg, algo, namespace=namespace, fleet=fleet)

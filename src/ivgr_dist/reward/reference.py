@@ -12,7 +12,8 @@ checkpoints hold an empty cache; the caller of this module is responsible for sa
 the table).
 
 Departure from the recipe: a rollout whose ``<think>`` text is empty does not qualify by default
-(``require_think=True``): an empty reference would give the judge nothing to compare against.
+(``require_think=True``): an empty reference would give the judge nothing to compare against. Training passes
+``require_think=False`` with ``reward.recipe_exact=true``, the recipe's rule.
 """
 
 from __future__ import annotations

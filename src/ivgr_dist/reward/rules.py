@@ -18,9 +18,19 @@ Choices made where the paper/recipe leaves room, or where this module departs fr
   ``box_valid`` and is never used for IoU. Swapped corners are invalid and are NOT repaired. Coordinates that
   overflow a float (e.g. a 400-digit integer) become ``inf`` and make the box invalid.
 - Duplicate boxes (anti-spam): ``box_valid`` is 0 when two VALID predicted boxes have IoU strictly greater than
-  ``dup_iou`` (0.9). The public recipe only compares boxes ``i < len // 2`` against all others, so e.g. the last two
-  of three boxes may be identical without penalty; ``dup_scope="first_half"`` reproduces that (over the list of valid
-  boxes, in order), while the default ``dup_scope="all"`` checks every pair, which is what the paper describes.
+  ``dup_iou`` (0.9). The default ``dup_scope="all"`` checks every pair, which is what the paper describes.
+  ``dup_scope="first_half"`` compares only the valid boxes ``i < n_valid // 2`` with every other valid box (an
+  earlier approximation of the recipe, kept for comparison; it is not the recipe's rule).
+- ``recipe_exact=True`` (config ``reward.recipe_exact``) applies the public recipe's box rules instead, as its
+  documentation states them (``docs/algorithm.md``, section 7). An entry parses only if its content is four
+  integers (``[x1,y1,x2,y2]``, optional minus sign, spaces allowed); decimals do not parse, so such an entry is
+  invalid. The parsed entries, ordered or not, form a list; each of its first ``total // 2`` entries (``total``:
+  every entry, parsable or not) is compared with every other entry of that list, and an IoU above ``dup_iou``
+  makes ``box_valid`` 0 (``dup_scope="recipe"``). The recipe's documentation does not define the IoU of an
+  unordered box (``x2 < x1`` or ``y2 < y1``); with the usual intersection (largest x1 to smallest x2) it has an
+  empty intersection with any box, and :func:`iou` gives 0, so an unordered box is never a duplicate here: what it
+  changes is which entries fill the first ``total // 2`` places. Entries in the answer count, as the recipe's rule
+  speaks of all ``<box>`` entries.
 - IoU uses continuous coordinates (area = (x2 - x1) * (y2 - y1), no "+1 pixel" convention); degenerate boxes have
   IoU 0 with everything.
 - ``box_iou_reward`` uses all valid predicted boxes, duplicates included (duplicates are punished by ``box_valid``).
@@ -50,6 +60,7 @@ from typing import NamedTuple
 
 __all__ = [
     "DUP_IOU",
+    "DUP_SCOPES",
     "MAX_ANSWER_CHARS",
     "QUESTION_TYPES",
     "SINGLE_ACCURACY_WEIGHT",
@@ -162,6 +173,9 @@ def think_text(response: str | None) -> str:
 
 _NUM = r"(-?(?:\d+(?:\.\d*)?|\.\d+))"
 _BOX_CONTENT_RE = re.compile(rf"\s*\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]\s*")
+# The recipe's grammar (``recipe_exact``): four integers.
+_INT = r"(-?\d+)"
+_RECIPE_BOX_CONTENT_RE = re.compile(rf"\s*\[\s*{_INT}\s*,\s*{_INT}\s*,\s*{_INT}\s*,\s*{_INT}\s*\]\s*")
 _BOX_OPEN = "<box>"
 _BOX_CLOSE = "</box>"
 
@@ -169,8 +183,8 @@ _BOX_CLOSE = "</box>"
 class BoxParse(NamedTuple):
     """One ``<box>...</box>`` entry of a response.
 
-    ``coords`` is ``None`` when the content is not ``[x1,y1,x2,y2]``; ``valid`` is True iff the coordinates are all
-    finite and ``x1 < x2`` and ``y1 < y2``.
+    ``coords`` is ``None`` when the content is not ``[x1,y1,x2,y2]`` (with ``recipe_exact``: four integers);
+    ``valid`` is True iff the coordinates are all finite and ``x1 < x2`` and ``y1 < y2``.
     """
 
     text: str
@@ -178,8 +192,8 @@ class BoxParse(NamedTuple):
     valid: bool
 
 
-def _parse_box_content(content: str) -> BoxParse:
-    m = _BOX_CONTENT_RE.fullmatch(content)
+def _parse_box_content(content: str, recipe_exact: bool = False) -> BoxParse:
+    m = (_RECIPE_BOX_CONTENT_RE if recipe_exact else _BOX_CONTENT_RE).fullmatch(content)
     if m is None:
         return BoxParse(content, None, False)
     # float() on a decimal string never raises for this grammar; values beyond the float range become +-inf.
@@ -188,12 +202,12 @@ def _parse_box_content(content: str) -> BoxParse:
     return BoxParse(content, (x1, y1, x2, y2), valid)
 
 
-def parse_boxes(response: str | None) -> list[BoxParse]:
+def parse_boxes(response: str | None, recipe_exact: bool = False) -> list[BoxParse]:
     """Every ``<box>...</box>`` entry of the normalized response, in order.
 
     Entries are delimited like a non-greedy ``<box>(.*?)</box>`` search (so ``<box><box>[..]</box>`` is ONE malformed
     entry), but with ``str.find`` so the scan stays linear on text with many unclosed tags. A trailing ``<box>``
-    without a closing tag is not an entry.
+    without a closing tag is not an entry. With ``recipe_exact`` only four integers parse as coordinates.
     """
     text = normalize_response(response)
     entries: list[BoxParse] = []
@@ -206,14 +220,14 @@ def parse_boxes(response: str | None) -> list[BoxParse]:
         end = text.find(_BOX_CLOSE, start + open_len)
         if end < 0:
             break
-        entries.append(_parse_box_content(text[start + open_len : end]))
+        entries.append(_parse_box_content(text[start + open_len : end], recipe_exact))
         pos = end + len(_BOX_CLOSE)
     return entries
 
 
-def valid_boxes(response: str | None) -> list[Box]:
-    """Coordinates of the valid predicted boxes of a response, in order."""
-    return [e.coords for e in parse_boxes(response) if e.valid]
+def valid_boxes(response: str | None, recipe_exact: bool = False) -> list[Box]:
+    """Coordinates of the valid predicted boxes of a response, in order (``recipe_exact``: the recipe's grammar)."""
+    return [e.coords for e in parse_boxes(response, recipe_exact) if e.valid]
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -273,49 +287,81 @@ def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]):
     return out
 
 
-def _has_duplicate(boxes: Sequence[Box], dup_iou: float, first_half: bool) -> bool:
+def _has_duplicate(boxes: Sequence[Box], dup_iou: float, rows: int | None) -> bool:
+    """Whether two boxes have IoU > ``dup_iou``: every pair (``rows=None``), or each of ``boxes[:rows]`` against
+    every other box."""
     n = len(boxes)
-    if n < 2:
+    if n < 2 or rows == 0:
         return False
-    rows = n // 2 if first_half else n
+    all_pairs = rows is None
+    rows = n if all_pairs else min(rows, n)
     if rows * n >= _NUMPY_MIN_PAIRS:
         import numpy as np
 
         m = iou_matrix(boxes[:rows], boxes)
-        if first_half:
-            m[np.arange(rows), np.arange(rows)] = 0.0  # a box is not its own duplicate
-        else:
+        if all_pairs:
             m = np.triu(m, k=1)
+        else:
+            m[np.arange(rows), np.arange(rows)] = 0.0  # a box is not its own duplicate
         return bool((m > dup_iou).any())
     for i in range(rows):
         bi = boxes[i]
-        for j in range(0 if first_half else i + 1, n):
+        for j in range(i + 1 if all_pairs else 0, n):
             if j != i and iou(bi, boxes[j]) > dup_iou:
                 return True
     return False
 
 
+DUP_SCOPES = ("all", "first_half", "recipe")
+
+
+def _dup_scope(dup_scope: str | None, recipe_exact: bool) -> str:
+    if recipe_exact:
+        if dup_scope not in (None, "recipe"):
+            raise ValueError(f"recipe_exact=True uses dup_scope='recipe', got dup_scope={dup_scope!r}")
+        return "recipe"
+    if dup_scope is None:
+        return "all"
+    if dup_scope not in DUP_SCOPES:
+        raise ValueError(f"dup_scope must be one of {list(DUP_SCOPES)}, got {dup_scope!r}")
+    return dup_scope
+
+
 def box_valid_from_entries(entries: Sequence[BoxParse], dup_iou: float = DUP_IOU, dup_scope: str = "all") -> float:
-    """``box_valid`` from already parsed entries (see :func:`box_valid_reward`)."""
-    if dup_scope not in ("all", "first_half"):
-        raise ValueError(f"dup_scope must be 'all' or 'first_half', got {dup_scope!r}")
+    """``box_valid`` from already parsed entries (see :func:`box_valid_reward`).
+
+    ``dup_scope``: ``"all"`` (every pair of valid boxes), ``"first_half"`` (valid boxes ``i < n_valid // 2`` against
+    every other valid box) or ``"recipe"`` (the entries that parsed, valid or not, ``i < len(entries) // 2`` against
+    every other parsed entry; meant for entries parsed with ``recipe_exact``).
+    """
+    if dup_scope not in DUP_SCOPES:
+        raise ValueError(f"dup_scope must be one of {list(DUP_SCOPES)}, got {dup_scope!r}")
     if not entries:
         return 0.0
     boxes = [e.coords for e in entries if e.valid]
     if not boxes:
         return 0.0
-    if _has_duplicate(boxes, dup_iou, dup_scope == "first_half"):
+    if dup_scope == "recipe":
+        parsed = [e.coords for e in entries if e.coords is not None]
+        duplicate = _has_duplicate(parsed, dup_iou, len(entries) // 2)
+    else:
+        duplicate = _has_duplicate(boxes, dup_iou, len(boxes) // 2 if dup_scope == "first_half" else None)
+    if duplicate:
         return 0.0
     return len(boxes) / len(entries)
 
 
-def box_valid_reward(response: str | None, dup_iou: float = DUP_IOU, dup_scope: str = "all") -> float:
-    """Share of ``<box>`` entries that are valid; 0 without entries or when two valid boxes have IoU > ``dup_iou``.
+def box_valid_reward(
+    response: str | None, dup_iou: float = DUP_IOU, dup_scope: str | None = None, recipe_exact: bool = False
+) -> float:
+    """Share of ``<box>`` entries that are valid; 0 without entries or when two boxes have IoU > ``dup_iou``.
 
-    ``dup_scope="all"`` (default) checks every pair of valid boxes; ``"first_half"`` reproduces the public recipe,
-    which compares only the valid boxes ``i < len // 2`` against all others.
+    Default (``dup_scope=None`` = ``"all"``): every pair of valid boxes is checked. ``"first_half"``: only the valid
+    boxes ``i < n_valid // 2`` against the others. ``recipe_exact=True``: the public recipe's rule (integer grammar,
+    ``dup_scope="recipe"``; see the module docstring).
     """
-    return box_valid_from_entries(parse_boxes(response), dup_iou, dup_scope)
+    scope = _dup_scope(dup_scope, recipe_exact)
+    return box_valid_from_entries(parse_boxes(response, recipe_exact), dup_iou, scope)
 
 
 def validate_target_boxes(target_boxes: Sequence[Sequence[float]]) -> list[Box]:
@@ -365,29 +411,33 @@ def box_iou_from_boxes(pred_boxes: Sequence[Box], targets: Sequence[Box]) -> flo
     return 0.5 * (recall + precision)
 
 
-def box_iou_reward(response: str | None, target_boxes: Sequence[Sequence[float]]) -> float:
+def box_iou_reward(response: str | None, target_boxes: Sequence[Sequence[float]], recipe_exact: bool = False) -> float:
     """0.5 * (recall + precision) of the valid predicted boxes against the target boxes.
 
     recall = mean over targets of the best IoU with any valid predicted box; precision = mean over valid predicted
     boxes of the best IoU with any target. 0.0 without targets or without valid predicted boxes. Targets are in the
-    same (resized image) pixel space as the predictions; an invalid target raises ``ValueError``.
+    same (resized image) pixel space as the predictions; an invalid target raises ``ValueError``. With
+    ``recipe_exact`` only boxes of four integers are predictions.
     """
     targets = validate_target_boxes(target_boxes)
     if not targets:
         return 0.0
-    return box_iou_from_boxes(valid_boxes(response), targets)
+    return box_iou_from_boxes(valid_boxes(response, recipe_exact), targets)
 
 
 def grounded_box_rewards(
     response: str | None,
     target_boxes: Sequence[Sequence[float]],
     dup_iou: float = DUP_IOU,
-    dup_scope: str = "all",
+    dup_scope: str | None = None,
+    recipe_exact: bool = False,
 ) -> tuple[float, float]:
-    """``(box_valid, box_iou)`` of one response, parsing the boxes once."""
+    """``(box_valid, box_iou)`` of one response, parsing the boxes once (see :func:`box_valid_reward` for
+    ``dup_scope`` and ``recipe_exact``)."""
+    scope = _dup_scope(dup_scope, recipe_exact)
     targets = validate_target_boxes(target_boxes)
-    entries = parse_boxes(response)
-    valid = box_valid_from_entries(entries, dup_iou, dup_scope)
+    entries = parse_boxes(response, recipe_exact)
+    valid = box_valid_from_entries(entries, dup_iou, scope)
     preds = [e.coords for e in entries if e.valid]
     return valid, box_iou_from_boxes(preds, targets)
 

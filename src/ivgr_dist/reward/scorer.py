@@ -136,9 +136,18 @@ class FallbackJudge:
 
 
 async def score_job(
-    job: GroupJob, judge, algo: AlgorithmConfig, fallback_consistency: float, reference: Reference | None
+    job: GroupJob,
+    judge,
+    algo: AlgorithmConfig,
+    fallback_consistency: float,
+    reference: Reference | None,
+    recipe_exact: bool = False,
 ) -> GroupResult:
-    """Rule rewards + one batched judge call for ``job``; never raises for judge faults."""
+    """Rule rewards + one batched judge call for ``job``; never raises for judge faults.
+
+    ``recipe_exact`` (``reward.recipe_exact``): the public recipe's box rules (``rules.grounded_box_rewards(...,
+    recipe_exact=True)``) and its reference rule (a blank ``<think>`` does not disqualify a candidate).
+    """
     t0 = time.perf_counter()
     counts: dict[str, float] = defaultdict(float)
     rewards: list[dict[str, float]] = []
@@ -156,7 +165,7 @@ async def score_job(
         out["accuracy"] = acc
         if job.stream == "grounded":
             out["box_valid"], out["box_iou"] = rules.grounded_box_rewards(
-                text, job.target_boxes, dup_iou=algo.dup_box_iou
+                text, job.target_boxes, dup_iou=algo.dup_box_iou, recipe_exact=recipe_exact
             )
         elif job.stream == "textual":
             out["consistency"] = 0.0
@@ -195,6 +204,7 @@ async def score_job(
              enumerate(zip(job.responses, rewards, strict=True))],
             min_iou=algo.ref_min_iou,
             step=job.step,
+            require_think=not recipe_exact,
         )  # fmt: skip
     elif job.stream == "textual":
         totals = [rules.textual_overall(r["format"], r["accuracy"], r["consistency"]) for r in rewards]
@@ -235,8 +245,9 @@ class StreamScorer:
     trace = None
     """A ``metrics.Tracer`` (set by the batch producer with ``trainer.trace``): each group's scoring is a span."""
 
-    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig):
+    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig, recipe_exact: bool = False):
         self.algo, self.judge_cfg = algo, judge_cfg
+        self.recipe_exact = bool(recipe_exact)  # reward.recipe_exact, passed to every score_job
         # A group's judge questions run concurrently; past this the driver scores it rules-only.
         self.group_deadline_s = max(120.0, 4.0 * judge_cfg.timeout_s * (judge_cfg.max_retries + 1))
         self._counts: dict[str, float] = defaultdict(float)
@@ -325,7 +336,9 @@ class StreamScorer:
 
     def _fallback(self, job: GroupJob) -> GroupResult:
         ref = self._reference(job.record_key) if job.stream == "textual" else None
-        return asyncio.run(score_job(job, FallbackJudge(), self.algo, self.judge_cfg.fallback_consistency, ref))
+        return asyncio.run(
+            score_job(job, FallbackJudge(), self.algo, self.judge_cfg.fallback_consistency, ref, self.recipe_exact)
+        )
 
     def _track(self, handle) -> str:
         """The trace track of a submitted group (the pool names its worker)."""
@@ -371,8 +384,10 @@ class StreamScorer:
 class InProcessScorer(StreamScorer):
     """Scoring in the driver: the judge on an asyncio loop in a background thread, the table in the driver."""
 
-    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig | None = None, judge=None):
-        super().__init__(algo, judge_cfg or JudgeConfig())
+    def __init__(
+        self, algo: AlgorithmConfig, judge_cfg: JudgeConfig | None = None, judge=None, recipe_exact: bool = False
+    ):
+        super().__init__(algo, judge_cfg or JudgeConfig(), recipe_exact)
         self.references = ReferenceTable()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ivgr-reward-loop", daemon=True)
@@ -381,7 +396,7 @@ class InProcessScorer(StreamScorer):
 
     def _submit(self, job: GroupJob) -> cf.Future:
         ref = self.references.get(job.record_key) if job.stream == "textual" else None
-        coro = score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, ref)
+        coro = score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, ref, self.recipe_exact)
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _wait(self, handles: list, timeout: float) -> list:
