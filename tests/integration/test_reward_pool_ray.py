@@ -63,7 +63,8 @@ def test_a_failing_judge_costs_bounded_time_and_no_reward(ray_cluster, fault):
     default = Fault.delay(30.0) if fault == "timeout" else Fault.status(500)
     groups = synthetic_batch(4, 3, seed=2)
     with FaultServer(default=default) as srv:
-        cfg = RewardConfig(num_workers=2, judge=_openai(srv.url, timeout_s=0.5, fallback_consistency=0.3))
+        judge = _openai(srv.url, timeout_s=0.5, fallback_consistency=0.3, on_failure="zero")
+        cfg = RewardConfig(num_workers=2, judge=judge)
         pool = RewardPool(cfg, AlgorithmConfig())
         try:
             t0 = time.monotonic()
