@@ -602,6 +602,10 @@ class LearnerConfig:
 # ------------------------------------------------------------------------------------------ reward
 
 
+JUDGE_ON_FAILURE = ("zero", "mask")
+"""``reward.judge.on_failure`` values."""
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     """The LLM judge for consistency and free-form accuracy (see ivgr_dist.reward.judge)."""
@@ -629,7 +633,13 @@ class JudgeConfig:
     max_tokens: int = 256
     """Longest judge answer."""
     fallback_consistency: float = 0.0
-    """Consistency score when every try fails (counted in judge/failures)."""
+    """Consistency score when every try fails and ``on_failure=zero`` (counted in judge/failures)."""
+    on_failure: str = "mask"
+    """What a failed judge request (every try failed, worker error, group deadline) does to the reward:
+    ``mask`` (default) leaves the unknown component out so GRPO compares only known rewards: a failed consistency
+    drops consistency for its whole textual group, a failed judged accuracy excludes that rollout from its
+    group's advantage (advantage 0); ``zero`` scores ``fallback_consistency`` / 0.0 and trains on it
+    (docs/algorithm.md, 3.3)."""
     num_engines: int = 1
     """engine: judge vLLM engines, ONE fleet shared by every reward worker (and the driver's scorer)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -661,6 +671,7 @@ class JudgeConfig:
             self.fallback_consistency,
             "must be a rubric value: 0.0, 0.3, 0.7 or 1.0",
         )
+        _check_choice(p + "on_failure", self.on_failure, JUDGE_ON_FAILURE)
         _check(self.num_engines >= 1, p + "num_engines", self.num_engines, "must be >= 1")
 
 

@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ivgr_dist.config import Config, ConfigError
+from ivgr_dist.config import Config, ConfigError, JudgeConfig
 from ivgr_dist.reward.scorer import InProcessScorer
 from ivgr_dist.types import Rollout
 
@@ -174,7 +174,13 @@ def render_markdown(tables: dict[str, Any], header: Sequence[str] = ()) -> str:
 
 
 class EvalScorer(InProcessScorer):
-    """The in-process scorer without a reference table: consistency is never judged in eval."""
+    """The in-process scorer without a reference table: consistency is never judged in eval. A judge failure
+    scores 0 (``reward.judge.on_failure`` is set to ``zero``): the tables average over every record, and masking
+    is about training's advantages."""
+
+    def __init__(self, algo, judge_cfg: JudgeConfig | None = None, judge=None, recipe_exact: bool = False):
+        cfg = replace(judge_cfg or JudgeConfig(), on_failure="zero")
+        super().__init__(algo, cfg, judge=judge, recipe_exact=recipe_exact)
 
     def _offer_reference(self, record_key: int, candidate) -> bool:
         return False

@@ -7,6 +7,8 @@ against. The choice is deterministic, so two runs of the same batch log the same
 groups in batch order, those whose rewards differ first (the ones GRPO learns from; a group of equal rewards has
 zero advantages), from each the best rollout (highest reward, the first of ties) and then the worst (lowest
 reward, the last of ties), until ``per_stream`` are taken. A best/worst pair shows what the advantage rewarded.
+With ``reward.judge.on_failure=mask`` a component the judge failed on is absent from ``rewards``, and
+``excluded`` marks a rollout left out of its group's advantage (``group_reward_mean`` is over the others).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def _record(r: Rollout, pick: str, group: list[Rollout], step: int) -> dict:
         "ground_truth": p.answer,
         "rewards": {k: float(v) for k, v in r.rewards.items()},
         "reward": float(r.reward),
-        "group_reward_mean": sum(x.reward for x in group) / len(group),
+        "group_reward_mean": _mean([x.reward for x in group if not x.excluded]),
         "advantage": float(r.advantage),
+        "excluded": r.excluded,
         "weight_version": r.weight_version,
         "weight_version_last": r.weight_version_last,
     }
@@ -81,3 +84,8 @@ def _record(r: Rollout, pick: str, group: list[Rollout], step: int) -> dict:
     if p.stream == "textual":
         record["consistency_reference"] = r.consistency_reference
     return record
+
+
+def _mean(values: list[float]) -> float | None:
+    """Mean of the rewards the group's advantage compared (None when every rollout was excluded)."""
+    return sum(values) / len(values) if values else None

@@ -380,9 +380,7 @@ class Trainer:
         return out
 
     def _assign_advantages(self, rollouts: list[Rollout]) -> None:
-        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
-        adv = group_advantages(rewards, [r.group_key for r in rollouts], eps=self.cfg.algorithm.adv_eps)
-        for r, a in zip(rollouts, adv.tolist(), strict=True):
+        for r, a in zip(rollouts, rollout_advantages(rollouts, self.cfg.algorithm.adv_eps), strict=True):
             r.advantage = a
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -438,6 +436,20 @@ class Trainer:
         self.sync.close()
         self.rollouts.shutdown()
         self.learners.shutdown()
+
+
+def rollout_advantages(rollouts: list[Rollout], eps: float) -> list[float]:
+    """GRPO advantage of each rollout within its group (``group_advantages``). An ``excluded`` rollout (its
+    judged accuracy failed, ``reward.judge.on_failure=mask``) gets 0 and is left out of its group's mean and
+    std: the group's other rollouts are compared among themselves."""
+    kept = [i for i, r in enumerate(rollouts) if not r.excluded]
+    out = [0.0] * len(rollouts)
+    if kept:
+        rewards = torch.tensor([rollouts[i].reward for i in kept], dtype=torch.float64)
+        adv = group_advantages(rewards, [rollouts[i].group_key for i in kept], eps=eps)
+        for i, a in zip(kept, adv.tolist(), strict=True):
+            out[i] = a
+    return out
 
 
 def _overhead(seconds: dict[str, float], generate: float) -> dict[str, float]:

@@ -72,9 +72,13 @@ class Rollout:
     finish_reason: str = "stop"
     """``stop`` (EOS/stop string) or ``length`` (hit max_response_length)."""
     rewards: dict[str, float] = field(default_factory=dict)
-    """Reward components (format, accuracy, box_valid, box_iou, consistency ...)."""
+    """Reward components (format, accuracy, box_valid, box_iou, consistency ...). With
+    ``reward.judge.on_failure=mask`` a component the judge failed to decide is absent (docs/algorithm.md, 3.3)."""
     reward: float = 0.0
-    """Sum of the components for this stream: the GRPO reward."""
+    """Sum of the components present for this stream: the GRPO reward (of an ``excluded`` rollout, for logs only)."""
+    excluded: bool = False
+    """True when the rollout takes no part in its group's advantage (advantage 0, not in the group's mean and
+    std): its accuracy needed the judge, which failed, with ``reward.judge.on_failure=mask``."""
     advantage: float = 0.0
     """Group-normalised advantage, broadcast to every response token."""
     weight_version_last: int | None = None

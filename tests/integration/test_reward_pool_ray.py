@@ -63,7 +63,8 @@ def test_a_failing_judge_costs_bounded_time_and_no_reward(ray_cluster, fault):
     default = Fault.delay(30.0) if fault == "timeout" else Fault.status(500)
     groups = synthetic_batch(4, 3, seed=2)
     with FaultServer(default=default) as srv:
-        cfg = RewardConfig(num_workers=2, judge=_openai(srv.url, timeout_s=0.5, fallback_consistency=0.3))
+        judge = _openai(srv.url, timeout_s=0.5, fallback_consistency=0.3, on_failure="zero")
+        cfg = RewardConfig(num_workers=2, judge=judge)
         pool = RewardPool(cfg, AlgorithmConfig())
         try:
             t0 = time.monotonic()
@@ -80,6 +81,27 @@ def test_a_failing_judge_costs_bounded_time_and_no_reward(ray_cluster, fault):
     textual = [r for g in out if g[0].prompt.stream == "textual" for r in g]
     judged = [r for r in textual if r.rewards["consistency"] != 0.0]
     assert judged and all(r.rewards["consistency"] == 0.3 for r in judged)  # the explicit fallback
+
+
+def test_pool_masks_what_a_failing_judge_could_not_score(ray_cluster):
+    groups = synthetic_batch(4, 3, seed=2)
+    with FaultServer(default=Fault.status(500)) as srv:
+        pool = RewardPool(RewardConfig(num_workers=2, judge=_openai(srv.url, on_failure="mask")), AlgorithmConfig())
+        try:
+            out = _score(pool, groups)
+            m = pool.metrics()
+        finally:
+            pool.close()
+    rollouts = [r for g in out for r in g]
+    assert m["judge/requests"] > 0 and m["judge/failures"] == m["judge/requests"]
+    judged = [g for g in out if g[0].prompt.stream == "textual" and g[0].consistency_reference is not None]
+    assert judged and all("consistency" not in r.rewards for g in judged for r in g)  # no fallback trained on
+    excluded = [r for r in rollouts if r.excluded]
+    assert excluded and all("accuracy" not in r.rewards for r in excluded)
+    assert m["reward/judge_excluded_rollouts"] == len(excluded)
+    assert m["reward/judge_masked_groups"] == len(judged) + len(
+        {r.prompt.uid for r in excluded} - {g[0].prompt.uid for g in judged}
+    )
 
 
 def test_reference_cache_restored_exactly_after_restart(ray_cluster):

@@ -118,7 +118,8 @@ def test_lost_partner_still_scored_and_counted(scorer):
 
 
 def test_a_raising_judge_falls_back_and_counts():
-    scorer = InProcessScorer(AlgorithmConfig(), JudgeConfig(fallback_consistency=0.3), judge=SpyJudge(fail=True))
+    cfg = JudgeConfig(fallback_consistency=0.3, on_failure="zero")
+    scorer = InProcessScorer(AlgorithmConfig(), cfg, judge=SpyJudge(fail=True))
     try:
         a, b = _prompt(1, "grounded"), _prompt(1, "textual")
         out = list(scorer.score_stream([_group(a, [GOOD_A]), _group(b, ["<think>x</think><answer>red</answer>"])],

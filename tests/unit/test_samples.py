@@ -95,6 +95,7 @@ def test_a_record_holds_the_whole_rollout():
         "reward": 3.0,
         "group_reward_mean": 2.0,
         "advantage": 1.0,
+        "excluded": False,
         "weight_version": 3,
         "weight_version_last": 4,
         "target_boxes": [[10.0, 10.0, 50.0, 50.0]],

@@ -224,7 +224,9 @@ def run_after(groups, judge_cfg: JudgeConfig, algo: AlgorithmConfig, generation_
         for group in sorted(pair, key=lambda g: g[0].prompt.stream != "grounded"):
             job = job_from_group(group, 1)
             ref = table.get(job.record_key) if job.stream == "textual" else None
-            coro = score_job(job, _Sequential(judge), algo, judge_cfg.fallback_consistency, ref)
+            coro = score_job(
+                job, _Sequential(judge), algo, judge_cfg.fallback_consistency, ref, on_failure=judge_cfg.on_failure
+            )
             result = asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=budget)
             apply_result(group, result)
             with lock:

@@ -12,7 +12,8 @@ Shape (docs/architecture.md, reward workers):
   soon as their grounded group of the batch is scored; scored groups are yielded as ``ray.wait``
   reports them.
 
-Faults never cost a reward and never raise into the driver:
+Faults never cost a reward and never raise into the driver (a judge question left unanswered is
+scored per ``reward.judge.on_failure``: its fallback, or masked):
 
 - a worker that dies: its slot gets a fresh actor (``reward/worker_restarts``) and each of its
   groups is resubmitted elsewhere (``reward/rescored``, at most ``max_attempts`` submissions);
@@ -58,8 +59,15 @@ class RewardWorker:
 
     async def score(self, job: GroupJob) -> GroupResult:
         reference = await self.cache.get.remote(job.record_key) if job.stream == "textual" else None
+        cfg = self.judge_cfg
         result = await score_job(
-            job, self.judge, self.algo, self.judge_cfg.fallback_consistency, reference, self.recipe_exact
+            job,
+            self.judge,
+            self.algo,
+            cfg.fallback_consistency,
+            reference,
+            self.recipe_exact,
+            on_failure=cfg.on_failure,
         )
         if job.stream == "grounded":
             result.reference_updated = (

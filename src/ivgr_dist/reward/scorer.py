@@ -17,11 +17,17 @@ Scoring one group (:func:`score_job`, the same code in both): rule rewards
 - accuracy the rules cannot decide (``rules.rule_accuracy`` -> None: free-form mismatches, math
   that math-verify rejects): an ``equivalence`` request (fallback 0.0).
 
+A request the judge fails (every try, or the judge raised) is scored by ``reward.judge.on_failure``
+(:func:`_mask_failures`): ``zero`` keeps the fallback score; ``mask`` leaves the component out: a failed
+consistency removes consistency from every rollout of the group, a failed accuracy excludes that rollout
+from the group's advantage (``GroupResult.excluded`` -> ``Rollout.excluded``).
+
 Groups travel as small :class:`GroupJob` records (no images); results come back as
 :class:`GroupResult` and are applied to the driver's ``Rollout`` objects. Driver-side scheduling
 (:class:`StreamScorer`) never loses a group: an executor that dies gets its group resubmitted
 (``reward/rescored``); an executor error or a group past its deadline gets a rules-only score in
-the driver (every judge question it held counts in ``judge/failures``).
+the driver (every judge question it held counts in ``judge/failures`` and is a failed request for
+``on_failure``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from ivgr_dist.types import Prompt, Rollout
 log = logging.getLogger(__name__)
 
 JUDGE_COUNTERS = ("calls", "retries", "timeouts", "failures", "parse_failures", "requests")
+MASK_COUNTERS = ("judge_masked_rollouts", "judge_masked_groups", "judge_excluded_rollouts")
+"""``reward/<name>``: what ``reward.judge.on_failure=mask`` left out this step (0 with ``zero``)."""
 
 
 class Scorer(Protocol):
@@ -100,6 +108,9 @@ class GroupResult:
     busy_s: float = 0.0
     reference: str | None = None
     """Textual groups: the reference reasoning the consistency judge compared against (kept on each rollout)."""
+    excluded: list[bool] = field(default_factory=list)
+    """Per rollout: left out of the group's advantage (``on_failure=mask``, its judged accuracy failed); empty:
+    none."""
 
 
 def job_from_group(group: list[Rollout], step: int) -> GroupJob:
@@ -120,8 +131,9 @@ def job_from_group(group: list[Rollout], step: int) -> GroupJob:
 
 
 def apply_result(group: list[Rollout], result: GroupResult) -> None:
-    for r, rewards, total in zip(group, result.rewards, result.totals, strict=True):
-        r.rewards, r.reward = dict(rewards), float(total)
+    excluded = result.excluded or [False] * len(group)
+    for r, rewards, total, out in zip(group, result.rewards, result.totals, excluded, strict=True):
+        r.rewards, r.reward, r.excluded = dict(rewards), float(total), bool(out)
         r.consistency_reference = result.reference
 
 
@@ -135,6 +147,33 @@ class FallbackJudge:
         return None
 
 
+def _mask_failures(
+    stream: str, rewards: list[dict[str, float]], failed: list[set[str]], counts: dict[str, float]
+) -> list[bool]:
+    """``reward.judge.on_failure=mask``: leave the components the judge failed on out of ``rewards`` (in place)
+    and return which rollouts are excluded from the group's advantage.
+
+    - accuracy failed: the rollout's reward is unknown at its core, so the rollout is excluded (GRPO compares it
+      with nothing; advantage 0); its other components stay for the logs;
+    - consistency failed for a rollout that is not excluded: consistency is removed from EVERY rollout of the
+      group, so the group is still compared on one reward (format + accuracy) for all of its rollouts.
+
+    Counts ``judge_masked_rollouts`` (rollouts with a failed request), ``judge_masked_groups`` (1 when there is
+    one) and ``judge_excluded_rollouts``."""
+    excluded = ["accuracy" in f for f in failed]
+    for r, f in zip(rewards, failed, strict=True):
+        for name in f:
+            r.pop(name, None)
+    if stream == "textual" and any("consistency" in f and not x for f, x in zip(failed, excluded, strict=True)):
+        for r in rewards:
+            r.pop("consistency", None)
+    masked = sum(bool(f) for f in failed)
+    counts["judge_masked_rollouts"] += masked
+    counts["judge_masked_groups"] += float(masked > 0)
+    counts["judge_excluded_rollouts"] += sum(excluded)
+    return excluded
+
+
 async def score_job(
     job: GroupJob,
     judge,
@@ -142,12 +181,18 @@ async def score_job(
     fallback_consistency: float,
     reference: Reference | None,
     recipe_exact: bool = False,
+    *,
+    on_failure: str,
 ) -> GroupResult:
     """Rule rewards + one batched judge call for ``job``; never raises for judge faults.
 
     ``recipe_exact`` (``reward.recipe_exact``): the public recipe's box rules (``rules.grounded_box_rewards(...,
     recipe_exact=True)``) and its reference rule (a blank ``<think>`` does not disqualify a candidate).
+    ``on_failure`` (``reward.judge.on_failure``): ``zero`` scores a failed request with its fallback, ``mask``
+    leaves the component out (:func:`_mask_failures`).
     """
+    if on_failure not in ("zero", "mask"):
+        raise ValueError(f"on_failure={on_failure!r}: must be 'zero' or 'mask'")
     t0 = time.perf_counter()
     counts: dict[str, float] = defaultdict(float)
     rewards: list[dict[str, float]] = []
@@ -179,13 +224,14 @@ async def score_job(
                 requests.append((i, "consistency", req))
         rewards.append(out)
     latencies: list[float] = []
+    failed: list[set[str]] = [set() for _ in job.responses]  # per rollout: components whose request failed
     if requests:
         try:
             results = await judge.score([q for _, _, q in requests])
             if len(results) != len(requests):
                 raise RuntimeError(f"judge returned {len(results)} results for {len(requests)} requests")
-        except Exception as exc:  # noqa: BLE001 - a judge must not raise; if one does, its questions fall back
-            log.warning("judge raised on group %s (%s); using fallbacks", job.key, exc)
+        except Exception as exc:  # noqa: BLE001 - a judge must not raise; if one does, its questions fail
+            log.warning("judge raised on group %s (%s); its questions count as failed", job.key, exc)
             results = [JudgeResult(score=q.fallback, failed=True) for _, _, q in requests]
         for (i, name, _), res in zip(requests, results, strict=True):
             rewards[i][name] = float(res.score)
@@ -195,26 +241,37 @@ async def score_job(
             counts["judge/parse_failures"] += res.parse_failures
             counts["judge/failures"] += float(res.failed)
             counts["judge/requests"] += 1
-            if not res.failed:
+            if res.failed:
+                failed[i].add(name)
+            else:
                 latencies.append(res.latency_s)
+    excluded = _mask_failures(job.stream, rewards, failed, counts) if on_failure == "mask" else []
+    # A component left out counts as absent from the sum (the sums are plain additions of the components).
     if job.stream == "grounded":
-        totals = [rules.grounded_overall(r["format"], r["box_valid"], r["box_iou"], r["accuracy"]) for r in rewards]
+        totals = [
+            rules.grounded_overall(r["format"], r["box_valid"], r["box_iou"], r.get("accuracy", 0.0)) for r in rewards
+        ]
+        # An unknown accuracy is not 1: an excluded rollout never becomes the reference.
         candidate = select_candidate(
-            [(rules.think_text(t), r["accuracy"], r["box_iou"], f"{job.key}:{i}") for i, (t, r) in
+            [(rules.think_text(t), r.get("accuracy", 0.0), r["box_iou"], f"{job.key}:{i}") for i, (t, r) in
              enumerate(zip(job.responses, rewards, strict=True))],
             min_iou=algo.ref_min_iou,
             step=job.step,
             require_think=not recipe_exact,
         )  # fmt: skip
     elif job.stream == "textual":
-        totals = [rules.textual_overall(r["format"], r["accuracy"], r["consistency"]) for r in rewards]
+        totals = [
+            rules.textual_overall(r["format"], r.get("accuracy", 0.0), r.get("consistency", 0.0)) for r in rewards
+        ]
         candidate = None
     else:
-        totals = [rules.single_overall(r["format"], r["accuracy"], algo.single_accuracy_weight) for r in rewards]
+        totals = [
+            rules.single_overall(r["format"], r.get("accuracy", 0.0), algo.single_accuracy_weight) for r in rewards
+        ]
         candidate = None
     used = reference.think if job.stream == "textual" and reference is not None else None
     busy = time.perf_counter() - t0
-    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, busy, used)
+    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, busy, used, excluded)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -336,8 +393,17 @@ class StreamScorer:
 
     def _fallback(self, job: GroupJob) -> GroupResult:
         ref = self._reference(job.record_key) if job.stream == "textual" else None
+        cfg = self.judge_cfg
         return asyncio.run(
-            score_job(job, FallbackJudge(), self.algo, self.judge_cfg.fallback_consistency, ref, self.recipe_exact)
+            score_job(
+                job,
+                FallbackJudge(),
+                self.algo,
+                cfg.fallback_consistency,
+                ref,
+                self.recipe_exact,
+                on_failure=cfg.on_failure,
+            )  # fmt: skip
         )
 
     def _track(self, handle) -> str:
@@ -366,6 +432,7 @@ class StreamScorer:
     # metrics and state ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         out = {f"judge/{k}": 0.0 for k in JUDGE_COUNTERS}
+        out.update({f"reward/{k}": 0.0 for k in MASK_COUNTERS})
         for k, v in self._counts.items():
             out[k if k.startswith("judge/") else f"reward/{k}"] = v
         out["judge/latency_p50_s"] = _percentile(self._latencies, 0.5)
@@ -396,7 +463,10 @@ class InProcessScorer(StreamScorer):
 
     def _submit(self, job: GroupJob) -> cf.Future:
         ref = self.references.get(job.record_key) if job.stream == "textual" else None
-        coro = score_job(job, self.judge, self.algo, self.judge_cfg.fallback_consistency, ref, self.recipe_exact)
+        cfg = self.judge_cfg
+        coro = score_job(
+            job, self.judge, self.algo, cfg.fallback_consistency, ref, self.recipe_exact, on_failure=cfg.on_failure
+        )
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _wait(self, handles: list, timeout: float) -> list:

@@ -1,4 +1,9 @@
-"""Per-stream reward means for the metrics line: ``reward/<stream>/<component>`` and ``.../overall``."""
+"""Per-stream reward means for the metrics line: ``reward/<stream>/<component>`` and ``.../overall``.
+
+A component is averaged over the rollouts that have it (``reward.judge.on_failure=mask`` leaves a component the
+judge failed on out; a stream where every rollout lacks it reports no mean for it), ``overall`` over the rollouts
+that take part in their group's advantage (not ``Rollout.excluded``): the rewards GRPO compared.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +22,21 @@ STREAM_COMPONENTS = {
 
 def reward_metrics(rollouts: Iterable[Rollout]) -> dict[str, float]:
     sums: dict[str, float] = defaultdict(float)
+    present: dict[str, int] = defaultdict(int)  # metric key -> rollouts that contribute to it
     counts: dict[str, int] = defaultdict(int)
     lengths: dict[str, int] = defaultdict(int)
     for r in rollouts:
         stream = r.prompt.stream
         counts[stream] += 1
         lengths[stream] += len(r.response_ids)
-        sums[f"reward/{stream}/overall"] += r.reward
+        if not r.excluded:
+            sums[f"reward/{stream}/overall"] += r.reward
+            present[f"reward/{stream}/overall"] += 1
         for name in STREAM_COMPONENTS.get(stream, ()):
-            sums[f"reward/{stream}/{name}"] += r.rewards.get(name, 0.0)
-    out = {}
-    for key, total in sums.items():
-        out[key] = total / counts[key.split("/")[1]]
+            if name in r.rewards:
+                sums[f"reward/{stream}/{name}"] += r.rewards[name]
+                present[f"reward/{stream}/{name}"] += 1
+    out = {key: total / present[key] for key, total in sums.items()}
     for stream, n in counts.items():
         out[f"rollout/{stream}/response_length"] = lengths[stream] / n
         out[f"rollout/{stream}/count"] = float(n)
