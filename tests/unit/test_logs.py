@@ -26,12 +26,14 @@ def _restore_logging():
 
 
 def _console_and_file(tmp_path, verbose: bool, capsys):
+    """Library names of our own: vLLM and Ray configure their loggers (own handlers, no propagation) once
+    imported in this process, which integration tests do."""
     logs.setup_console(verbose)
     logs.setup_run_logs(tmp_path)
     logging.getLogger("ivgr_dist.trainer").info("our info")
     logging.getLogger("ivgr_dist.trainer").debug("our debug")
-    logging.getLogger("vllm.model_executor").warning("their warning")
-    logging.getLogger("ray").error("their error")
+    logging.getLogger("some_library.module").warning("their warning")
+    logging.getLogger("other_library").error("their error")
     for h in logging.getLogger().handlers:
         h.flush()
     return capsys.readouterr().err, (tmp_path / "logs" / "driver.log").read_text()
