@@ -80,6 +80,15 @@ def test_reward_recipe_exact_defaults_off_and_overrides():
         ("algorithm.clip_low=1.0", "algorithm.clip_low=1.0: must be in (0, 1)"),
         ("model.tiny.hidden_size=48", "model.tiny.hidden_size=48: hidden_size / num_heads must be a multiple of 32"),
         ("data.synthetic.question_types=[color,size]", "data.synthetic.question_types[]='size': must be one of"),
+        ("data.synthetic.task=find", "data.synthetic.task='find': must be one of ['shapes', 'search']"),
+        ("data.synthetic.search.ask=[size]", "data.synthetic.search.ask[]='size': must be one of ['color', 'shape']"),
+        ("data.synthetic.search.ask=[]", "data.synthetic.search.ask=[]: must be a non-empty subset"),
+        ("data.synthetic.search.min_distractors=0", "data.synthetic.search.min_distractors=0: must be in [1, max"),
+        ("data.synthetic.search.min_distractors=9", "data.synthetic.search.min_distractors=9: must be in [1, max"),
+        ("data.synthetic.search.max_target_frac=0.6", "search.min_target_frac=0.08: need 0 < min_target_frac <= max"),
+        ("data.synthetic.search.min_distractor_frac=0", "search.min_distractor_frac=0.0: need 0 < min_distractor"),
+        ("data.synthetic.search.max_image_size=100", "data.synthetic.search.min_image_size=224: must be in [28, max"),
+        ("data.synthetic.search.min_target_frac=0.02", "min_target_frac=0.02: gives 4-pixel targets in 224-pixel"),
         ("rollout.max_response_length=1000", "rollout.engine.max_model_len=1024: must be >= data.max_prompt_length"),
         ("data.nope=1", "data.nope: Key 'nope' not in 'DataConfig'"),
         ("rollout.n=abc", "rollout.n: Value 'abc'"),
@@ -94,6 +103,13 @@ def test_validation_errors_quote_value_and_rule(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert expected in str(err.value)
+
+
+def test_search_task_needs_two_shapes():
+    with pytest.raises(ConfigError, match=r"data.synthetic.shapes=\['circle'\]: task=search needs at least 2 shapes"):
+        load_config(None, ["data.synthetic.task=search", "data.synthetic.shapes=[circle]"])
+    # one shape is fine for the shapes task (one object per image)
+    assert load_config(None, ["data.synthetic.shapes=[circle]"]).data.synthetic.task == "shapes"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
