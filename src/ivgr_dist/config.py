@@ -167,26 +167,32 @@ class SearchConfig:
     object the question can mean and the answer cannot be read off any other object: a model that does not find
     the target names a distractor's attribute and is wrong. ``target_instances`` is the target alone.
     Sizes are the longer side of an object as a fraction of the shorter image side.
+
+    The defaults are what the tiny CPU model learns in part (README "A task that needs localisation"): one
+    distractor, both objects 25-40% of a 112-pixel side; after a 1000-step warm start (``configs/localise/``)
+    greedy accuracy was 0.57 textual / 0.53 grounded, against 0.50 for naming either visible colour. The
+    knobs reach the high-resolution regime (e.g. 224-pixel images, 3-5 distractors, targets of 8-14%), where
+    the tiny model named one colour for every image after a 200-step warm start.
     """
 
     ask: list[str] = field(default_factory=lambda: ["color"])
     """Attribute(s) asked about, one drawn per record: ``color`` (target found by its shape) or ``shape``
     (target found by its colour)."""
-    min_distractors: int = 3
+    min_distractors: int = 1
     """Fewest distractor objects per image."""
-    max_distractors: int = 5
+    max_distractors: int = 1
     """Most distractor objects per image."""
-    min_target_frac: float = 0.08
+    min_target_frac: float = 0.25
     """Smallest target side as a fraction of the shorter image side."""
-    max_target_frac: float = 0.14
+    max_target_frac: float = 0.4
     """Largest target side as a fraction of the shorter image side."""
-    min_distractor_frac: float = 0.08
+    min_distractor_frac: float = 0.25
     """Smallest distractor side as a fraction of the shorter image side."""
-    max_distractor_frac: float = 0.2
+    max_distractor_frac: float = 0.4
     """Largest distractor side as a fraction of the shorter image side."""
-    min_image_size: int = 224
+    min_image_size: int = 112
     """Smallest original image side in pixels (sides are drawn independently in [min, max])."""
-    max_image_size: int = 224
+    max_image_size: int = 112
     """Largest original image side in pixels."""
 
     def __post_init__(self) -> None:

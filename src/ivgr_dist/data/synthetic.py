@@ -15,12 +15,14 @@ Columns (see :data:`SCHEMA`):
 - ``target_instances``: ``[{"bbox": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in original image
   pixels; ``x2``/``y2`` are exclusive (the box of pixels ``x1 .. x2-1``), and the box is the tight box of
   the pixels actually drawn;
-- ``datasource``: ``synthetic_shapes`` or ``synthetic_math``;
+- ``datasource``: ``synthetic_shapes`` (task ``shapes``), ``synthetic_search`` (task ``search``) or
+  ``synthetic_math``;
 - ``question_type``: ``exact`` (colour, shape, count), ``multiple_choice`` (position) or ``math``;
 - ``objects``: JSON list of every object in the image, ``{"color", "shape", "bbox"}``, for rule-based
   judges that need the facts of the scene (``[]`` for text-only records).
 
-Question families (``SyntheticConfig.question_types``):
+Two tasks (``SyntheticConfig.task``): ``shapes``, the question families below, and ``search``, described after
+them. Question families of ``shapes`` (``SyntheticConfig.question_types``):
 
 - ``color``: "What color is the circle?" (one object: "What color is the shape?"). The named shape occurs
   once in the image. Target: that object.
@@ -31,6 +33,14 @@ Question families (``SyntheticConfig.question_types``):
   options ``the <colour> <shape>`` (descriptions unique in the image; the closest object, by box centre, is
   always an option and wins by at least one pixel). Targets: every option's object (the reasoning has
   to look at each). Needs at least two objects, so such images get ``max(n, 2)`` objects.
+
+The ``search`` task (``SyntheticConfig.search``): one small target and ``min_distractors``-``max_distractors``
+distractors in a ``min_image_size``-``max_image_size`` image, sized by ``*_target_frac`` / ``*_distractor_frac``.
+The question names the target by one attribute and asks for the other (``search.ask``): "What color is the
+star?" (answer: its colour) or "What shape is the red object?" (answer: its shape). Every distractor has
+another colour AND another shape than the target, so the question means one object and no distractor
+carries the answer. Target: that object alone (``objects[0]``; the target is placed first, distractors that
+do not fit are shrunk). ``question_type`` is ``exact``.
 
 Everything is drawn from ``numpy`` generators seeded with ``(seed, record index)``, so a seed gives the
 same parquet content and the same image bytes on every run. Images are written first, the parquet
