@@ -179,11 +179,12 @@ def test_cli_show_config_prints_overrides():
     assert OmegaConf.create(proc.stdout).trainer.max_steps == 11
 
 
-def test_ablation_configs_differ_only_in_streams_and_output():
+@pytest.mark.parametrize("folder", ["ablation", "localise"])
+def test_ablation_configs_differ_only_in_streams_and_output(folder):
     """A fair ablation: same warm start, steps, batch and optimiser; only the RL streams (and where results go)."""
     import dataclasses
 
-    cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / "ablation").glob("*.yaml"))}
+    cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / folder).glob("*.yaml"))}
     assert set(cfgs) == {"dual_stream", "textual_only", "grounded_only"}
     assert {k: c.data.streams for k, c in cfgs.items()} == {
         "dual_stream": ["grounded", "textual"],
@@ -199,6 +200,10 @@ def test_ablation_configs_differ_only_in_streams_and_output():
 
     base = normalised(cfgs["dual_stream"])
     assert all(normalised(c) == base for c in cfgs.values())
+    if folder == "localise":  # the search task, in a data folder of its own (not the default set's)
+        assert base.data.synthetic.task == "search"
+        assert len({str(Path(f).parent) for c in cfgs.values() for f in c.data.train_files + c.data.val_files}) == 1
+        assert Path(base.data.train_files[0]).parent != Path(load_config(None).data.train_files[0]).parent
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml"])
