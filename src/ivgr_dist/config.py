@@ -159,7 +159,8 @@ SEARCH_MIN_TARGET_PX = 6
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The ``search`` task (``data.synthetic.task=search``): one small target among distractors in a larger image.
+    """The ``search`` task (``data.synthetic.task=search``): one target among distractors (a small one in a larger
+    image at the high-resolution settings below; the defaults are an easier point).
 
     The question names the target by one attribute and asks for the other: ``color`` asks "What color is the
     star?" (the target is the only star), ``shape`` asks "What shape is the red object?" (the target is the only
@@ -253,9 +254,10 @@ class SyntheticConfig:
       the defaults, one large shape and "What color is the shape?", whose greedy accuracy saturates after the
       warm start.
     - ``search``: a task where finding the object is the hard part, as in the paper's high-resolution
-      benchmarks (V*, HRBench): one small target among ``search.min_distractors``-``search.max_distractors``
-      distractors in a larger image, found by one attribute and asked about the other ("What color is the
-      star?"); distractors differ from the target in both. Knobs in :class:`SearchConfig` (``search.*``);
+      benchmarks (V*, HRBench): one target among ``search.min_distractors``-``search.max_distractors``
+      distractors, found by one attribute and asked about the other ("What color is the star?"); distractors
+      differ from the target in both. The defaults (one distractor, large objects) are what the tiny model
+      learns in part; the knobs go down to small targets among many distractors in larger images. Knobs in :class:`SearchConfig` (``search.*``);
       ``colors``, ``shapes``, ``num_records``, ``val_fraction``, ``seed`` and ``text_only_fraction`` are
       shared, the other ``shapes``-task knobs are ignored. Records have datasource ``synthetic_search`` and
       the warm start's templates reason "find it, then read it" (``data/targets.py``). README "A task that
