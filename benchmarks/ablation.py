@@ -1,6 +1,7 @@
 """Stream ablation on the synthetic task: textual-only GRPO, grounded-only GRPO, and the full dual stream.
 
-Runs, with the configs in ``configs/ablation/`` (identical except ``data.streams`` and the output dir):
+Runs, with the configs in ``configs/ablation/`` (identical except ``data.streams`` and the output dir; or
+``--configs configs/localise`` for the search task, README "A task that needs localisation"):
 
 1. the shared warm start (``ivgr-dist sft``; reused when it already exists),
 2. ``ivgr-dist train`` for each variant (same steps, batch, optimiser, seeds),
@@ -15,6 +16,7 @@ overrides to change all variants at once (``python benchmarks/ablation.py traine
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -51,10 +53,16 @@ def _last_window(metrics: Path, key: str, window: int = 5) -> float | None:
     return None if means is None else means[1]
 
 
-def main(overrides: list[str]) -> int:
+def main(argv: list[str]) -> int:
     from ivgr_dist.config import load_config
 
-    configs = {v: ROOT / "configs" / "ablation" / f"{v}.yaml" for v in VARIANTS}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="configs/ablation", help="folder with the three variants' YAML files")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
+    args = parser.parse_args(argv)
+    overrides = args.overrides
+    folder = Path(args.configs) if Path(args.configs).is_absolute() else ROOT / args.configs
+    configs = {v: folder / f"{v}.yaml" for v in VARIANTS}
     cfgs = {v: load_config(p, overrides) for v, p in configs.items()}
     first = cfgs[VARIANTS[0]]
     val = first.data.val_files[0]

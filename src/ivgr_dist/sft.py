@@ -45,6 +45,7 @@ class SFTData:
 
     def __init__(self, cfg: Config, pipeline):
         self.cfg, self.records = cfg, pipeline.records
+        self.box_coords = pipeline.builder.box_coords  # the space of the prompts' target boxes
         tok = pipeline.tokenizer
         self.tokenizer = tok
         end = tok.convert_tokens_to_ids(END_TOKEN)
@@ -77,7 +78,7 @@ class SFTData:
         if self.column is None:
             streams = self.cfg.sft.streams if paired else ["single"]
             prompts = self.records.prompts([(original_idx, s) for s in streams])
-            return [(p, templated_response(p)) for p in prompts]
+            return [(p, templated_response(p, self.box_coords)) for p in prompts]
         row = self.records.record(original_idx)
         if self.column not in row:
             raise ValueError(

@@ -80,6 +80,15 @@ def test_reward_recipe_exact_defaults_off_and_overrides():
         ("algorithm.clip_low=1.0", "algorithm.clip_low=1.0: must be in (0, 1)"),
         ("model.tiny.hidden_size=48", "model.tiny.hidden_size=48: hidden_size / num_heads must be a multiple of 32"),
         ("data.synthetic.question_types=[color,size]", "data.synthetic.question_types[]='size': must be one of"),
+        ("data.synthetic.task=find", "data.synthetic.task='find': must be one of ['shapes', 'search']"),
+        ("data.synthetic.search.ask=[size]", "data.synthetic.search.ask[]='size': must be one of ['color', 'shape']"),
+        ("data.synthetic.search.ask=[]", "data.synthetic.search.ask=[]: must be a non-empty subset"),
+        ("data.synthetic.search.min_distractors=0", "data.synthetic.search.min_distractors=0: must be in [1, max"),
+        ("data.synthetic.search.min_distractors=9", "data.synthetic.search.min_distractors=9: must be in [1, max"),
+        ("data.synthetic.search.max_target_frac=0.6", "search.min_target_frac=0.25: need 0 < min_target_frac <= max"),
+        ("data.synthetic.search.min_distractor_frac=0", "search.min_distractor_frac=0.0: need 0 < min_distractor"),
+        ("data.synthetic.search.max_image_size=100", "data.synthetic.search.min_image_size=112: must be in [28, max"),
+        ("data.synthetic.search.min_target_frac=0.04", "min_target_frac=0.04: gives 4-pixel targets in 112-pixel"),
         ("rollout.max_response_length=1000", "rollout.engine.max_model_len=1024: must be >= data.max_prompt_length"),
         ("data.nope=1", "data.nope: Key 'nope' not in 'DataConfig'"),
         ("rollout.n=abc", "rollout.n: Value 'abc'"),
@@ -94,6 +103,13 @@ def test_validation_errors_quote_value_and_rule(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert expected in str(err.value)
+
+
+def test_search_task_needs_two_shapes():
+    with pytest.raises(ConfigError, match=r"data.synthetic.shapes=\['circle'\]: task=search needs at least 2 shapes"):
+        load_config(None, ["data.synthetic.task=search", "data.synthetic.shapes=[circle]"])
+    # one shape is fine for the shapes task (one object per image)
+    assert load_config(None, ["data.synthetic.shapes=[circle]"]).data.synthetic.task == "shapes"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
@@ -163,11 +179,12 @@ def test_cli_show_config_prints_overrides():
     assert OmegaConf.create(proc.stdout).trainer.max_steps == 11
 
 
-def test_ablation_configs_differ_only_in_streams_and_output():
+@pytest.mark.parametrize("folder", ["ablation", "localise"])
+def test_ablation_configs_differ_only_in_streams_and_output(folder):
     """A fair ablation: same warm start, steps, batch and optimiser; only the RL streams (and where results go)."""
     import dataclasses
 
-    cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / "ablation").glob("*.yaml"))}
+    cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / folder).glob("*.yaml"))}
     assert set(cfgs) == {"dual_stream", "textual_only", "grounded_only"}
     assert {k: c.data.streams for k, c in cfgs.items()} == {
         "dual_stream": ["grounded", "textual"],
@@ -183,6 +200,10 @@ def test_ablation_configs_differ_only_in_streams_and_output():
 
     base = normalised(cfgs["dual_stream"])
     assert all(normalised(c) == base for c in cfgs.values())
+    if folder == "localise":  # the search task, in a data folder of its own (not the default set's)
+        assert base.data.synthetic.task == "search"
+        assert len({str(Path(f).parent) for c in cfgs.values() for f in c.data.train_files + c.data.val_files}) == 1
+        assert Path(base.data.train_files[0]).parent != Path(load_config(None).data.train_files[0]).parent
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml"])

@@ -75,3 +75,45 @@ def test_response_column_picks_the_stream_from_the_text(tiny_model_dir, data_dir
     missing = _sft_data(tiny_model_dir, tmp_path / "train.parquet", "sft.response_column=target")
     with pytest.raises(ValueError, match="sft.response_column='target': no such column"):
         missing.pairs(int(missing.ids[0]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_search_templates_cite_the_target_box_and_name_its_place(family, request, tmp_path):
+    """The warm start's targets for the search task, through the real pipeline: the grounded one cites the
+    target's box in the model's box space, the textual one the cell of the image the target is in."""
+    from PIL import Image
+
+    from ivgr_dist.config import SearchConfig
+    from ivgr_dist.data.image import box_in_model_space
+    from ivgr_dist.data.targets import region_words
+
+    model = request.getfixturevalue("tiny_model_dir" if family == "qwen2_5_vl" else "tiny_qwen3_dir")
+    cfg = SyntheticConfig(
+        task="search",
+        num_records=12,
+        text_only_fraction=0.0,
+        search=SearchConfig(ask=["color", "shape"], min_image_size=140, max_image_size=200),
+    )
+    make_synthetic(tmp_path, cfg, seed=2)
+    data = _sft_data(model, tmp_path / "train.parquet", "data.synthetic.task=search", f"model.tiny.family={family}")
+    assert data.box_coords == ("pixels" if family == "qwen2_5_vl" else "relative_1000")
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    for i in data.ids.tolist():
+        row = rows[i]
+        (target,) = row["target_instances"]
+        color, shape = target["label"].split()
+        with Image.open(tmp_path / row["images"][0]) as im:
+            size = im.size
+        grounded, textual = data.pairs(i)
+        assert [grounded[0].stream, textual[0].stream] == ["grounded", "textual"]
+        w, h = grounded[0].images[0].size  # resized: the original box times the resize factors, or 0-1000
+        expected = box_in_model_space(target["bbox"], size, (w / size[0], h / size[1]), data.box_coords)
+        assert grounded[0].target_boxes == [pytest.approx(expected)]
+        cited = "[" + ",".join(str(round(v)) for v in expected) + "]"
+        assert f"It is at <box>{cited}</box>: the {color} {shape}." in grounded[1]
+        where = region_words(target["bbox"], *size)  # the original image and box give the same cell
+        assert f"It is at the {where} of the image: the {color} {shape}." in textual[1]
+        sought = f"the {shape}" if row["answer"] == color else f"the {color} object"
+        for _, text in (grounded, textual):
+            assert text.startswith(f"<think>I look for {sought}. ")
+            assert text.endswith(f"The answer is {row['answer']}.</think> <answer>{row['answer']}</answer>")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,9 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ivgr_dist.config import SyntheticConfig
+from ivgr_dist.config import SearchConfig, SyntheticConfig
 from ivgr_dist.data import synthetic
-from ivgr_dist.data.synthetic import DATASOURCE_MATH, DATASOURCE_SHAPES, PALETTE, SCHEMA, SHAPES, make_synthetic
+from ivgr_dist.data.synthetic import (
+    DATASOURCE_MATH,
+    DATASOURCE_SEARCH,
+    DATASOURCE_SHAPES,
+    PALETTE,
+    SCHEMA,
+    SHAPES,
+    make_synthetic,
+)
 
 RICH = SyntheticConfig(
     num_records=48,
@@ -197,3 +206,144 @@ def test_interrupted_run_leaves_no_train_table(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_synthetic(tmp_path, cfg, seed=2)
     assert not (tmp_path / "train.parquet").exists() and not (tmp_path / "val.parquet").exists()
+
+
+def test_shapes_task_draws_are_unchanged_by_the_search_task(tmp_path):
+    """The placement code the search task shares: a multi-object shapes set still draws the same scenes as
+    before the search task existed (objects recorded from that version, same settings and seed)."""
+    cfg = SyntheticConfig(
+        num_records=8,
+        max_image_size=200,
+        max_objects=5,
+        shapes=list(SHAPES),
+        question_types=["color", "shape", "count", "position"],
+        min_object_frac=0.1,
+        max_object_frac=0.4,
+        text_only_fraction=0.0,
+    )
+    make_synthetic(tmp_path, cfg, seed=3)
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    assert rows[1]["query"] == "What shape is the black object?" and rows[1]["answer"] == "triangle"
+    assert json.loads(rows[1]["objects"]) == [
+        {"color": "black", "shape": "triangle", "bbox": [44, 150, 67, 173]},
+        {"color": "blue", "shape": "circle", "bbox": [17, 30, 67, 80]},
+        {"color": "orange", "shape": "star", "bbox": [95, 87, 151, 140]},
+        {"color": "blue", "shape": "diamond", "bbox": [144, 25, 176, 57]},
+    ]
+    assert json.loads(rows[3]["objects"])[4] == {"color": "orange", "shape": "star", "bbox": [3, 51, 51, 97]}
+
+
+# ------------------------------------------------------------------------------------------ search task
+
+SEARCH = SyntheticConfig(
+    task="search",
+    num_records=40,
+    val_fraction=0.25,
+    shapes=list(SHAPES),
+    text_only_fraction=0.1,
+    search=SearchConfig(
+        ask=["color", "shape"],
+        min_distractors=2,
+        max_distractors=6,
+        min_target_frac=0.08,
+        max_target_frac=0.14,
+        min_distractor_frac=0.1,
+        max_distractor_frac=0.3,
+        min_image_size=150,
+        max_image_size=260,
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    summary = make_synthetic(out, SEARCH, seed=5)
+    return out, summary
+
+
+def _sought(query: str, objs: list[dict]) -> tuple[str, list[dict]]:
+    """(asked attribute, objects the question's attribute picks) of a search question."""
+    if query.startswith("What color is the "):
+        shape = query.removeprefix("What color is the ").removesuffix("?")
+        return "color", [o for o in objs if o["shape"] == shape]
+    assert query.startswith("What shape is the ") and query.endswith(" object?"), query
+    color = query.removeprefix("What shape is the ").removesuffix(" object?")
+    return "shape", [o for o in objs if o["color"] == color]
+
+
+def test_search_target_is_unique_and_no_distractor_shares_its_attributes(search):
+    out, summary = search
+    rows = _rows(out)
+    asked = set()
+    for r in rows:
+        if not r["images"]:
+            assert r["datasource"] == DATASOURCE_MATH
+            continue
+        assert r["datasource"] == DATASOURCE_SEARCH and r["question_type"] == "exact"
+        objs = json.loads(r["objects"])
+        assert SEARCH.search.min_distractors <= len(objs) - 1 <= SEARCH.search.max_distractors
+        kind, picked = _sought(r["query"], objs)
+        asked.add(kind)
+        assert len(picked) == 1, r  # the question's attribute names one object
+        target = picked[0]
+        assert r["answer"] == target[kind]
+        # the target boxes are that object's, nothing else
+        assert [t["bbox"] for t in r["target_instances"]] == [[float(v) for v in target["bbox"]]]
+        assert [t["label"] for t in r["target_instances"]] == [f"{target['color']} {target['shape']}"]
+        for o in objs:
+            if o is not target:  # neither the question's attribute nor the answer is on a distractor
+                assert o["color"] != target["color"] and o["shape"] != target["shape"], (o, target)
+    assert asked == {"color", "shape"}
+    assert summary["families"]["search_color"] + summary["families"]["search_shape"] == len(
+        [r for r in rows if r["images"]]
+    )
+
+
+def test_search_target_box_is_the_extent_of_the_target_pixels(search):
+    """No distractor has the target's colour, so the target's pixels are the pixels of that colour."""
+    out, _ = search
+    s = SEARCH.search
+    for r in _rows(out):
+        if not r["images"]:
+            continue
+        img = np.asarray(Image.open(out / r["images"][0]).convert("RGB"))
+        h, w, _ = img.shape
+        assert s.min_image_size <= min(w, h) and max(w, h) <= s.max_image_size
+        (t,) = r["target_instances"]
+        ys, xs = np.nonzero((img == PALETTE[t["label"].split()[0]]).all(axis=2))
+        assert t["bbox"] == [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        # the target is small: its longer side within the configured fractions of the shorter image side
+        # (shapes fill their square to within ~5%: a star is 0.95 as wide as tall)
+        x1, y1, x2, y2 = t["bbox"]
+        side = max(x2 - x1, y2 - y1)
+        assert 0.9 * round(s.min_target_frac * min(w, h)) - 1 <= side <= round(s.max_target_frac * min(w, h))
+
+
+def test_search_is_deterministic_and_seed_sensitive(tmp_path):
+    cfg = dataclasses.replace(SEARCH, num_records=10)
+    make_synthetic(tmp_path / "a", cfg, seed=1)
+    make_synthetic(tmp_path / "b", cfg, seed=1)
+    make_synthetic(tmp_path / "c", cfg, seed=2)
+    fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert fa == fb
+    assert fa["images/train_000000.png"] != fc["images/train_000000.png"]
+    assert _rows(tmp_path / "a") != _rows(tmp_path / "c")
+
+
+def test_search_that_cannot_fit_names_the_search_knobs(tmp_path):
+    crowded = dataclasses.replace(
+        SEARCH,
+        search=SearchConfig(
+            min_distractors=40,
+            max_distractors=40,
+            min_target_frac=0.25,
+            max_target_frac=0.25,
+            min_distractor_frac=0.5,
+            max_distractor_frac=0.5,
+            min_image_size=28,
+            max_image_size=28,
+        ),
+    )
+    with pytest.raises(ValueError, match="search.max_distractors"):
+        make_synthetic(tmp_path, crowded, num_records=4)

@@ -15,12 +15,14 @@ Columns (see :data:`SCHEMA`):
 - ``target_instances``: ``[{"bbox": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in original image
   pixels; ``x2``/``y2`` are exclusive (the box of pixels ``x1 .. x2-1``), and the box is the tight box of
   the pixels actually drawn;
-- ``datasource``: ``synthetic_shapes`` or ``synthetic_math``;
+- ``datasource``: ``synthetic_shapes`` (task ``shapes``), ``synthetic_search`` (task ``search``) or
+  ``synthetic_math``;
 - ``question_type``: ``exact`` (colour, shape, count), ``multiple_choice`` (position) or ``math``;
 - ``objects``: JSON list of every object in the image, ``{"color", "shape", "bbox"}``, for rule-based
   judges that need the facts of the scene (``[]`` for text-only records).
 
-Question families (``SyntheticConfig.question_types``):
+Two tasks (``SyntheticConfig.task``): ``shapes``, the question families below, and ``search``, described after
+them. Question families of ``shapes`` (``SyntheticConfig.question_types``):
 
 - ``color``: "What color is the circle?" (one object: "What color is the shape?"). The named shape occurs
   once in the image. Target: that object.
@@ -31,6 +33,14 @@ Question families (``SyntheticConfig.question_types``):
   options ``the <colour> <shape>`` (descriptions unique in the image; the closest object, by box centre, is
   always an option and wins by at least one pixel). Targets: every option's object (the reasoning has
   to look at each). Needs at least two objects, so such images get ``max(n, 2)`` objects.
+
+The ``search`` task (``SyntheticConfig.search``): one small target and ``min_distractors``-``max_distractors``
+distractors in a ``min_image_size``-``max_image_size`` image, sized by ``*_target_frac`` / ``*_distractor_frac``.
+The question names the target by one attribute and asks for the other (``search.ask``): "What color is the
+star?" (answer: its colour) or "What shape is the red object?" (answer: its shape). Every distractor has
+another colour AND another shape than the target, so the question means one object and no distractor
+carries the answer. Target: that object alone (``objects[0]``; the target is placed first, distractors that
+do not fit are shrunk). ``question_type`` is ``exact``.
 
 Everything is drawn from ``numpy`` generators seeded with ``(seed, record index)``, so a seed gives the
 same parquet content and the same image bytes on every run. Images are written first, the parquet
@@ -52,7 +62,16 @@ import numpy as np
 
 from ivgr_dist.config import SyntheticConfig
 
-__all__ = ["BACKGROUND", "DATASOURCE_MATH", "DATASOURCE_SHAPES", "PALETTE", "SCHEMA", "SHAPES", "make_synthetic"]
+__all__ = [
+    "BACKGROUND",
+    "DATASOURCE_MATH",
+    "DATASOURCE_SEARCH",
+    "DATASOURCE_SHAPES",
+    "PALETTE",
+    "SCHEMA",
+    "SHAPES",
+    "make_synthetic",
+]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -73,10 +92,15 @@ BACKGROUND = (255, 255, 255)
 SHAPES = ("circle", "square", "triangle", "diamond", "rectangle", "star")
 """Shapes the generator can draw."""
 DATASOURCE_SHAPES = "synthetic_shapes"
+DATASOURCE_SEARCH = "synthetic_search"
 DATASOURCE_MATH = "synthetic_math"
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 MAX_OPTIONS = 4
 _GAP = 2  # pixels of white kept between the boxes of two objects
+_HINT_SHAPES = "lower data.synthetic.max_objects or raise the image size"
+_HINT_SEARCH = (
+    "lower data.synthetic.search.max_distractors or search.max_distractor_frac, or raise search.min_image_size"
+)
 _PROGRESS_MIN_RECORDS = 2000
 
 
@@ -143,13 +167,17 @@ def _shape_mask(shape: str, w: int, h: int):
     return mask
 
 
-def _place(rng: np.random.Generator, cfg: SyntheticConfig, width: int, height: int, shapes: list[str]):
-    """Non-overlapping (x, y, w, h) slots for the given shapes; shrinks objects that do not fit."""
-    short = min(width, height)
-    lo = max(4, round(cfg.min_object_frac * short))
-    hi = max(lo, round(cfg.max_object_frac * short))
+def _side_range(short: int, lo_frac: float, hi_frac: float) -> tuple[int, int]:
+    """(smallest, largest) object side in pixels for fractions of the shorter image side ``short``."""
+    lo = max(4, round(lo_frac * short))
+    return lo, max(lo, round(hi_frac * short))
+
+
+def _place(rng: np.random.Generator, width: int, height: int, sized: list[tuple[str, int, int]], hint: str):
+    """Non-overlapping (x, y, w, h) slots, in order, for ``(shape, smallest side, largest side)`` objects; an object
+    that does not fit is shrunk. ``hint``: what to change when even 4-pixel objects do not fit."""
     placed: list[tuple[int, int, int, int]] = []
-    for shape in shapes:
+    for shape, lo, hi in sized:
         side = int(rng.integers(lo, hi + 1))
         slot = None
         while slot is None:
@@ -167,20 +195,22 @@ def _place(rng: np.random.Generator, cfg: SyntheticConfig, width: int, height: i
             if slot is None:
                 if side <= 4:
                     raise ValueError(
-                        f"cannot place {len(shapes)} non-overlapping objects in a {width}x{height} image: "
-                        "lower data.synthetic.max_objects or raise the image size"
+                        f"cannot place {len(sized)} non-overlapping objects in a {width}x{height} image: {hint}"
                     )
                 side = max(4, int(side * 0.85))
         placed.append(slot)
     return placed
 
 
-def _draw_scene(rng: np.random.Generator, cfg: SyntheticConfig, width: int, height: int, attrs):
-    """White image with the objects drawn; returns (image, objects with tight exclusive-end boxes)."""
+def _draw_scene(rng: np.random.Generator, width: int, height: int, attrs, sides: list[tuple[int, int]], hint: str):
+    """White image with the ``(colour, shape)`` objects drawn, each ``sides[i]`` = (smallest, largest) side in pixels;
+    returns (image, objects with tight exclusive-end boxes), in the order of ``attrs``."""
     from PIL import Image
 
     img = Image.new("RGB", (width, height), BACKGROUND)
-    slots = _place(rng, cfg, width, height, [shape for _, shape in attrs])
+    slots = _place(
+        rng, width, height, [(shape, lo, hi) for (_, shape), (lo, hi) in zip(attrs, sides, strict=True)], hint
+    )
     objects = []
     for (color, shape), (x, y, w, h) in zip(attrs, slots, strict=True):
         mask = _shape_mask(shape, w, h)
@@ -277,11 +307,39 @@ def _visual_record(rng: np.random.Generator, cfg: SyntheticConfig, family: str):
         if family == "position":
             n = max(n, 2)
         attrs = _attributes(rng, cfg, family, n)
-        img, objects = _draw_scene(rng, cfg, width, height, attrs)
+        sides = [_side_range(min(width, height), cfg.min_object_frac, cfg.max_object_frac)] * n
+        img, objects = _draw_scene(rng, width, height, attrs, sides, _HINT_SHAPES)
         asked = _ask(rng, family, objects, (width, height))
         if asked is not None:
             return img, objects, asked
     raise RuntimeError(f"could not draw a scene for a {family!r} question in 50 tries")  # pragma: no cover
+
+
+def _search_record(rng: np.random.Generator, cfg: SyntheticConfig):
+    """(image, objects, (question, answer, targets, question_type), asked attribute) of one ``search`` record.
+
+    Object 0 is the target; every distractor has another colour AND another shape, so the question's attribute
+    picks the target alone and no distractor carries the answer. The target is placed first (it always gets
+    the size drawn for it; a distractor that does not fit is shrunk)."""
+    s = cfg.search
+    width = int(rng.integers(s.min_image_size, s.max_image_size + 1))
+    height = int(rng.integers(s.min_image_size, s.max_image_size + 1))
+    ask = _pick(rng, s.ask)
+    n = int(rng.integers(s.min_distractors, s.max_distractors + 1))
+    color, shape = _pick(rng, cfg.colors), _pick(rng, cfg.shapes)
+    colors = [c for c in cfg.colors if c != color]
+    shapes = [h for h in cfg.shapes if h != shape]
+    attrs = [(color, shape)] + [(_pick(rng, colors), _pick(rng, shapes)) for _ in range(n)]
+    short = min(width, height)
+    sides = [_side_range(short, s.min_target_frac, s.max_target_frac)]
+    sides += [_side_range(short, s.min_distractor_frac, s.max_distractor_frac)] * n
+    img, objects = _draw_scene(rng, width, height, attrs, sides, _HINT_SEARCH)
+    target = objects[0]
+    if ask == "color":
+        question, answer = f"What color is the {shape}?", color
+    else:
+        question, answer = f"What shape is the {color} object?", shape
+    return img, objects, (question, answer, [_target(target)], "exact"), ask
 
 
 def _math_record(rng: np.random.Generator) -> tuple[str, str]:
@@ -310,12 +368,13 @@ def _check_cfg(cfg: SyntheticConfig, num_records: int, seed: int) -> None:
     bad = [s for s in cfg.shapes if s not in SHAPES]
     if bad:
         raise ValueError(f"{p}shapes={list(cfg.shapes)!r}: {bad} not drawable; choose from {list(SHAPES)}")
-    if "color" in cfg.question_types and len(cfg.shapes) < 2 and cfg.max_objects > 1:
+    shapes_task = cfg.task == "shapes"
+    if shapes_task and "color" in cfg.question_types and len(cfg.shapes) < 2 and cfg.max_objects > 1:
         raise ValueError(
             f"{p}shapes={list(cfg.shapes)!r}: 'color' questions name a shape that occurs once, which needs "
             f"at least 2 shapes when max_objects={cfg.max_objects} > 1"
         )
-    if "position" in cfg.question_types and cfg.max_objects < 2:
+    if shapes_task and "position" in cfg.question_types and cfg.max_objects < 2:
         raise ValueError(f"{p}max_objects={cfg.max_objects!r}: 'position' questions need max_objects >= 2")
     if num_records < 2:
         raise ValueError(f"num_records={num_records!r}: must be >= 2 (train and val)")
@@ -395,9 +454,15 @@ def make_synthetic(
                         }
                     )
                 else:
-                    family = _pick(rng, cfg.question_types)
-                    img, objects, (question, answer, targets, qtype) = _visual_record(rng, cfg, family)
-                    families[family] += 1
+                    if cfg.task == "search":
+                        img, objects, (question, answer, targets, qtype), ask = _search_record(rng, cfg)
+                        families[f"search_{ask}"] += 1
+                        datasource = DATASOURCE_SEARCH
+                    else:
+                        family = _pick(rng, cfg.question_types)
+                        img, objects, (question, answer, targets, qtype) = _visual_record(rng, cfg, family)
+                        families[family] += 1
+                        datasource = DATASOURCE_SHAPES
                     rel = f"images/{split}_{row:06d}.png"
                     tmp = image_dir / f".{split}_{row:06d}.png.tmp"
                     img.save(tmp, format="PNG")
@@ -409,7 +474,7 @@ def make_synthetic(
                             "answer": answer,
                             "images": [rel],
                             "target_instances": targets,
-                            "datasource": DATASOURCE_SHAPES,
+                            "datasource": datasource,
                             "question_type": qtype,
                             "objects": json.dumps(objects),
                         }
