@@ -11,7 +11,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_a_dropped_engine_leaves_no_shared_memory_segments(tiny_model_dir):
+@pytest.mark.parametrize("core_crashed_first", [False, True])
+def test_a_dropped_engine_leaves_no_shared_memory_segments(tiny_model_dir, core_crashed_first):
+    """``core_crashed_first``: the EngineCore was SIGKILLed before the pool dropped the engine (a crash, an OOM
+    kill): its maps are gone by then, so the segments the engine recorded at start are the ones unlinked."""
+    import signal
+
     import ray
 
     from ivgr_dist.config import load_config
@@ -26,6 +31,9 @@ def test_a_dropped_engine_leaves_no_shared_memory_segments(tiny_model_dir):
         procs = ray.get(pool.actors[0].engine_processes.remote(), timeout=60)
         segments = mapped_segments(p["pid"] for p in procs)
         assert any(name.startswith("psm_") for name in segments), (procs, segments)  # vLLM's message queues
+        if core_crashed_first:
+            for p in procs:
+                os.kill(p["pid"], signal.SIGKILL)
         pool.drop(0, "dropped by the test")
         left = sorted(set(segments) & set(os.listdir(SHM_ROOT)))
         assert not left, f"the killed engine's processes left {left} in {SHM_ROOT}"

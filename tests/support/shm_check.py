@@ -2,7 +2,9 @@
 session created and left in /dev/shm (vLLM's ``psm_*`` / ``sem.mp-*``, the shm weight sync's ``ivgr_sync_*``) are
 removed, listed in a "shared memory left behind" section, and fail the session (exit status 1).
 
-``IVGR_SHM_CHECK=0`` turns it off; ``IVGR_SHM_CHECK_INTERVAL_S`` sets the poll interval (default 2 s). See
+``IVGR_SHM_CHECK=0`` turns it off; ``IVGR_SHM_CHECK=report`` removes and lists them without failing (the slow
+tier: its fault-injection jobs kill nodes and engine cores on purpose, and a process Ray kills with its node
+cannot clean up); ``IVGR_SHM_CHECK_INTERVAL_S`` sets the poll interval (default 2 s). See
 :mod:`support.shm_watch` for how a segment is told to be this session's.
 """
 
@@ -34,7 +36,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     leaks = watch.finish()
     session.config.stash[_LEAKS] = leaks
-    if leaks and session.exitstatus == pytest.ExitCode.OK:
+    if leaks and session.exitstatus == pytest.ExitCode.OK and os.environ.get("IVGR_SHM_CHECK") != "report":
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

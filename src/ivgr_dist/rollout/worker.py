@@ -140,10 +140,21 @@ class RolloutWorker:
         if self.weight_backend not in RENDEZVOUS_BACKENDS:  # those join a group through wt_init
             await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
+        self._segments = self._engine_segments()  # known now: a core that crashes later cannot be read then
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid(), "node": node}
+
+    def _engine_segments(self) -> set[str]:
+        """The shared-memory segments this engine's processes (EngineCore, TP workers) map and this actor does
+        not: vLLM creates its message queues at start, so this list holds them for the engine's lifetime."""
+        import psutil
+
+        from ivgr_dist.shm_segments import mapped_segments
+
+        procs = psutil.Process().children(recursive=True)
+        return set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
 
     # -------------------------------------------------------------------------------- generation
 
@@ -284,13 +295,14 @@ class RolloutWorker:
 
         Their shared-memory segments (vLLM's message queues, ``/dev/shm/psm_*``, and locks, ``sem.mp-*``) are
         unlinked here: a killed creator cannot, and the ``multiprocessing`` resource tracker that would is one of
-        the processes killed. Segments this actor maps itself are left alone."""
+        the processes killed. Those mapped now and those recorded when the engine started (a core that already
+        crashed maps nothing any more) go; segments this actor maps itself are left alone."""
         import psutil
 
         from ivgr_dist.shm_segments import mapped_segments, unlink_segments
 
         procs = psutil.Process().children(recursive=True)
-        segments = set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
+        segments = (self._engine_segments() | getattr(self, "_segments", set())) - set(mapped_segments([os.getpid()]))
         for proc in procs:
             try:
                 proc.kill()
