@@ -24,16 +24,21 @@ class Interrupted(BaseException):
     ``except Exception`` blocks of the roles do not swallow it."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal_name(signum))
         self.signum = signum
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name
+        return signal_name(self.signum)
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    """``SIGINT``, ``SIGTERM``, ..."""
+    return signal.Signals(signum).name
 
 
 def _raise(signum, frame) -> None:

@@ -59,7 +59,7 @@ class Trainer:
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
-        use_gpus = cluster_has_gpus()
+        self.use_gpus = use_gpus = cluster_has_gpus()
         self.data = build_pipeline(cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt)
         self.sync = make_weight_sync(
             cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
@@ -129,7 +129,7 @@ class Trainer:
         lines = [
             f"cluster: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs",
             f"rollout: {len(self.rollouts.serving)} of {self.rollouts.target} engine(s) serving, tensor_parallel_size "
-            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {resolve_backend(cfg.sync.backend, cluster_has_gpus())}",
+            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {resolve_backend(cfg.sync.backend, self.use_gpus)}",
             f"learner: {len(self.learners.actors)} FSDP2 rank(s); reward: {cfg.reward.num_workers} worker(s), judge "
             f"{judge}",
             f"steps {self.step + 1}-{cfg.trainer.max_steps}"
@@ -156,7 +156,7 @@ class Trainer:
         job's grace period goes to the checkpoint) and :attr:`stop_signal` says which one came."""
         from tqdm import tqdm
 
-        from ivgr_dist.interrupts import graceful
+        from ivgr_dist.interrupts import graceful, signal_name
 
         records = []
         bar = tqdm(range(self.step + 1, self.cfg.trainer.max_steps + 1), desc="rl steps", unit="step")
@@ -175,7 +175,7 @@ class Trainer:
                     if self._should_save(step) or stopping:
                         self.save(step)
                     if stopping:
-                        why = "`ivgr-dist stop`" if self.stop_signal is None else self._signal_name()
+                        why = "`ivgr-dist stop`" if self.stop_signal is None else signal_name(self.stop_signal)
                         log.info("stopped after step %d at the request of %s (checkpoint written)", step, why)
                         break
         finally:
@@ -187,7 +187,7 @@ class Trainer:
 
     def _on_signal(self, signum: int) -> None:
         """First SIGINT/SIGTERM: finish the current step, checkpoint it, stop. Second: stop now."""
-        from ivgr_dist.interrupts import Interrupted
+        from ivgr_dist.interrupts import Interrupted, signal_name
 
         if self.stop_signal is not None:
             raise Interrupted(signum)
@@ -196,15 +196,10 @@ class Trainer:
         from tqdm import tqdm
 
         tqdm.write(
-            f"ivgr-dist: {self._signal_name()} received: stopping after step {step} with its checkpoint "
+            f"ivgr-dist: {signal_name(signum)} received: stopping after step {step} with its checkpoint "
             f"(again to stop now, without it)",
             file=sys.stderr,
         )
-
-    def _signal_name(self) -> str:
-        import signal
-
-        return signal.Signals(self.stop_signal).name if self.stop_signal is not None else ""
 
     @property
     def model_dir(self) -> Path:

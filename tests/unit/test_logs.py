@@ -6,23 +6,7 @@ import logging
 import subprocess
 import sys
 
-import pytest
-
 from ivgr_dist import logs
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    root = logging.getLogger()
-    saved, level, state = list(root.handlers), root.level, dict(logs._state)
-    yield
-    for h in list(root.handlers):
-        if h not in saved:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
-    logs._state.update(state)
-    logging.captureWarnings(False)
 
 
 def _console_and_file(tmp_path, verbose: bool, capsys):
