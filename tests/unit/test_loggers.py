@@ -182,7 +182,9 @@ def test_wandb_offline_run_holds_the_logged_records_config_and_samples(tmp_path,
     logger.close()
 
     run_id = (out / "wandb_run_id").read_text().strip()
-    [run_dir] = list((wandb_offline / "wandb").glob(f"offline-run-*-{run_id}"))
+    found = list((wandb_offline / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(found) == 1, (found, sorted(str(p) for p in tmp_path.rglob("offline-run-*")))
+    run_dir = found[0]
     records = _wandb_records(run_dir / f"run-{run_id}.wandb")
     [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_id, run.project, run.display_name, list(run.tags)) == (run_id, "ivgr-test", "tiny", ["unit"])
