@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from ivgr_dist._ext_fix import install
-from support.shm_check import pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary  # noqa: F401
+from support.shm_check import (  # noqa: F401
+    pytest_runtest_logstart,
+    pytest_sessionfinish,
+    pytest_sessionstart,
+    pytest_terminal_summary,
+)
 
 install()  # same as the installed .pth does; keeps a PYTHONPATH=src checkout working
 

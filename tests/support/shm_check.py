@@ -26,7 +26,8 @@ def pytest_sessionstart(session):
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.environ[MARKER_VAR] = token  # every process this session starts inherits it (Ray daemons included)
     interval = float(os.environ.get("IVGR_SHM_CHECK_INTERVAL_S", "2"))
-    session.config.stash[_WATCH] = ShmWatch(os.getpid(), f"{MARKER_VAR}={token}", interval_s=interval).start()
+    session.config.stash[_WATCH] = watch = ShmWatch(os.getpid(), f"{MARKER_VAR}={token}", interval_s=interval).start()
+    _session_watch[:] = [watch]
 
 
 @pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish has torn down session-scoped fixtures
@@ -40,6 +41,12 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_runtest_logstart(nodeid, location):
+    """The watcher names the test that was running when it first and last saw each segment mapped."""
+    if _session_watch:
+        _session_watch[0].current = nodeid
+
+
 def pytest_terminal_summary(terminalreporter):
     from support.shm_watch import report
 
@@ -49,5 +56,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.line(report(leaks))
 
 
+_session_watch: list = []  # the session's watcher, for pytest_runtest_logstart (which gets no session)
 _WATCH = pytest.StashKey()
 _LEAKS = pytest.StashKey()

@@ -37,6 +37,14 @@ def _parents() -> dict[int, int]:
     return out
 
 
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80] or "?"
+    except OSError:
+        return "?"
+
+
 def _has_marker(pid: int, marker: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -51,6 +59,10 @@ class Leak:
     removed: bool
     """Unlinked at the end of the session; False: a live process of the session still maps it (left alone)."""
     holders: list[int] = field(default_factory=list)
+    first: str = ""
+    """Where it was first seen mapped: the test then running and the mapping process (empty: not seen mapped)."""
+    last: str = ""
+    """The test running when a process of the session was last seen mapping it (its holders died after that)."""
 
 
 class ShmWatch:
@@ -63,6 +75,9 @@ class ShmWatch:
         self.before = self._entries()
         self.pids: set[int] = {root_pid}  # every process of the session seen so far
         self.seen: set[str] = set()  # segments a process of the session mapped
+        self.current = ""  # the test running now (pytest_runtest_logstart sets it)
+        self.first: dict[str, str] = {}
+        self.last: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shm-watch", daemon=True)
 
@@ -88,7 +103,14 @@ class ShmWatch:
     def poll(self) -> None:
         live = self.session_pids()
         self.pids |= live
-        self.seen |= set(mapped_segments(live, PREFIXES))
+        mapped = mapped_segments(live, PREFIXES)
+        current = self.current or "(between tests)"
+        for name, holders in mapped.items():
+            if name not in self.first:
+                pid = min(holders)
+                self.first[name] = f"{current}, by pid {pid} ({_process_name(pid)})"
+            self.last[name] = current
+        self.seen |= set(mapped)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -123,15 +145,16 @@ class ShmWatch:
             time.sleep(0.5)
         leaks = []
         for name in ours:
+            where = {"first": self.first.get(name, ""), "last": self.last.get(name, "")}
             if name in held:
-                leaks.append(Leak(name, False, sorted(held[name])))
+                leaks.append(Leak(name, False, sorted(held[name]), **where))
                 continue
             path = os.path.join(SHM_ROOT, name)
             if os.path.isdir(path):  # an ivgr_sync_* folder of bucket files
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 unlink_segments([name])
-            leaks.append(Leak(name, True))
+            leaks.append(Leak(name, True, **where))
         return leaks
 
 
@@ -140,6 +163,8 @@ def report(leaks: list[Leak]) -> str:
     for leak in leaks:
         what = "removed now" if leak.removed else f"still mapped by live process(es) {leak.holders}, left alone"
         lines.append(f"  {leak.name} ({what})")
+        if leak.first:
+            lines.append(f"    first mapped during {leak.first}; last seen mapped during {leak.last}")
     lines.append(
         "  psm_*/sem.mp-*: vLLM engine processes killed without cleanup (see ivgr_dist.shm_segments); "
         "ivgr_sync_*: a weight push interrupted in the driver"

@@ -44,13 +44,17 @@ def test_a_segment_left_by_a_killed_process_of_the_session_is_removed_and_report
     proc, name = _leaker()
     try:
         assert name.startswith("psm_")
+        watch.current = "tests/x.py::test_leaks"
         watch.poll()  # the thread would, every interval_s
+        watch.current = "tests/x.py::test_after"
         _stop(proc)
         assert os.path.exists(f"/dev/shm/{name}")  # leaked
         leaks = watch.finish(grace_s=1)
         assert [(leak.name, leak.removed) for leak in leaks] == [(name, True)]
         assert not os.path.exists(f"/dev/shm/{name}")
         assert name in report(leaks) and "removed now" in report(leaks)
+        assert f"first mapped during tests/x.py::test_leaks, by pid {proc.pid} (" in report(leaks)
+        assert "last seen mapped during tests/x.py::test_leaks" in report(leaks)
     finally:
         _stop(proc, name)
 
