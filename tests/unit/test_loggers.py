@@ -7,6 +7,7 @@ import json
 import math
 import struct
 import sys
+import time
 
 import pytest
 
@@ -133,6 +134,8 @@ def _wandb_records(path) -> list:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -143,6 +146,26 @@ def _wandb_records(path) -> list:
         elif kind == 0 and length == 0:
             continue
     return records
+
+
+def _finished_wandb_run(wandb_dir, run_id, timeout_s: float = 60.0):
+    """The offline run directory of ``run_id`` and its records, once the file holds the run's ``exit`` record.
+    W&B's service process writes the file: it may still be flushing when ``finish()`` has returned (a CI run
+    read it with no ``run`` record yet), so this waits for the last record rather than reading once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = list(wandb_dir.glob(f"offline-run-*-{run_id}"))
+        records = []
+        if len(found) == 1 and (found[0] / f"run-{run_id}.wandb").exists():
+            records = _wandb_records(found[0] / f"run-{run_id}.wandb")
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return found[0], records
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in records]
+            raise AssertionError(
+                f"no finished offline run {run_id} after {timeout_s:g}s: dirs {found}, records {kinds}"
+            )
+        time.sleep(0.5)
 
 
 def _history(records) -> list[dict]:
@@ -182,10 +205,7 @@ def test_wandb_offline_run_holds_the_logged_records_config_and_samples(tmp_path,
     logger.close()
 
     run_id = (out / "wandb_run_id").read_text().strip()
-    found = list((wandb_offline / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(found) == 1, (found, sorted(str(p) for p in tmp_path.rglob("offline-run-*")))
-    run_dir = found[0]
-    records = _wandb_records(run_dir / f"run-{run_id}.wandb")
+    run_dir, records = _finished_wandb_run(wandb_offline / "wandb", run_id)
     [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_id, run.project, run.display_name, list(run.tags)) == (run_id, "ivgr-test", "tiny", ["unit"])
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
