@@ -586,6 +586,10 @@ class AlgorithmConfig:
     """Added to the group std in the advantage."""
     single_accuracy_weight: float = 1.5
     """Stream ``single`` reward = format + weight * accuracy."""
+    consistency_weight: float = 1.0
+    """Stream-B (textual) reward = format + accuracy + weight * consistency (the paper: 1). 0 is the ablation
+    "dual stream without consistency": both streams train, the judge is never asked for consistency and the
+    textual reward is format + accuracy."""
     ref_min_iou: float = 0.3
     """A stream-A rollout qualifies as consistency reference with accuracy 1 and box_iou >= this."""
     dup_box_iou: float = 0.9
@@ -598,6 +602,12 @@ class AlgorithmConfig:
     sampling); ~1 when on-policy. 0 turns it off."""
 
     def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.consistency_weight <= 10.0,
+            "algorithm.consistency_weight",
+            self.consistency_weight,
+            "must be in [0, 10] (1: the paper; 0: no consistency reward)",
+        )
         _check(0.0 < self.clip_low < 1.0, "algorithm.clip_low", self.clip_low, "must be in (0, 1)")
         _check(self.clip_high > 0.0, "algorithm.clip_high", self.clip_high, "must be > 0")
         _check(

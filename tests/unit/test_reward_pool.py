@@ -86,6 +86,36 @@ def test_no_reference_means_zero_and_no_judge_call(scorer, spy):
     assert m["reward/consistency_no_reference"] == 1 and m["judge/calls"] == 0 and m["refcache/size"] == 0
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_consistency_weight_scales_the_textual_reward_and_zero_asks_no_judge(spy, weight):
+    scorer = InProcessScorer(AlgorithmConfig(consistency_weight=weight), JudgeConfig(), judge=spy)
+    a, b = _prompt(1, "grounded"), _prompt(1, "textual")
+    b_texts = [
+        "<think>the red circle is red</think><answer>red</answer>",
+        "<think>it is red</think><answer>red</answer>",
+    ]
+    try:
+        [grounded, textual] = list(scorer.score_stream([_group(a, [GOOD_A]), _group(b, b_texts)], [a, b], step=1))
+        m = scorer.metrics()
+    finally:
+        scorer.close()
+    assert m["refcache/size"] == 1  # the grounded stream still provides references
+    if weight == 0:  # no component, no judge call: textual reward = format + accuracy
+        assert [r.rewards for r in textual] == [{"format": 1.0, "accuracy": 1.0}] * 2
+        assert [r.reward for r in textual] == [2.0, 2.0]
+        assert spy.requests == [] and m["reward/consistency_off"] == 2
+    else:  # the judge's 1.0 and 0.7 (see test_consistency_comes_from_the_judge), scaled by 0.5
+        assert [r.rewards["consistency"] for r in textual] == [1.0, 0.7]
+        assert [r.reward for r in textual] == [2.5, 2.35]
+
+
+def test_consistency_weight_is_validated():
+    from ivgr_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algorithm.consistency_weight.*-1.*\[0, 10\]"):
+        AlgorithmConfig(consistency_weight=-1)
+
+
 def test_free_form_answer_goes_to_equivalence(scorer, spy):
     s = _prompt(2, "single", answer="17", qtype="free_form")
     texts = ["<think>10+7</think><answer>The answer is 17</answer>", "<think>x</think><answer>18</answer>",

@@ -680,9 +680,10 @@ def grounded_overall(format: float, box_valid: float, box_iou: float, accuracy: 
     return format + box_valid + box_iou + accuracy
 
 
-def textual_overall(format: float, accuracy: float, consistency: float) -> float:
-    """Reward of a stream-B (textual) rollout: ``format + accuracy + consistency``."""
-    return format + accuracy + consistency
+def textual_overall(format: float, accuracy: float, consistency: float, consistency_weight: float = 1.0) -> float:
+    """Reward of a stream-B (textual) rollout: ``format + accuracy + consistency_weight * consistency`` (weight 1:
+    the paper; ``algorithm.consistency_weight``)."""
+    return format + accuracy + consistency_weight * consistency
 
 
 def single_overall(format: float, accuracy: float, accuracy_weight: float = SINGLE_ACCURACY_WEIGHT) -> float:

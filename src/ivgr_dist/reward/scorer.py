@@ -212,6 +212,8 @@ async def score_job(
             out["box_valid"], out["box_iou"] = rules.grounded_box_rewards(
                 text, job.target_boxes, dup_iou=algo.dup_box_iou, recipe_exact=recipe_exact
             )
+        elif job.stream == "textual" and algo.consistency_weight == 0:
+            counts["consistency_off"] += 1  # algorithm.consistency_weight=0: no judge call, no component
         elif job.stream == "textual":
             out["consistency"] = 0.0
             if reference is None:
@@ -261,7 +263,10 @@ async def score_job(
         )  # fmt: skip
     elif job.stream == "textual":
         totals = [
-            rules.textual_overall(r["format"], r.get("accuracy", 0.0), r.get("consistency", 0.0)) for r in rewards
+            rules.textual_overall(
+                r["format"], r.get("accuracy", 0.0), r.get("consistency", 0.0), algo.consistency_weight
+            )
+            for r in rewards
         ]
         candidate = None
     else:
