@@ -7,7 +7,7 @@ localisation"):
 
 1. the shared warm start (``ivgr-dist sft``; reused when it already exists): every variant and seed starts
    from the same model, so seeds vary the RL run only (sampling, record order, driver generators),
-2. ``ivgr-dist train`` for each variant and seed (``--seeds 0 1 2``; seed ``s`` sets ``trainer.seed``,
+2. ``ivgr-dist train`` for each variant and seed (``--seeds 0,1,2``; seed ``s`` sets ``trainer.seed``,
    ``data.seed`` and ``rollout.engine.seed`` to ``s`` and writes to ``<output_dir>/seed<s>``),
 3. ``ivgr-dist eval --mode both`` on the val set of the warm start and of each RL model, greedy and sampled
    (``--sample``: temperature 1, n=5),
@@ -178,10 +178,15 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="configs/ablation", help="folder with one YAML file per variant")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="RL seeds per variant (default: 0)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", default="0", help="RL seeds per variant, comma-separated (default: 0)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all four)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants {unknown}: must be among {', '.join(VARIANTS)}")
     overrides = args.overrides
     folder = Path(args.configs) if Path(args.configs).is_absolute() else ROOT / args.configs
     configs = {v: folder / f"{v}.yaml" for v in args.variants}
