@@ -440,9 +440,13 @@ class RolloutPool:
         if actor is not None:
             try:  # its vLLM processes first: a stopped EngineCore would outlive the actor
                 ray.get(actor.kill_engine.remote(), timeout=10)
+                killed = True
             except Exception:  # noqa: BLE001 - dead or hung actor (or a stand-in without it): the kill below
-                pass
+                killed = False
             ray.kill(actor, no_restart=True)
+            if not killed:
+                info = self.start_info[e] if e < len(self.start_info) else {}
+                unlink_engine_segments(e, info.get("node", ""), info.get("segments", []))
         if self.placements[e] is not None:
             self.placements[e].release()
         self._starting.pop(e, None)
@@ -668,19 +672,54 @@ class RolloutPool:
         if getattr(self, "monitor", None) is not None:
             self.monitor.stop()
             self.monitor = None
-        for actor in self.actors:
+        for e, actor in enumerate(self.actors):
             if actor is None:
                 continue
             try:
                 ray.get(actor.shutdown.remote(), timeout=60)
+                stopped = True
             except Exception:  # noqa: BLE001 - best effort during teardown; the kill below is what matters
-                pass
+                stopped = False
             ray.kill(actor)
+            if not stopped:  # a dead or hung actor: its engine's processes cannot unlink their queues
+                info = self.start_info[e] if e < len(self.start_info) else {}
+                unlink_engine_segments(e, info.get("node", ""), info.get("segments", []))
         for placement in self.placements:
             if placement is not None:
                 placement.release()
         self.actors, self.alive, self.serving, self.placements = [], [], [], []
         self._pending, self._starting, self._joining = {}, {}, []
+
+
+def unlink_engine_segments(engine: int, node: str, names: list[str], timeout_s: float = 10.0) -> list[str]:
+    """Unlink the shared-memory segments an engine recorded at start (``RolloutWorker.start``'s ``segments``) when
+    its actor died without ``kill_engine`` (killed by Ray, by the OOM killer, with its node's raylet): its vLLM
+    processes then die on their parent's exit without unlinking their message queues, and ``/dev/shm`` is RAM.
+    ``/dev/shm`` is per node, so the unlink runs on the engine's node: here when that is the driver's, else in a
+    zero-CPU task pinned to it (a node that is gone took its ``/dev/shm`` with it: nothing to do). Never raises;
+    returns the names removed."""
+    import ray
+
+    from ivgr_dist.shm_segments import unlink_segments
+
+    if not names:
+        return []
+    try:
+        if not node or node == ray.get_runtime_context().get_node_id():
+            removed = unlink_segments(names)
+        else:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            task = ray.remote(num_cpus=0)(unlink_segments).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), max_retries=0
+            )
+            removed = ray.get(task.remote(names), timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - best effort: the engine is gone either way
+        log.warning("rollout engine %d: could not remove its shared memory %s: %s", engine, names, exc)
+        return []
+    if removed:
+        log.info("rollout engine %d: removed %d shared-memory segment(s) its dead actor left", engine, len(removed))
+    return removed
 
 
 class HealthMonitor:

@@ -88,6 +88,31 @@ def engine_kwargs(
     return kwargs
 
 
+def _wait_gone(procs: list, timeout_s: float) -> list:
+    """Wait until these ``psutil.Process`` es are gone or zombies (a zombie holds no memory and no maps; it is
+    reaped by whoever is its parent now: Ray makes the actor process a subreaper, so a killed core's workers can
+    be this process's zombies until Ray reaps them). Returns those still running at the deadline."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while alive:
+        still = []
+        for proc in alive:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    still.append(proc)
+                    continue
+                proc.wait(timeout=0)  # reaps it when it is this process's child
+            except psutil.Error:
+                continue
+        alive = still
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return alive
+
+
 class RolloutWorker:
     """One vLLM engine; generates groups and takes weight updates."""
 
@@ -144,7 +169,13 @@ class RolloutWorker:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        return {"engine": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid(), "node": node}
+        return {
+            "engine": self.index,
+            "start_s": time.perf_counter() - t0,
+            "pid": os.getpid(),
+            "node": node,
+            "segments": sorted(self._segments),  # the pool unlinks them if this actor dies without kill_engine
+        }
 
     def _engine_segments(self) -> set[str]:
         """The shared-memory segments this engine's processes (EngineCore, TP workers) map and this actor does
@@ -301,6 +332,7 @@ class RolloutWorker:
 
         from ivgr_dist.shm_segments import mapped_segments, unlink_segments
 
+        t0 = time.perf_counter()
         procs = psutil.Process().children(recursive=True)
         segments = (self._engine_segments() | getattr(self, "_segments", set())) - set(mapped_segments([os.getpid()]))
         for proc in procs:
@@ -308,10 +340,12 @@ class RolloutWorker:
                 proc.kill()
             except psutil.Error:
                 continue
-        psutil.wait_procs(procs, timeout=10)
+        # Unlinked before waiting: a name can go while processes still map it, and the caller's deadline (the
+        # pool gives this call 10 s, then kills the actor) must not pass before it does.
         removed = unlink_segments(segments)
-        if removed:
-            log.info("engine %d: removed %d shared-memory segment(s) of its killed processes", self.index, len(removed))
+        _wait_gone(procs, timeout_s=10)
+        log.info("engine %d: killed %d process(es), removed %d shared-memory segment(s) in %.1fs", self.index,
+                    len(procs), len(removed), time.perf_counter() - t0)  # fmt: skip
         self.engine = None
         return len(procs)
 
@@ -390,10 +424,46 @@ class RolloutWorker:
         return list(await self.engine.compute_weight_checksums())
 
     async def shutdown(self) -> None:
+        """vLLM's own shutdown, then the engine's shared-memory segments that are still there are unlinked.
+
+        vLLM's shutdown gives the EngineCore a few seconds to exit before it SIGKILLs it; a core killed there
+        (a slow exit on a loaded machine) cannot unlink its message queues, and the pool's ``ray.kill`` of this
+        actor comes right after, so no one else would: ``test_rollout_sync`` left one ``psm_*`` of a surviving
+        engine in ``/dev/shm`` this way. The engine's processes still running are given 10 s to exit, then killed
+        (the ``multiprocessing`` resource tracker is left alone); the segments recorded at start or mapped now,
+        that this actor does not map itself, are unlinked."""
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            recorded = self._engine_segments() | getattr(self, "_segments", set())
+            try:
+                self.engine.shutdown()
+            finally:
+                self.engine = None
+                self._reap(recorded)
         await asyncio.sleep(0)
+
+    def _reap(self, segments: set[str]) -> None:
+        import psutil
+
+        from ivgr_dist.shm_segments import mapped_segments, unlink_segments
+
+        procs = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "resource_tracker" not in " ".join(child.cmdline()):
+                    procs.append(child)
+            except psutil.Error:
+                continue
+        alive = _wait_gone(procs, timeout_s=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                continue
+        _wait_gone(alive, timeout_s=5)
+        removed = unlink_segments(segments - set(mapped_segments([os.getpid()])))
+        if removed:
+            log.warning("engine %d: removed %d shared-memory segment(s) its shutdown left: %s", self.index,
+                        len(removed), ", ".join(removed))  # fmt: skip
 
     # --------------------------------------------- weight sync driven by the driver (ivgr_dist.sync.collective)
 
