@@ -180,23 +180,27 @@ def test_cli_show_config_prints_overrides():
 
 
 @pytest.mark.parametrize("folder", ["ablation", "localise"])
-def test_ablation_configs_differ_only_in_streams_and_output(folder):
-    """A fair ablation: same warm start, steps, batch and optimiser; only the RL streams (and where results go)."""
+def test_ablation_configs_differ_only_in_streams_consistency_weight_and_output(folder):
+    """A fair ablation: same warm start, steps, batch and optimiser; only the RL streams, the consistency weight
+    (and where results go)."""
     import dataclasses
 
     cfgs = {p.stem: load_config(p) for p in sorted((CONFIG_DIR / folder).glob("*.yaml"))}
-    assert set(cfgs) == {"dual_stream", "textual_only", "grounded_only"}
-    assert {k: c.data.streams for k, c in cfgs.items()} == {
-        "dual_stream": ["grounded", "textual"],
-        "textual_only": ["textual"],
-        "grounded_only": ["grounded"],
+    assert set(cfgs) == {"dual_stream", "textual_only", "grounded_only", "dual_no_consistency"}
+    assert {k: (c.data.streams, c.algorithm.consistency_weight) for k, c in cfgs.items()} == {
+        "dual_stream": (["grounded", "textual"], 1.0),
+        "textual_only": (["textual"], 1.0),
+        "grounded_only": (["grounded"], 1.0),
+        "dual_no_consistency": (["grounded", "textual"], 0.0),
     }
     assert len({c.sft_model_dir for c in cfgs.values()}) == 1
-    assert len({c.trainer.output_dir for c in cfgs.values()}) == 3
+    assert len({c.trainer.output_dir for c in cfgs.values()}) == 4
 
     def normalised(c):
         data = dataclasses.replace(c.data, streams=["textual"])
-        return dataclasses.replace(c, data=data, trainer=dataclasses.replace(c.trainer, output_dir="x"))
+        algorithm = dataclasses.replace(c.algorithm, consistency_weight=1.0)
+        trainer = dataclasses.replace(c.trainer, output_dir="x")
+        return dataclasses.replace(c, data=data, algorithm=algorithm, trainer=trainer)
 
     base = normalised(cfgs["dual_stream"])
     assert all(normalised(c) == base for c in cfgs.values())

@@ -696,8 +696,8 @@ def unlink_engine_segments(engine: int, node: str, names: list[str], timeout_s: 
     its actor died without ``kill_engine`` (killed by Ray, by the OOM killer, with its node's raylet): its vLLM
     processes then die on their parent's exit without unlinking their message queues, and ``/dev/shm`` is RAM.
     ``/dev/shm`` is per node, so the unlink runs on the engine's node: here when that is the driver's, else in a
-    zero-CPU task pinned to it (a node that is gone took its ``/dev/shm`` with it: nothing to do). Never raises;
-    returns the names removed."""
+    zero-CPU task pinned to it (a node Ray no longer lists as alive is skipped at once: its raylet is gone, and
+    with a lost machine its ``/dev/shm``). Never raises; returns the names removed."""
     import ray
 
     from ivgr_dist.shm_segments import unlink_segments
@@ -707,6 +707,9 @@ def unlink_engine_segments(engine: int, node: str, names: list[str], timeout_s: 
     try:
         if not node or node == ray.get_runtime_context().get_node_id():
             removed = unlink_segments(names)
+        elif not any(n.get("NodeID") == node and n.get("Alive") for n in ray.nodes()):
+            log.info("rollout engine %d: its node %s is gone; its shared memory went with it", engine, node[:12])
+            return []
         else:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
