@@ -427,11 +427,11 @@ class RolloutWorker:
         """vLLM's own shutdown, then the engine's shared-memory segments that are still there are unlinked.
 
         vLLM's shutdown gives the EngineCore a few seconds to exit before it SIGKILLs it; a core killed there
-        (a slow exit on a loaded machine) cannot unlink its message queues, and the pool's ``ray.kill`` of this
-        actor comes right after, so no one else would: ``test_rollout_sync`` left one ``psm_*`` of a surviving
-        engine in ``/dev/shm`` this way. The engine's processes still running are given 10 s to exit, then killed
-        (the ``multiprocessing`` resource tracker is left alone); the segments recorded at start or mapped now,
-        that this actor does not map itself, are unlinked."""
+        (stopped, wedged, or slow to exit on a loaded machine) cannot unlink its message queues, and the pool's
+        ``ray.kill`` of this actor comes right after, so no one else would (``test_engine_shm``'s
+        ``stuck_at_shutdown`` case left two ``psm_*`` this way). The engine's processes still running are given
+        10 s to exit, then killed (the ``multiprocessing`` resource tracker is left alone); the segments recorded
+        at start or mapped now, that this actor does not map itself, are unlinked."""
         if self.engine is not None:
             recorded = self._engine_segments() | getattr(self, "_segments", set())
             try:
