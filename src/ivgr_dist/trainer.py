@@ -638,5 +638,15 @@ def init_ray(cfg: Config) -> None:
     need += cfg.learner.num_ranks * max(cfg.learner.cpus_per_rank, 1)
     need += math.ceil(cfg.reward.num_workers * cfg.reward.cpus_per_worker)  # reward workers (CPU actors)
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=not quiet())
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=not quiet())
+            break
+        except Exception as exc:
+            # On an overloaded machine Ray's raylet can give up waiting for its Python agents (a 30 s limit inside
+            # Ray: "The current node timed out during startup"); a second start usually finds the imports cached.
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            log.warning("the local Ray cluster did not start (%s); starting it once more", exc)
+            ray.shutdown()
     raise_on_signals()  # ray.init replaced the SIGTERM handler with its own sys.exit
