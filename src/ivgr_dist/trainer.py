@@ -643,8 +643,9 @@ def init_ray(cfg: Config) -> None:
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=not quiet())
             break
         except Exception as exc:
-            # On an overloaded machine Ray's raylet can give up waiting for its Python agents (a 30 s limit inside
-            # Ray: "The current node timed out during startup"); a second start usually finds the imports cached.
+            # On an overloaded machine the raylet can exit waiting for its Python dashboard agent's port file, and
+            # ray.init stops waiting for the node after 30 s ("The current node timed out during startup"; seen
+            # twice here with two jobs on 2 cores). One more start costs seconds; a failed job costs the run.
             if attempt == 2 or "timed out during startup" not in str(exc):
                 raise
             log.warning("the local Ray cluster did not start (%s); starting it once more", exc)
