@@ -445,11 +445,15 @@ class RolloutPool:
                 killed = False
             ray.kill(actor, no_restart=True)
             if not killed:
-                info = self.start_info[e] if e < len(self.start_info) else {}
-                unlink_engine_segments(e, info.get("node", ""), info.get("segments", []))
+                self._unlink_segments_of(e)
         if self.placements[e] is not None:
             self.placements[e].release()
         self._starting.pop(e, None)
+
+    def _unlink_segments_of(self, e: int) -> None:
+        """Remove the shared memory engine ``e`` reported at start, on its node (its actor could not)."""
+        info = self.start_info[e]
+        unlink_engine_segments(e, info.get("node", ""), info.get("segments", []))
 
     def fleet_metrics(self) -> dict[str, float]:
         """``rollout/engines_*`` gauges and counters of the fleet (cumulative over the run)."""
@@ -682,8 +686,7 @@ class RolloutPool:
                 stopped = False
             ray.kill(actor)
             if not stopped:  # a dead or hung actor: its engine's processes cannot unlink their queues
-                info = self.start_info[e] if e < len(self.start_info) else {}
-                unlink_engine_segments(e, info.get("node", ""), info.get("segments", []))
+                self._unlink_segments_of(e)
         for placement in self.placements:
             if placement is not None:
                 placement.release()

@@ -88,6 +88,17 @@ def engine_kwargs(
     return kwargs
 
 
+def _kill(procs: list) -> None:
+    """SIGKILL these ``psutil.Process`` es (those already gone are skipped)."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+
+
 def _wait_gone(procs: list, timeout_s: float) -> list:
     """Wait until these ``psutil.Process`` es are gone or zombies (a zombie holds no memory and no maps; it is
     reaped by whoever is its parent now: Ray makes the actor process a subreaper, so a killed core's workers can
@@ -141,6 +152,7 @@ class RolloutWorker:
         # A failed push leaves layers of two versions: the engine stays paused (requests queue, nothing runs)
         # until a complete push resumes it (see sync.receive); this says why.
         self.needs_full_push: str | None = None
+        self._segments: set[str] = set()  # shared memory of the engine's processes, recorded by start()
 
     async def start(self) -> dict:
         """Build the engine (import of vLLM happens here, inside the actor)."""
@@ -176,6 +188,11 @@ class RolloutWorker:
             "node": node,
             "segments": sorted(self._segments),  # the pool unlinks them if this actor dies without kill_engine
         }
+
+    def _known_segments(self) -> set[str]:
+        """The engine's segments: those its processes map now and those recorded at start (a core that crashed
+        since maps nothing any more)."""
+        return self._engine_segments() | self._segments
 
     def _engine_segments(self) -> set[str]:
         """The shared-memory segments this engine's processes (EngineCore, TP workers) map and this actor does
@@ -334,12 +351,8 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         procs = psutil.Process().children(recursive=True)
-        segments = (self._engine_segments() | getattr(self, "_segments", set())) - set(mapped_segments([os.getpid()]))
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                continue
+        segments = self._known_segments() - set(mapped_segments([os.getpid()]))
+        _kill(procs)
         # Unlinked before waiting: a name can go while processes still map it, and the caller's deadline (the
         # pool gives this call 10 s, then kills the actor) must not pass before it does.
         removed = unlink_segments(segments)
@@ -433,7 +446,7 @@ class RolloutWorker:
         10 s to exit, then killed (the ``multiprocessing`` resource tracker is left alone); the segments recorded
         at start or mapped now, that this actor does not map itself, are unlinked."""
         if self.engine is not None:
-            recorded = self._engine_segments() | getattr(self, "_segments", set())
+            recorded = self._known_segments()
             try:
                 self.engine.shutdown()
             finally:
@@ -454,11 +467,7 @@ class RolloutWorker:
             except psutil.Error:
                 continue
         alive = _wait_gone(procs, timeout_s=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                continue
+        _kill(alive)
         _wait_gone(alive, timeout_s=5)
         removed = unlink_segments(segments - set(mapped_segments([os.getpid()])))
         if removed:
