@@ -257,11 +257,11 @@ class SyntheticConfig:
       benchmarks (V*, HRBench): one target among ``search.min_distractors``-``search.max_distractors``
       distractors, found by one attribute and asked about the other ("What color is the star?"); distractors
       differ from the target in both. The defaults (one distractor, large objects) are what the tiny model
-      learns in part; the knobs go down to small targets among many distractors in larger images. Knobs in :class:`SearchConfig` (``search.*``);
-      ``colors``, ``shapes``, ``num_records``, ``val_fraction``, ``seed`` and ``text_only_fraction`` are
-      shared, the other ``shapes``-task knobs are ignored. Records have datasource ``synthetic_search`` and
-      the warm start's templates reason "find it, then read it" (``data/targets.py``). README "A task that
-      needs localisation" has its calibration.
+      learns in part; the knobs go down to small targets among many distractors in larger images. Knobs in
+      :class:`SearchConfig` (``search.*``); ``colors``, ``shapes``, ``num_records``, ``val_fraction``,
+      ``seed`` and ``text_only_fraction`` are shared, the other ``shapes``-task knobs are ignored. Records have
+      datasource ``synthetic_search`` and the warm start's templates reason "find it, then read it"
+      (``data/targets.py``). README "A task that needs localisation" has its calibration.
     """
 
     task: str = "shapes"
