@@ -280,13 +280,26 @@ class Trainer:
     def push_weights(self, step: int, engines: list[int] | None = None) -> dict[str, float]:
         """Push version ``self.version`` to every live engine (``engines``: at least to those, the ones joining).
         Engines that die or hang during the push are dropped (and replaced later) and the push is tried once
-        more (the others must not go on with a partial update); a second failure stops the run, naming the step."""
+        more (the others must not go on with a partial update); a second failure stops the run, naming the step.
+
+        With no live engine left (all lost at once, before or during the push) there is no one to push to:
+        that is logged and counted (``sync/skipped_pushes``); the learner holds the version and the
+        replacements, started at the step boundary, are given it before they take work."""
         from ivgr_dist.sync.fanout import SyncError
 
         def push(subset: list[int] | None) -> dict[str, float]:
             extra = {"engines": subset} if subset is not None else {}
             return self.sync.push(self.learners, self.rollouts, self.version, **extra)
 
+        def skipped(why: str) -> dict[str, float]:
+            log.warning(
+                "step %d: %s: no live rollout engine to push version %d to; replacements get it when they join",
+                step, why, self.version,
+            )  # fmt: skip
+            return {"sync/skipped_pushes": 1.0}
+
+        if engines is None and not self.rollouts.alive:
+            return skipped("every engine was lost before the push")
         try:
             return push(engines)
         except SyncError as err:
@@ -297,11 +310,14 @@ class Trainer:
             "step %d: %s; dropped engine(s) %s, pushing again to %d engine(s)",
             step, first, first.failed_engines, len(self.rollouts.alive),
         )  # fmt: skip
-        try:
-            subset = None if engines is None else [e for e in engines if e in self.rollouts.alive]
-            out = push(subset) if subset is None or subset else {}
-        except SyncError as err:
-            raise SyncError(f"step {step}: {err}", err.version, err.failed_engines, err.errors) from first
+        subset = None if engines is None else [e for e in engines if e in self.rollouts.alive]
+        if subset is None and not self.rollouts.alive:
+            out = skipped("the push lost every engine")
+        else:
+            try:
+                out = push(subset) if subset is None or subset else {}
+            except SyncError as err:
+                raise SyncError(f"step {step}: {err}", err.version, err.failed_engines, err.errors) from first
         return {**out, "sync/failed_pushes": 1.0, "sync/dropped_engines": float(len(first.failed_engines))}
 
     # ----------------------------------------------------------------------------- the fleet

@@ -41,7 +41,7 @@ class _Sync:
     def __init__(self, outcomes):
         self.outcomes, self.calls = list(outcomes), []
 
-    def push(self, learners, rollouts, version):
+    def push(self, learners, rollouts, version, engines=None):
         self.calls.append((version, list(rollouts.alive)))
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
@@ -80,3 +80,41 @@ def test_a_failed_push_drops_the_named_engines_and_pushes_again():
         Trainer.push_weights(_trainer(sync, pool), step=4)
     # a clean push adds nothing
     assert Trainer.push_weights(_trainer(_Sync([None]), _Pool(2)), step=1) == {"time/sync_s": 0.1}
+
+
+def test_a_push_that_loses_every_engine_is_counted_not_fatal():
+    """Every engine lost at once (a crash and a hang found together): nothing to push to; the learner keeps the
+    version and the replacements get it when they join (the run must not stop here)."""
+    from ivgr_dist.sync.fanout import SyncError
+    from ivgr_dist.trainer import Trainer
+
+    err = SyncError("both gone", 7, failed_engines=[0, 1], errors={0: "ActorDiedError", 1: "EngineDeadError"})
+    sync, pool = _Sync([err]), _Pool(2)
+    out = Trainer.push_weights(_trainer(sync, pool), step=3)
+    assert sync.calls == [(7, [0, 1])]  # no second push to an empty fleet
+    assert [e for e, _ in pool.dropped] == [0, 1]
+    assert out == {"sync/skipped_pushes": 1.0, "sync/failed_pushes": 1.0, "sync/dropped_engines": 2.0}
+    # the health monitor dropped them all before the push: nothing is called
+    sync, pool = _Sync([]), _Pool(0)
+    assert Trainer.push_weights(_trainer(sync, pool), step=3) == {"sync/skipped_pushes": 1.0}
+    assert sync.calls == []
+    # engines joining (the heal's push) are pushed to as before
+    sync, pool = _Sync([None]), _Pool(2)
+    assert Trainer.push_weights(_trainer(sync, pool), step=3, engines=[1]) == {"time/sync_s": 0.1}
+
+
+def test_the_weight_check_claims_nothing_without_a_live_engine():
+    """No engine to score the probe: no ``sync/verified`` (a 1.0 there would say a check passed that never ran),
+    and the learner is not asked to score either."""
+    from types import SimpleNamespace
+
+    from ivgr_dist.sync.verify import WeightVerifier
+
+    class _Learners:
+        def score(self, *args):
+            raise AssertionError("the learner scored a probe no engine will be compared with")
+
+    verifier = WeightVerifier(tolerance=0.05)
+    verifier.probe = SimpleNamespace(response_ids=[1, 2])
+    assert verifier.check(_Learners(), SimpleNamespace(alive=[], actors={}), version=3) == {}
+    assert verifier.error() is None

@@ -54,8 +54,8 @@ class WeightVerifier:
 
         from ivgr_dist.learner.step_data import StepBatch
 
-        if self.probe is None:
-            return {}
+        if self.probe is None or not rollouts.alive:
+            return {}  # nothing to compare (no engine live: verified would claim a check that did not happen)
         (reference,) = learners.score(StepBatch.from_rollouts([self.probe]), "policy", 1.0)
         ids = list(self.probe.response_ids)
         refs = {e: rollouts.actors[e].score.remote(self.probe.prompt, ids) for e in rollouts.alive}
