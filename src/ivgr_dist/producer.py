@@ -158,9 +158,8 @@ class BatchProducer:
         """The learner trained on step ``step``'s batch and the engines hold ``version``: admit more."""
         with self._cond:
             self._trained_step, self._version = step, version
-            for item in batch.requeued:
-                if item in self._pending_requeue:
-                    self._pending_requeue.remove(item)
+            done = set(batch.requeued)  # every copy: a record requeued twice was generated once
+            self._pending_requeue = [x for x in self._pending_requeue if x not in done]
             self._resume.pop(step, None)
             self._cond.notify_all()
 
@@ -213,9 +212,14 @@ class BatchProducer:
 
         with self._cond:
             self._resume[step] = self.data.sampler.state_dict()
-            requeued, self._requeue = self._requeue, []
+            requeued, self._requeue = list(dict.fromkeys(self._requeue)), []
             version = self._version
-            items = requeued + self.data.sampler.next_batch()
+            drawn = self.data.sampler.next_batch()
+            # A requeued record the sampler draws again (a new epoch began) is generated once: two copies would
+            # share a uid, hence a group seed, and train the same rollouts twice. It stays in `requeued`, so
+            # training this batch still clears it from the resume state.
+            fresh = set(drawn)
+            items = [x for x in requeued if x not in fresh] + drawn
         prompts = self.data.records.prompts(items)
         stats = PoolStats()
         timing = {"generate": 0.0}
@@ -237,6 +241,7 @@ class BatchProducer:
             **self.data.records.metrics(),
             **self.data.sampler.metrics(),
             "rollout/requeued_records": float(len({i for i, _ in requeued})),
+            "rollout/requeued_drawn_again": float(len({item[0] for item in requeued if item in fresh})),
         }
         return Batch(step, prompts, groups, metrics, admitted_version=version, requeued=requeued)
 

@@ -176,3 +176,24 @@ def test_resume_state_round_trips_through_load_state():
     assert [p.original_idx for p in b2.prompts[2:]] == [p.original_idx for p in prod.get(2).prompts]
     again.close()
     prod.close()
+
+
+def test_a_requeued_record_the_sampler_draws_again_is_generated_once():
+    """After a resume (or an epoch boundary) the sampler can draw a record that is also waiting in the requeue:
+    one copy is generated (two would share a uid and group seed and train the same rollouts twice), and
+    training that batch clears it from the resume state. A record requeued twice is generated once too."""
+    data, pool = Data(), Pool()
+    first = Data().sampler.next_batch()  # what the producer's sampler draws first
+    again = first[0]
+    other = (39, "grounded") if first[0][0] != 39 else (38, "grounded")
+    prod = BatchProducer(data, pool, Scorer(), max_staleness=0)
+    prod.load_state({"sampler": data.sampler.state_dict(), "requeue": [list(again), list(other), list(other)]})
+    prod.start(1, 2, version=0)
+    b1 = prod.get(1)
+    uids = [p.uid for p in b1.prompts]
+    assert len(uids) == len(set(uids)) == len(first) + 1, uids
+    assert uids.count(f"{again[0]}:{again[1]}") == 1 and uids[0] == f"{other[0]}:{other[1]}"
+    assert b1.metrics["rollout/requeued_drawn_again"] == 1.0
+    prod.trained(1, 1, b1)
+    assert prod.resume_state(1)["requeue"] == []
+    prod.close()
