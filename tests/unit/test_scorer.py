@@ -154,3 +154,22 @@ def test_recipe_exact_reference_may_have_a_blank_think(recipe_exact):
         assert ref is not None and ref.think == "" and ref.box_iou == 1.0
     else:
         assert ref is None
+
+
+@pytest.mark.parametrize("limit", [10, 1000, 2000])
+def test_the_answer_length_bound_is_the_config_key_both_ways(limit):
+    """``algorithm.max_answer_chars`` is THE bound (it was min(key, 1000): raising it did nothing): an exact
+    answer of ``limit`` characters scores 1, one character more scores 0 without a judge (math included)."""
+    scorer = RuleScorer(AlgorithmConfig(max_answer_chars=limit))
+    ok, long = "7" * limit, "7" * (limit + 1)
+    for answer in (ok, long):
+        for qtype in ("exact", "math"):
+            p = _prompt(1, "single", answer=answer, qtype=qtype)
+            [scored] = list(scorer.score_stream([_group(p, [f"<think>x</think><answer>{answer}</answer>"])], [p], 1))
+            # the ground truth is the answer itself: only the length decides
+            want = 1.0 if answer is ok else 0.0
+            assert scored[0].rewards["accuracy"] == want, (limit, qtype, len(answer))
+    # the length counts after stripping, as in the rules
+    p = _prompt(1, "single", answer=ok, qtype="exact")
+    [scored] = list(scorer.score_stream([_group(p, [f"<think>x</think><answer>  {ok}  </answer>"])], [p], 1))
+    assert scored[0].rewards["accuracy"] == 1.0

@@ -37,9 +37,9 @@ Choices made where the paper/recipe leaves room, or where this module departs fr
   Invalid target boxes raise ``ValueError`` instead of being scored: they mean broken data.
 - Accuracy: multiple-choice letters and exact matches are decided by rules; math goes to ``math-verify`` first;
   everything the rules cannot accept returns ``None`` from :func:`rule_accuracy`, meaning "ask the judge". Answers
-  longer than :data:`MAX_ANSWER_CHARS` score 0 without a judge, for every question type (the paper states the rule
-  for free-form answers; applying it everywhere also bounds the cost of math-verify). A multiple-choice record whose
-  ground truth is not a letter is scored like a free-form one.
+  longer than ``algorithm.max_answer_chars`` (default :data:`MAX_ANSWER_CHARS`) score 0 without a judge, for every
+  question type (the paper states the rule for free-form answers; applying it everywhere also bounds the cost of
+  math-verify). A multiple-choice record whose ground truth is not a letter is scored like a free-form one.
 - ``math-verify`` times out with ``SIGALRM``, which only works in the main thread. :func:`math_match` passes its
   timeout only when it runs in the main thread and disables math-verify's timeout elsewhere (otherwise math-verify
   raises in worker threads). To keep worker threads from hanging on expressions that make SymPy run for minutes
@@ -92,7 +92,7 @@ __all__ = [
 
 #: Two valid predicted boxes with IoU strictly above this are near-duplicates (box_valid becomes 0).
 DUP_IOU = 0.9
-#: Answers longer than this many characters score 0 without a judge.
+#: Answers longer than this many characters score 0 without a judge (the default of ``algorithm.max_answer_chars``).
 MAX_ANSWER_CHARS = 1000
 #: Weight of accuracy in the reward of the ``single`` (text/math-only) stream.
 SINGLE_ACCURACY_WEIGHT = 1.5
@@ -589,18 +589,18 @@ def _math_parse(text: str, timeout: int | None):
     return parse(text, parsing_timeout=timeout)
 
 
-def math_match(pred: str | None, gt: str | None, timeout_s: int = 5) -> float:
+def math_match(pred: str | None, gt: str | None, timeout_s: int = 5, max_chars: int = MAX_ANSWER_CHARS) -> float:
     """1.0 iff ``math-verify`` finds pred equivalent to gt, else 0.0 (also on errors, timeouts and risky input).
 
     In the main thread math-verify's own ``SIGALRM`` timeout of ``timeout_s`` seconds per parse/compare is used; in
     any other thread it is switched off (``parsing_timeout=None``, ``timeout_seconds=None``), because
-    ``signal.alarm`` cannot be used there. Inputs longer than :data:`MAX_ANSWER_CHARS` and expressions SymPy may
-    take very long on (see ``_math_risky``) score 0.0 without calling math-verify.
+    ``signal.alarm`` cannot be used there. Inputs longer than ``max_chars`` (``algorithm.max_answer_chars``) and
+    expressions SymPy may take very long on (see ``_math_risky``) score 0.0 without calling math-verify.
     """
     if not pred or not gt:
         return 0.0
     pred, gt = pred.strip(), gt.strip()
-    if not pred or not gt or len(pred) > MAX_ANSWER_CHARS or len(gt) > MAX_ANSWER_CHARS:
+    if not pred or not gt or len(pred) > max_chars or len(gt) > max_chars:
         return 0.0
     if _math_risky(pred) or _math_risky(gt):
         return 0.0
@@ -637,10 +637,13 @@ def question_kind(question_type: str | None) -> str:
     return QUESTION_TYPES.get(str(question_type).strip().lower(), "free_form")
 
 
-def rule_accuracy(pred: str | None, gt: str | None, question_type: str | None = "free_form") -> float | None:
+def rule_accuracy(
+    pred: str | None, gt: str | None, question_type: str | None = "free_form", max_chars: int = MAX_ANSWER_CHARS
+) -> float | None:
     """Rule-based accuracy (1.0 / 0.0), or ``None`` when only the judge can decide.
 
-    - empty/``None`` pred, or pred longer than :data:`MAX_ANSWER_CHARS`: 0.0.
+    - empty/``None`` pred, or pred longer than ``max_chars`` after stripping (``algorithm.max_answer_chars``;
+      :data:`MAX_ANSWER_CHARS`, the paper's 1000, by default): 0.0.
     - ``multiple_choice``: :func:`choice_match` (0.0 or 1.0, never the judge). If gt is not a letter, as free_form.
     - ``exact``: :func:`exact_match` (never the judge).
     - ``math``: 1.0 on an exact match or when math-verify agrees, else ``None`` (judge).
@@ -654,7 +657,7 @@ def rule_accuracy(pred: str | None, gt: str | None, question_type: str | None = 
     if pred is None:
         return 0.0
     pred = pred.strip()
-    if not pred or len(pred) > MAX_ANSWER_CHARS:
+    if not pred or len(pred) > max_chars:
         return 0.0
     kind = question_kind(question_type)
     if kind == "multiple_choice":
@@ -665,7 +668,7 @@ def rule_accuracy(pred: str | None, gt: str | None, question_type: str | None = 
         return 1.0
     if kind == "exact":
         return 0.0
-    if kind == "math" and math_match(pred, gt) == 1.0:
+    if kind == "math" and math_match(pred, gt, max_chars=max_chars) == 1.0:
         return 1.0
     return None
 

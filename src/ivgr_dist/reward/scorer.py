@@ -200,9 +200,7 @@ async def score_job(
     for i, text in enumerate(job.responses):
         out = {"format": rules.format_reward(text)}
         answer = rules.extract_answer(text)
-        acc = 0.0 if answer is not None and len(answer) > algo.max_answer_chars else None
-        if acc is None:
-            acc = rules.rule_accuracy(answer, job.answer, job.question_type)
+        acc = rules.rule_accuracy(answer, job.answer, job.question_type, max_chars=algo.max_answer_chars)
         if acc is None:
             req = JudgeRequest("equivalence", job.question, answer or "", job.answer, 0.0, job.context, job.key)
             requests.append((i, "accuracy", req))
