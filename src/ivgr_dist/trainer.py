@@ -354,6 +354,8 @@ class Trainer:
             self.control.report.remote(
                 {"step": self._step_in_progress, **{k.split("/", 1)[1]: v for k, v in out.items()}}
             )
+        # ranks started again because their worker died before the actor ran (LearnerGroup._await_actors)
+        out["learner/failed_starts"] = float(getattr(self.learners, "failed_starts", 0))
         return out
 
     def _check_storage(self, targets) -> None:

@@ -241,3 +241,57 @@ def test_cpu_engines_reserve_one_cpu_per_tp_rank(fake_gpu_cluster):
         assert _free_gpus(ray) == NUM_GPUS
     finally:
         pool.shutdown()
+
+
+class LearnerDiesOnFirstStart(StandInLearner):
+    """Its worker process dies (SIGKILL) while the actor is created, the first time a rank starts, as a Ray
+    worker that crashes before the actor runs does; a marker file in ``markers`` remembers it."""
+
+    markers = ""  # set by the test before the group ships the class (by value) to Ray
+
+    def __init__(self, model_cfg, learner_cfg, algo_cfg, rank, world_size, total_steps):
+        import signal
+        from pathlib import Path
+
+        marker = Path(self.markers) / f"rank_{rank}"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().__init__(model_cfg, learner_cfg, algo_cfg, rank, world_size, total_steps)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerFailsToStart(StandInLearner):
+    def __init__(self, model_cfg, learner_cfg, algo_cfg, rank, world_size, total_steps):
+        raise RuntimeError(f"rank {rank}: bad model path")
+
+
+def test_a_learner_rank_whose_worker_dies_at_start_is_started_again(fake_gpu_cluster, tmp_path, monkeypatch):
+    """The learner group starts a rank again in its bundle when its worker died before the actor ran (counted);
+    a rank whose ``__init__`` raised is not retried and the error names it; both leave every device free."""
+    import ray
+
+    from ivgr_dist.learner.group import LearnerGroup
+
+    monkeypatch.setattr(LearnerDiesOnFirstStart, "markers", str(tmp_path))
+    cfg = _cfg(engines=1, tp=1)
+    learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, 1, timeout_s=60, worker_cls=LearnerDiesOnFirstStart)
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1"]  # each died once
+        assert learners.failed_starts == 2
+        pids = ray.get([a.pid.remote() for a in learners.actors], timeout=30)
+        assert all(pid != int((tmp_path / f"rank_{r}").read_text()) for r, pid in enumerate(pids))  # new processes
+        ranks = ray.get([a.where.remote() for a in learners.actors], timeout=30)
+        assert [r["rank"] for r in ranks] == [0, 1] and len({g for r in ranks for g in r["gpus"]}) == 2
+    finally:
+        learners.shutdown()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"learner rank [01] failed to start: .*bad model path"):
+        LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, 1, timeout_s=60, worker_cls=LearnerFailsToStart)
+    assert time.monotonic() - t0 < 20  # not retried
+    deadline = time.monotonic() + 10
+    while _free_gpus(ray) < NUM_GPUS and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _free_gpus(ray) == NUM_GPUS
