@@ -22,14 +22,24 @@ error names the role, the bundles, the strategy and the resources that are free 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EnginePlacement", "PlacementError", "engine_bundles", "reserve", "shortfall", "with_resources"]
+__all__ = [
+    "START_RETRIES",
+    "EnginePlacement",
+    "PlacementError",
+    "await_actor_starts",
+    "engine_bundles",
+    "reserve",
+    "shortfall",
+    "with_resources",
+]
 
 
 class PlacementError(RuntimeError):
@@ -121,6 +131,66 @@ def reserve(bundles: Sequence[dict[str, float]], strategy: str, what: str, timeo
         )
     log.debug("%s: placement group ready in %.2fs", what, time.monotonic() - t0)
     return pg
+
+
+START_RETRIES = 2
+"""Times an actor whose Ray worker died before it ran is started again (:func:`await_actor_starts`)."""
+
+
+def await_actor_starts(
+    what: str,
+    ids: Sequence[int],
+    ready: Callable[[int], Any],
+    restart: Callable[[int], None],
+    on_ready: Callable[[int, Any], None],
+    on_retry: Callable[[int, str], None],
+    timeout_s: float,
+    timeout_error: type[Exception] = TimeoutError,
+) -> None:
+    """Wait for actors to start: ``ready(i)`` is actor ``i``'s start call (an object ref); its result goes to
+    ``on_ready(i, result)``. Each round of waiting has ``timeout_s``; actors still not started then raise
+    ``timeout_error`` naming them.
+
+    An actor whose Ray worker process died before the actor ran ("The actor died unexpectedly before finishing
+    this task", "connection error code 2"; seen on nodes busy starting and reaping workers) is started again in
+    its placement group with ``restart(i)`` (kill it, create it again, so that ``ready(i)`` is its new start
+    call), up to :data:`START_RETRIES` times, logged, with ``on_retry(i, why)`` to count it. An actor whose
+    ``__init__`` raised is not retried (the same error would come back): a ``RuntimeError`` names it and the
+    exception's last line; so does one that died before it ran once more than allowed. A start call that raised
+    (``RayTaskError``) is raised as it is."""
+    import ray
+
+    tries = dict.fromkeys(ids, 0)
+    todo = list(ids)
+    while todo:
+        refs = {ready(i): i for i in todo}
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            late = sorted(refs[r] for r in pending)
+            raise timeout_error(f"{what}(s) {late} did not start within {timeout_s:g}s")
+        todo = []
+        for ref, i in refs.items():
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.ActorDiedError as exc:
+                lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+                first = (lines or [""])[0][:200]
+                if exc.actor_init_failed:  # the last line is the exception its __init__ raised
+                    raise RuntimeError(f"{what} {i} failed to start: {lines[-1][:300]}") from exc
+                if tries[i] >= START_RETRIES:
+                    raise RuntimeError(
+                        f"{what} {i}: its actor died before it ran {tries[i] + 1} times: {first}"
+                    ) from exc
+                tries[i] += 1
+                on_retry(i, first)
+                log.warning(
+                    "%s %d: its actor died before it ran (%s); starting it again in its placement group "
+                    "(retry %d of %d)", what, i, first, tries[i], START_RETRIES,
+                )  # fmt: skip
+                restart(i)
+                todo.append(i)
+                continue
+            on_ready(i, result)
 
 
 @dataclass

@@ -24,8 +24,6 @@ shards included.
 
 from __future__ import annotations
 
-import logging
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +37,6 @@ from ivgr_dist.learner.worker import LearnerWorker
 from ivgr_dist.logs import actor_env
 
 __all__ = ["LearnerGroup"]
-
-log = logging.getLogger(__name__)
-
-_START_RETRIES = 2
-"""Times a rank whose actor died before it ran is started again (see ``LearnerGroup._await_actors``)."""
 
 
 class LearnerGroup:
@@ -109,44 +102,29 @@ class LearnerGroup:
             raise
 
     def _await_actors(self, start_rank) -> None:
-        """Wait until every rank's actor exists. A rank whose worker process died before its actor ran (Ray:
-        "The actor died unexpectedly before finishing this task", seen on nodes busy starting and reaping
-        workers; the rollout pool retries its engines for the same reason) is started again in its bundle, up to
-        ``_START_RETRIES`` times, logged and counted (``failed_starts``); a rank whose ``__init__`` raised is not
-        (the same error would come back) and fails the start, naming the rank."""
+        """Wait until every rank's actor exists (:func:`~ivgr_dist.placement.await_actor_starts`): a rank whose
+        worker died before its actor ran is started again in its bundle, counted in ``failed_starts``; a rank
+        whose ``__init__`` raised fails the start, naming the rank."""
         import ray
 
-        tries = [0] * self.num_ranks
-        todo = list(range(self.num_ranks))
-        deadline = time.monotonic() + self.timeout_s
-        while todo:
-            refs = {self.actors[r].__ray_ready__.remote(): r for r in todo}
-            _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
-            if pending:
-                late = sorted(refs[p] for p in pending)
-                raise TimeoutError(f"learner rank(s) {late} did not start within {self.timeout_s:g}s")
-            todo = []
-            for ref, r in refs.items():
-                try:
-                    ray.get(ref)
-                except ray.exceptions.ActorDiedError as exc:
-                    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
-                    first = (lines or [""])[0][:200]
-                    if exc.actor_init_failed:  # the last line is the exception its __init__ raised
-                        raise RuntimeError(f"learner rank {r} failed to start: {lines[-1][:300]}") from exc
-                    if tries[r] >= _START_RETRIES:
-                        raise RuntimeError(
-                            f"learner rank {r}: its actor died before it ran {tries[r] + 1} times: {first}"
-                        ) from exc
-                    tries[r] += 1
-                    self.failed_starts += 1
-                    log.warning(
-                        "learner rank %d: its actor died before it ran (%s); starting it again in its bundle "
-                        "(retry %d of %d)", r, first, tries[r], _START_RETRIES,
-                    )  # fmt: skip
-                    ray.kill(self.actors[r], no_restart=True)
-                    self.actors[r] = start_rank(r)
-                    todo.append(r)
+        from ivgr_dist.placement import await_actor_starts
+
+        def restart(r: int) -> None:
+            ray.kill(self.actors[r], no_restart=True)
+            self.actors[r] = start_rank(r)
+
+        def on_retry(r: int, why: str) -> None:
+            self.failed_starts += 1
+
+        await_actor_starts(
+            "learner rank",
+            range(self.num_ranks),
+            lambda r: self.actors[r].__ray_ready__.remote(),
+            restart,
+            lambda r, _: None,
+            on_retry,
+            self.timeout_s,
+        )
 
     # ------------------------------------------------------------------------------------ calls
 

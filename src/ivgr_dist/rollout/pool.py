@@ -49,15 +49,11 @@ from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
 from ivgr_dist.logs import actor_env
-from ivgr_dist.placement import EnginePlacement, PlacementError, shortfall
+from ivgr_dist.placement import EnginePlacement, PlacementError, await_actor_starts, shortfall
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
-
-_START_RETRIES = 2
-"""Times an engine whose actor died before it ran is started again while the pool starts (see
-``RolloutPool._await_initial_starts``); later starts are the healer's (``rollout.max_restarts``)."""
 
 
 def engine_dead(exc: BaseException) -> bool:
@@ -227,41 +223,27 @@ class RolloutPool:
             )  # fmt: skip
 
     def _await_initial_starts(self, ids: list[int], timeout_s: float) -> None:
-        """Wait for the first engines' ``start()``. An actor whose worker process died before the engine ran
-        (Ray: "connection error code 2 ... never ran"; seen when a node is busy starting and reaping workers)
-        is started again in the same placement group, up to ``_START_RETRIES`` times, logged and counted in
-        ``rollout/engine_failed_starts``; an engine that raised, or whose ``__init__`` failed, is not retried
-        (the same error would come back) and fails the start with it."""
+        """Wait for the first engines' ``start()`` (:func:`~ivgr_dist.placement.await_actor_starts`): an engine
+        whose actor died before it ran is started again in its placement group, counted in
+        ``rollout/engine_failed_starts``; an engine that raised, or whose ``__init__`` failed, fails the start."""
         import ray
 
-        tries = dict.fromkeys(ids, 0)
-        todo = list(ids)
-        while todo:
-            refs = {self._starting[i][0]: i for i in todo}
-            _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-            if pending:
-                late = sorted(refs[r] for r in pending)
-                raise RolloutError(f"rollout engine(s) {late} did not start within {timeout_s:g}s")
-            todo = []
-            for ref, i in refs.items():
-                try:
-                    self.start_info[i] = ray.get(ref)
-                except ray.exceptions.ActorDiedError as exc:
-                    if exc.actor_init_failed or tries[i] >= _START_RETRIES:
-                        raise
-                    tries[i] += 1
-                    self.counters["failed_starts"] += 1
-                    first = (str(exc).splitlines() or [""])[0]
-                    self.failures.append(f"engine {i}: actor died before the engine started: {first[:200]}")
-                    log.warning(
-                        "rollout engine %d: its actor died before the engine started (%s); starting it again in "
-                        "the same placement group (retry %d of %d)", i, first, tries[i], _START_RETRIES,
-                    )  # fmt: skip
-                    ray.kill(self.actors[i], no_restart=True)
-                    self._start_actor(i)
-                    todo.append(i)
-                    continue
-                self._starting.pop(i)
+        def ready(i: int):
+            return self._starting[i][0]
+
+        def restart(i: int) -> None:
+            ray.kill(self.actors[i], no_restart=True)
+            self._start_actor(i)
+
+        def on_ready(i: int, info: dict) -> None:
+            self.start_info[i] = info
+            self._starting.pop(i)
+
+        def on_retry(i: int, why: str) -> None:
+            self.counters["failed_starts"] += 1
+            self.failures.append(f"engine {i}: actor died before the engine started: {why}")
+
+        await_actor_starts("rollout engine", ids, ready, restart, on_ready, on_retry, timeout_s, RolloutError)
 
     def _start_actor(self, i: int) -> None:
         placement = self.placements[i]
