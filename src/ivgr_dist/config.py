@@ -54,6 +54,13 @@ def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     _check(value in choices, key, value, f"must be one of {list(choices)}")
 
 
+def _check_seconds(key: str, value: float, allow_zero: bool = False) -> None:
+    """A duration (timeout, interval, back-off): finite, and > 0 (>= 0 with ``allow_zero``). ``inf`` would make
+    a wait unbounded, which is what every timeout exists to prevent."""
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    _check(ok, key, value, "must be finite and >= 0 (seconds)" if allow_zero else "must be finite and > 0 (seconds)")
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -490,10 +497,12 @@ class HealthConfig:
     enabled: bool = True
     """false: no probing (dead engines are still noticed by their failed requests and replaced)."""
 
-    def __post_init__(self) -> None:
-        _check(self.interval_s > 0, "rollout.health.interval_s", self.interval_s, "must be > 0")
-        _check(self.timeout_s > 0, "rollout.health.timeout_s", self.timeout_s, "must be > 0")
-        _check(self.failures >= 1, "rollout.health.failures", self.failures, "must be >= 1")
+    def check(self, prefix: str) -> None:
+        """Validate, naming keys under ``prefix`` (the section holding it: ``rollout.health`` or
+        ``reward.judge.health``); called by that section's ``__post_init__``."""
+        _check_seconds(f"{prefix}.interval_s", self.interval_s)
+        _check_seconds(f"{prefix}.timeout_s", self.timeout_s)
+        _check(self.failures >= 1, f"{prefix}.failures", self.failures, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -544,7 +553,12 @@ class RolloutConfig:
     """vLLM engine arguments."""
 
     def __post_init__(self) -> None:
-        _check(self.n >= 1, "rollout.n", self.n, "must be >= 1 (GRPO needs >= 2 for a non-zero advantage)")
+        _check(
+            self.n >= 2,
+            "rollout.n",
+            self.n,
+            "must be >= 2: GRPO compares the rollouts of a group, and a group of one has advantage 0 (trains nothing)",
+        )
         _check(self.temperature >= 0.0, "rollout.temperature", self.temperature, "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "must be in (0, 1]")
         _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, "must be >= 1")
@@ -562,11 +576,13 @@ class RolloutConfig:
             f"must be 0 (= num_engines) or >= rollout.num_engines={self.num_engines}",
         )
         _check(self.max_restarts >= 0, "rollout.max_restarts", self.max_restarts, "must be >= 0")
-        _check(self.restart_backoff_s >= 0, "rollout.restart_backoff_s", self.restart_backoff_s, "must be >= 0")
+        _check_seconds("rollout.restart_backoff_s", self.restart_backoff_s, allow_zero=True)
         _check(
             self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", self.tensor_parallel_size, "must be >= 1"
         )
-        _check(self.placement_timeout_s > 0, "rollout.placement_timeout_s", self.placement_timeout_s, "must be > 0")
+        _check_seconds("rollout.placement_timeout_s", self.placement_timeout_s)
+        _check_seconds("rollout.group_timeout_s", self.group_timeout_s)
+        self.health.check("rollout.health")
 
 
 # ----------------------------------------------------------------------------------------- algorithm
@@ -693,7 +709,7 @@ class LearnerConfig:
         _check_choice("learner.backend", self.backend, ["auto", "nccl", "gloo"])
         _check(self.gpus_per_rank >= -1, "learner.gpus_per_rank", self.gpus_per_rank, "must be -1 (auto), 0 or more")
         _check(self.cpus_per_rank >= 0, "learner.cpus_per_rank", self.cpus_per_rank, "must be >= 0")
-        _check(self.placement_timeout_s > 0, "learner.placement_timeout_s", self.placement_timeout_s, "must be > 0")
+        _check_seconds("learner.placement_timeout_s", self.placement_timeout_s)
         _check_choice("learner.precision", self.precision, ["auto", "bf16", "fp32"])
         _check(self.lr > 0 and math.isfinite(self.lr), "learner.lr", self.lr, "must be finite and > 0")
         _check(self.weight_decay >= 0, "learner.weight_decay", self.weight_decay, "must be >= 0")
@@ -774,9 +790,9 @@ class JudgeConfig:
         for url in self.urls:
             _check(url.startswith(("http://", "https://")), p + "urls[]", url, "must start with http:// or https://")
         _check(self.concurrency >= 1, p + "concurrency", self.concurrency, "must be >= 1")
-        _check(self.timeout_s > 0, p + "timeout_s", self.timeout_s, "must be > 0")
+        _check_seconds(p + "timeout_s", self.timeout_s)
         _check(0 <= self.max_retries <= 20, p + "max_retries", self.max_retries, "must be in [0, 20]")
-        _check(self.backoff_s >= 0, p + "backoff_s", self.backoff_s, "must be >= 0")
+        _check_seconds(p + "backoff_s", self.backoff_s, allow_zero=True)
         _check(self.samples >= 1, p + "samples", self.samples, "must be >= 1")
         _check(self.temperature >= 0, p + "temperature", self.temperature, "must be >= 0")
         _check(
@@ -787,6 +803,7 @@ class JudgeConfig:
         )
         _check_choice(p + "on_failure", self.on_failure, JUDGE_ON_FAILURE)
         _check(self.num_engines >= 1, p + "num_engines", self.num_engines, "must be >= 1")
+        self.health.check(p + "health")
 
 
 @dataclass(frozen=True)
@@ -837,7 +854,7 @@ class SyncConfig:
     def __post_init__(self) -> None:
         _check_choice("sync.backend", self.backend, ["auto", "ivgr_shm", "gloo", "nccl"])
         _check(self.bucket_mb >= 1, "sync.bucket_mb", self.bucket_mb, "must be >= 1")
-        _check(self.timeout_s > 0, "sync.timeout_s", self.timeout_s, "must be > 0")
+        _check_seconds("sync.timeout_s", self.timeout_s)
         _check(self.verify_every >= 0, "sync.verify_every", self.verify_every, "must be >= 0 (0 = off)")
         _check(self.verify_tolerance > 0, "sync.verify_tolerance", self.verify_tolerance, "must be > 0")
 

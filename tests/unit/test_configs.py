@@ -96,7 +96,19 @@ def test_reward_recipe_exact_defaults_off_and_overrides():
         ("rollout.min_engines=3", "rollout.min_engines=3: must be in [1, rollout.num_engines=2]"),
         ("rollout.max_engines=1", "rollout.max_engines=1: must be 0 (= num_engines) or >= rollout.num_engines=2"),
         ("rollout.health.failures=0", "rollout.health.failures=0: must be >= 1"),
-        ("rollout.health.interval_s=0", "rollout.health.interval_s=0.0: must be > 0"),
+        ("rollout.health.interval_s=0", "rollout.health.interval_s=0.0: must be finite and > 0 (seconds)"),
+        # GRPO's advantage is 0 for every rollout of a group of one: such a run would train nothing
+        ("rollout.n=1", "rollout.n=1: must be >= 2: GRPO compares the rollouts of a group"),
+        # an infinite (or NaN) timeout or back-off is an unbounded wait
+        ("reward.judge.timeout_s=inf", "reward.judge.timeout_s=inf: must be finite and > 0 (seconds)"),
+        ("reward.judge.timeout_s=nan", "reward.judge.timeout_s=nan: must be finite and > 0 (seconds)"),
+        ("reward.judge.backoff_s=inf", "reward.judge.backoff_s=inf: must be finite and >= 0 (seconds)"),
+        ("sync.timeout_s=inf", "sync.timeout_s=inf: must be finite and > 0 (seconds)"),
+        ("rollout.restart_backoff_s=inf", "rollout.restart_backoff_s=inf: must be finite and >= 0 (seconds)"),
+        ("rollout.group_timeout_s=inf", "rollout.group_timeout_s=inf: must be finite and > 0 (seconds)"),
+        ("rollout.placement_timeout_s=inf", "rollout.placement_timeout_s=inf: must be finite and > 0 (seconds)"),
+        ("rollout.health.timeout_s=inf", "rollout.health.timeout_s=inf: must be finite and > 0 (seconds)"),
+        ("learner.placement_timeout_s=-inf", "learner.placement_timeout_s=-inf: must be finite and > 0 (seconds)"),
     ],
 )
 def test_validation_errors_quote_value_and_rule(override, expected):
@@ -229,3 +241,27 @@ def test_recipe_engines_get_gpu_shaped_arguments(name):
     assert kw["enable_prefix_caching"] is True
     inflight = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_collective", cpu=False, inflight_updates=True)
     assert inflight["enable_prefix_caching"] is False
+
+
+def test_every_duration_in_the_tree_is_checked_finite():
+    """Each float field named ``*_s`` (a timeout, interval or back-off) rejects ``inf``: a new duration key
+    without the check fails here."""
+    import dataclasses
+    import typing
+
+    from ivgr_dist.config import Config
+
+    def durations(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                yield from durations(kind, f"{prefix}{f.name}.")
+            elif f.name.endswith("_s") and kind is float:
+                yield f"{prefix}{f.name}"
+
+    keys = list(durations(Config, ""))
+    assert len(keys) >= 9, keys
+    for key in keys:
+        with pytest.raises(ConfigError, match=f"{key}=inf: must be finite"):
+            load_config(None, [f"{key}=inf"])
