@@ -31,6 +31,7 @@ def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     from vllm import LLM, SamplingParams
 
     from ivgr_dist.rollout.worker import engine_kwargs
+    from ivgr_dist.shm_segments import shutdown_llm
 
     kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm")
     kwargs.pop("weight_transfer_config")
@@ -49,7 +50,7 @@ def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
         outs = llm.generate(requests, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         best = max(best, sum(len(c.token_ids) for o in outs for c in o.outputs) / dt)
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_llm(llm)  # vLLM's shutdown, and the shared memory a core it had to kill left behind
     del llm
     return best
 

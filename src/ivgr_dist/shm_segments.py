@@ -7,6 +7,11 @@ unlink them on a clean shutdown, and the ``multiprocessing`` resource tracker of
 unlinks what a crashed creator leaves; a SIGKILL of the whole tree (:meth:`RolloutWorker.kill_engine
 <ivgr_dist.rollout.worker.RolloutWorker.kill_engine>`, which kills the tracker too) leaves them in
 ``/dev/shm`` (RAM) until the machine reboots. :func:`mapped_segments` read before such a kill names them.
+
+vLLM's own shutdown of an engine (``LLM`` / ``AsyncLLM``) gives the EngineCore 5 s to exit and then SIGKILLs it;
+on a loaded machine its TP workers' exit alone can take longer, and the killed core leaves its queues.
+:func:`shutdown_llm` is that shutdown plus the clean-up, for code that runs a bare ``vllm.LLM`` (the rollout
+benchmark, tests); the rollout engines do the same in ``RolloutWorker.shutdown``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-__all__ = ["ENGINE_SEGMENT_PREFIXES", "SHM_ROOT", "mapped_segments", "unlink_segments"]
+__all__ = [
+    "ENGINE_SEGMENT_PREFIXES",
+    "SHM_ROOT",
+    "child_segments",
+    "mapped_segments",
+    "shutdown_llm",
+    "unlink_segments",
+]
 
 SHM_ROOT = "/dev/shm"
 ENGINE_SEGMENT_PREFIXES = ("psm_", "sem.mp-")
@@ -49,4 +61,45 @@ def unlink_segments(names: Iterable[str]) -> list[str]:
         except FileNotFoundError:
             continue
         removed.append(name)
+    return removed
+
+
+def child_segments() -> set[str]:
+    """The engine segments this process's descendants map and this process does not (a vLLM engine's message
+    queues and locks, created at its start and mapped for its lifetime)."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    return set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
+
+
+def shutdown_llm(llm, timeout_s: float = 15.0) -> list[str]:
+    """Shut down a ``vllm.LLM`` made in this process and remove the shared memory its processes leave: vLLM's
+    shutdown, then a wait (at most ``timeout_s``) for the engine's processes to exit (those still there, e.g. a
+    stopped worker its killed core orphaned, are killed), then the segments they mapped are unlinked. Returns
+    the names removed (empty after a clean exit). Call it once no other engine of this process is running (the
+    segments are told apart by who maps them, not by engine)."""
+    import psutil
+
+    segments = child_segments()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        procs = [p for p in psutil.Process().children(recursive=True) if p.pid in before]
+        engine = []
+        for p in procs:
+            try:
+                if "resource_tracker" not in " ".join(p.cmdline()):
+                    engine.append(p)
+            except psutil.Error:
+                continue
+        _, alive = psutil.wait_procs(engine, timeout=timeout_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(alive, timeout=5)
+        removed = unlink_segments(segments - set(mapped_segments([os.getpid()])))
     return removed

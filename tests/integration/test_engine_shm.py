@@ -56,6 +56,41 @@ def test_an_engine_that_goes_leaves_no_shared_memory_segments(tiny_model_dir, ho
         ray.shutdown()
 
 
+def test_a_bare_vllm_engine_slow_to_exit_leaves_no_shared_memory(tiny_model_dir):
+    """``shutdown_llm`` (the rollout benchmark's and the tests' way to close a bare ``vllm.LLM``): the engine's
+    processes are stopped (SIGSTOP) as it shuts down, so vLLM SIGKILLs the EngineCore after its 5 s grace before
+    it unlinks its message queues, as a core too slow to exit on a loaded machine (``test_tiny_model``'s engine
+    left ``psm_412e6656`` in a clean-clone run of the README's test command). Plain
+    ``llm.llm_engine.engine_core.shutdown()`` leaves them."""
+    import psutil
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    from ivgr_dist.shm_segments import SHM_ROOT, child_segments, shutdown_llm
+
+    llm = LLM(model=str(tiny_model_dir), enforce_eager=True, max_model_len=1024, limit_mm_per_prompt={"image": 1})
+    # the engine's processes (not multiprocessing's resource tracker, which unlinks its semaphores at exit)
+    procs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
+    try:
+        segments = child_segments()
+        assert any(name.startswith("psm_") for name in segments), segments  # the core <-> worker queues
+        assert {p.name() for p in procs} >= {"VLLM::EngineCore", "VLLM::Worker"}, [p.name() for p in procs]
+        for p in procs:
+            p.suspend()
+        removed = shutdown_llm(llm, timeout_s=2)  # the stopped processes do not exit by themselves
+        left = sorted(set(segments) & set(os.listdir(SHM_ROOT)))
+        assert not left, f"the engine left {left} in {SHM_ROOT}"
+        assert removed, "nothing was left to remove: the test did not exercise the clean-up"
+        assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in procs:  # a stopped process that nothing killed must not outlive the test
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
 NODE_SCRIPT = """
 import json, os, time
 import ray

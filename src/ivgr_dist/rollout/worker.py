@@ -197,12 +197,9 @@ class RolloutWorker:
     def _engine_segments(self) -> set[str]:
         """The shared-memory segments this engine's processes (EngineCore, TP workers) map and this actor does
         not: vLLM creates its message queues at start, so this list holds them for the engine's lifetime."""
-        import psutil
+        from ivgr_dist.shm_segments import child_segments
 
-        from ivgr_dist.shm_segments import mapped_segments
-
-        procs = psutil.Process().children(recursive=True)
-        return set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
+        return child_segments()
 
     # -------------------------------------------------------------------------------- generation
 
