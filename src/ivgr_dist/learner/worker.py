@@ -120,19 +120,11 @@ def _tis_metrics(tot: dict[str, float]) -> dict[str, float]:
 
 
 def pick_master_address() -> tuple[str, int]:
-    """This node's address (Ray's node IP inside Ray, else 127.0.0.1) and a currently free TCP port."""
-    addr = "127.0.0.1"
-    try:
-        import ray
+    """This node's address (Ray's node IP inside Ray, else 127.0.0.1) and a TCP port currently free on it."""
+    from ivgr_dist.rendezvous import free_port, node_address
 
-        if ray.is_initialized():
-            addr = ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return addr, port
+    addr = node_address()
+    return addr, free_port(addr)
 
 
 class LearnerWorker:
@@ -178,8 +170,8 @@ class LearnerWorker:
     def init_distributed(
         self, master_addr: str | None = None, master_port: int | None = None, timeout_s: float = 1800.0
     ):
-        """Join the process group (tcp init at ``master_addr:master_port``, or ``env://`` when not
-        given), then load and shard the policy (and the reference policy when ``kl_coef > 0``) and
+        """Join the process group (a TCP store at ``master_addr:master_port`` that rank 0 hosts, or ``env://``
+        when not given), then load and shard the policy (and the reference policy when ``kl_coef > 0``) and
         build the optimizer and warm-up schedule."""
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -192,10 +184,15 @@ class LearnerWorker:
             self._device = torch.device("cuda", local)
         else:
             self._device = torch.device("cpu")
-        init = f"tcp://{master_addr}:{master_port}" if master_addr else "env://"
-        dist.init_process_group(
-            backend, init_method=init, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        timeout = timedelta(seconds=timeout_s)
+        if master_addr:  # rank 0's store listens on master_addr only (ivgr_dist.rendezvous), not every interface
+            from ivgr_dist.rendezvous import open_store
+
+            store = open_store(master_addr, int(master_port), self.world_size, self.rank == 0, timeout)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)  # fmt: skip
         self.mesh = init_device_mesh(self._device.type, (self.world_size,))
         precision = self.cfg.precision
         if precision == "auto":

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ivgr_dist.rendezvous import open_store
 from ivgr_dist.sync.fanout import SyncError, call_engines
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,14 @@ def metas_of(update_info) -> list[TensorMeta]:
 
 def open_group(host: str, port: int, rank: int, world_size: int, communicator: str, timeout_s: float):
     """The transfer process group (torch only; no default process group involved). Rank 0 hosts the store
-    at ``host:port``; everyone else connects to it. Blocks until all ``world_size`` ranks joined, at most
+    at ``host:port``, listening on that address only (:mod:`ivgr_dist.rendezvous`); everyone else connects to it. Blocks until all ``world_size`` ranks joined, at most
     ``timeout_s``; every later operation also times out after ``timeout_s``."""
     import torch.distributed as dist
 
     if communicator not in COMMUNICATORS:
         raise ValueError(f"communicator={communicator!r}: must be one of {list(COMMUNICATORS)}")
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), world_size, is_master=(rank == 0), timeout=timeout)
+    store = open_store(host, port, world_size, rank == 0, timeout)  # rank 0 listens on ``host`` only
     prefix = dist.PrefixStore("ivgr_weight_transfer", store)
     if communicator == "gloo":
         return dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
