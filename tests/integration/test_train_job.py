@@ -1,8 +1,8 @@
-"""End to end on a real local Ray cluster: ``ray start --head`` + ``ray job submit`` of the tiny job, then resume.
+"""End to end on a real local Ray cluster (token authentication on): ``ray start --head`` + ``ray job submit`` of
+the tiny job through ``cluster/submit.sh``, ``ray job stop`` while it trains, and the same submission again.
 
 The job runs the real stack (2 vLLM CPU engines, 2 FSDP2 gloo learner ranks, shared-memory weight
-sync) through ``cluster/submit.sh``, exactly as a user submits to a GPU cluster. A second, local
-``ivgr-dist train`` with a higher ``max_steps`` then resumes from the job's checkpoint.
+sync), exactly as a user submits to a GPU cluster; the stop is what a scheduler's preemption does through Ray.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,37 +66,83 @@ def ray_head():
     cluster = LocalCluster.start_head(num_cpus=5)
     try:
         wait_for_job_agent(cluster.ray_bin, cluster.dashboard, cluster.env, deadline_s=180)
-        yield {"gcs": cluster.gcs, "dashboard": cluster.dashboard, "env": cluster.env}
+        yield {"gcs": cluster.gcs, "dashboard": cluster.dashboard, "env": cluster.env, "ray_bin": cluster.ray_bin}
     finally:
         cluster.stop()
 
 
-@pytest.mark.slow  # ~3 min; the default tier still submits jobs (test_multinode's start-up failure cases)
-def test_ray_job_submit_then_resume(ray_head, tiny_model_dir, tmp_path):
+def _wait_for(what: str, ok, timeout_s: float, every_s: float = 2.0):
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        value = ok()
+        if value:
+            return value
+        assert time.monotonic() < end, f"{what} not within {timeout_s:.0f} s"
+        time.sleep(every_s)
+
+
+def _steps(path: Path) -> list[int]:
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow  # ~4 min; the default tier still submits jobs (test_multinode's start-up failure cases)
+def test_ray_job_stop_checkpoints_and_a_resubmission_resumes_exactly(ray_head, tiny_model_dir, tmp_path):
+    """What a scheduler's preemption does through Ray: ``ray job stop`` sends SIGTERM, then SIGKILL after
+    ``RAY_JOB_STOP_WAIT_TIME_S`` (Ray's default, 3 s, killed the job before its checkpoint). The job submitted by
+    ``cluster/submit.sh`` (which gives it the grace) finishes its step, writes the checkpoint and stops; the same
+    submission again resumes after that step, and every step is trained once. The judge key set in the submitting
+    shell reaches the job's environment without being printed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"]}
-    submit = ["bash", str(REPO / "cluster" / "submit.sh"), "--", *_overrides(tmp_path, model, steps=2)]
-    job = subprocess.run(submit, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
-    log = job.stdout[-6000:] + job.stderr[-3000:]
-    assert job.returncode == 0, log
-    assert "succeeded" in job.stdout.lower(), log
-    _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2])
-    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
-    # The warm start ran first and RL started from it; the final policy is exported for eval.
-    assert len((tmp_path / "run" / "sft_logs" / "metrics.jsonl").read_text().splitlines()) == 4
-    assert (tmp_path / "run" / "sft_model" / "config.json").is_file()
-    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    secret = "sk-test-4f1c9e2b7a"
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"], "IVGR_JUDGE_API_KEY": secret}
+    overrides = [*_overrides(tmp_path, model, steps=3), "trainer.save_every=0"]  # only the stop writes one
+    submit = ["bash", str(REPO / "cluster" / "submit.sh"), "--no-wait", "--submission-id", "ivgr-stop-test"]
+    first = subprocess.run([*submit, "--", *overrides], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert secret not in first.stdout + first.stderr
+    assert "passing to the job: IVGR_JUDGE_API_KEY" in first.stderr
+    client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {_token(ray_head)}"})
+    assert client.get_job_info("ivgr-stop-test").runtime_env["env_vars"]["IVGR_JUDGE_API_KEY"] == secret
 
-    # Resume on the same cluster from the CLI: step 3 only, weight version continues at 3.
-    env_local = {**ray_head["env"], "RAY_ADDRESS": ray_head["gcs"]}
-    resume = [sys.executable, "-m", "ivgr_dist.cli", "train", *_overrides(tmp_path, model, steps=3)]
-    again = subprocess.run(resume, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env_local)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    records = _check_metrics(tmp_path / "run" / "metrics.jsonl", [1, 2, 3])
-    assert "resumed from" in again.stderr and "step_000002" in again.stderr
-    assert "reusing it" in again.stderr  # the finished warm start is not trained again
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for("step 1 of the submitted job", lambda: _steps(metrics), timeout_s=600)
+    stop = subprocess.run(
+        [ray_head["ray_bin"], "job", "stop", "--address", ray_head["dashboard"], "ivgr-stop-test"],
+        capture_output=True, text=True, timeout=700, env=env,
+    )  # fmt: skip
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    assert client.get_job_status("ivgr-stop-test") == JobStatus.STOPPED
+    logs = client.get_job_logs("ivgr-stop-test")
+    done = _steps(metrics)
+    stopped_at = done[-1]
+    assert done == list(range(1, stopped_at + 1)), done
+    assert f"stopped by SIGTERM after step {stopped_at}" in logs, logs[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:06d}" / "COMPLETE").is_file()
+    assert stopped_at < 3, "the job finished before the stop: nothing was tested"
+
+    # The same submission again: it resumes after the stopped step, with the warm start reused.
+    again = subprocess.run(["bash", str(REPO / "cluster" / "submit.sh"), "--", *overrides],
+                           capture_output=True, text=True, timeout=900, cwd=REPO, env=env)  # fmt: skip
+    log = again.stdout[-6000:] + again.stderr[-3000:]
+    assert again.returncode == 0 and "succeeded" in again.stdout.lower(), log
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped_at:06d}'}" in again.stdout, log
+    assert "reusing it" in again.stdout, log  # the finished warm start is not trained again
+    records = _check_metrics(metrics, [1, 2, 3])
+    assert records[-1]["data/batches"] == 3  # the sampler continued where the stopped job left it
+    trained = [json.loads(line) for line in (tmp_path / "run" / "trained.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trained] == [1, 2, 3]  # every step trained once: none lost, none twice
     assert len((tmp_path / "run" / "sft_logs" / "metrics.jsonl").read_text().splitlines()) == 4
-    assert records[-1]["data/batches"] == 3  # the sampler continued where the job stopped
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["weight_version"] == 3 and state["step"] == 3
+
+
+def _token(ray_head) -> str:
+    return Path(ray_head["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
