@@ -30,7 +30,8 @@ def no_start(monkeypatch):
 def _checkpoint(out, step: int, complete: bool = True):
     path = out / "checkpoints" / f"step_{step:06d}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"step": step, "weight_version": step}))
+    state = {"step": step, "weight_version": step, "sampler": {}, "scorer": {}}
+    (path / "trainer_state.json").write_text(json.dumps(state))
     if complete:
         (path / "COMPLETE").write_text("0")
     return path

@@ -744,13 +744,14 @@ class LearnerWorker:
         ``path`` must be on a file system every rank sees). The frozen reference is not saved. Returns this
         rank's confirmation: its node and the shard files it wrote with their sizes (rank 0 also DCP's
         ``.metadata``), for the driver to find before it marks the checkpoint complete."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from ivgr_dist.checkpoints import dcp_save
 
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": self.step}
-        dcp.save(state, checkpoint_id=str(path))
+        dcp_save(state, path)  # a failure (a full disk) is an OSError naming the path
         mine = [p for p in Path(path).glob(f"__{self.rank}_*.distcp")]
         if self.rank == 0:
             mine.append(Path(path) / ".metadata")
@@ -758,9 +759,11 @@ class LearnerWorker:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote (same world size or resharded by DCP). Fails first, naming
-        this rank's node, when the checkpoint is not visible from here."""
-        import torch.distributed.checkpoint as dcp
+        this rank's node, when the checkpoint is not visible from here; raises ``CorruptCheckpoint`` when DCP
+        cannot read it (the driver then tries the previous checkpoint, which overwrites all of this state)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from ivgr_dist.checkpoints import CorruptCheckpoint, dcp_load
 
         if not (Path(path) / ".metadata").is_file():
             raise FileNotFoundError(
@@ -770,7 +773,10 @@ class LearnerWorker:
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": 0}
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp_load(state, path)
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"learner rank {self.rank}: {exc}") from exc
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
