@@ -787,9 +787,11 @@ class LearnerWorker:
         checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json), which its
         config.json names (see ``ivgr_dist.models.export.write_hf_model``).
 
-        Complete or absent: rank 0 writes a temporary sibling (``.<name>.tmp``) and, once every rank is
-        through, renames it into place itself (the owner of a file finalises it: on several nodes the
-        driver's view of rank 0's files is not to be relied on)."""
+        Never half-written, never missing once it existed: rank 0 writes a temporary sibling (``.<name>.tmp``)
+        and, once every rank is through, swaps it in itself (``checkpoints.replace_dir``: an atomic exchange with
+        the previous export, which is removed after; the owner of a file finalises it: on several nodes the
+        driver's view of rank 0's files is not to be relied on). A failed export leaves the previous one."""
+        from ivgr_dist.checkpoints import replace_dir
         from ivgr_dist.models.export import write_hf_model
 
         src, final = Path(self.model_cfg.path), Path(path)
@@ -799,12 +801,15 @@ class LearnerWorker:
             dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         buckets = self.iter_full_state(max_shard_bytes, getattr(torch, dtype))
         if self.rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-            write_hf_model(out, src, buckets, dtype)
+            shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted export
+            try:
+                write_hf_model(out, src, buckets, dtype)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)  # a full disk gets its space back; the previous export stays
+                raise
         else:
             for _ in buckets:  # the all-gathers of rank 0's buckets
                 pass
         dist.barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            out.rename(final)
+            replace_dir(out, final)
