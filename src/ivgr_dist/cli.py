@@ -26,9 +26,10 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace, before_logs: Callable | None = None):
     """The config of a job that runs on Ray: paths made absolute here, on the driver, before any actor sees
-    them; shared paths that landed in this node's copy of the job's working directory are refused."""
+    them; shared paths that landed in this node's copy of the job's working directory are refused.
+    ``before_logs(cfg)`` runs before ``<output_dir>/logs/`` is opened (``train --overwrite`` moves it aside)."""
     from ivgr_dist.logs import setup_run_logs
     from ivgr_dist.storage import check_not_node_local, resolve_paths
 
@@ -36,6 +37,8 @@ def _run_config(args: argparse.Namespace):
     resolved = resolve_paths(cfg)
     check_not_node_local(cfg, resolved)
     args.run_config = resolved  # for the interrupt message (main)
+    if before_logs is not None:
+        before_logs(resolved)
     setup_run_logs(resolved.trainer.output_dir)
     return resolved
 
@@ -125,12 +128,40 @@ def _finished(cfg) -> bool:
     return found is not None and found.step >= cfg.trainer.max_steps
 
 
+def _fresh_start(cfg, overwrite: bool) -> None:
+    """``train --overwrite``: the earlier run's files go to a timestamped sibling (the warm start stays, reused
+    unless ``--overwrite-sft``). Without it, ``trainer.resume=false`` in a directory with checkpoints is refused:
+    the new run's checkpoints would mix with the old ones (and a later resume could load the old run)."""
+    from ivgr_dist import checkpoints
+
+    out = cfg.trainer.output_dir
+    if overwrite:
+        inputs = [cfg.model.path, *cfg.data.train_files, *cfg.data.val_files, cfg.data.image_root]
+        keep = [cfg.sft_model_dir, cfg.sft_logs_dir, *(p for p in inputs if p)]
+        aside = checkpoints.move_run_aside(out, keep=keep)
+        if aside is not None:
+            log.info(
+                "--overwrite: moved the earlier run's files (checkpoints, metrics, trained.jsonl, logs, model ...) "
+                "from %s to %s; this run starts at step 1 with fresh logs",
+                out,
+                aside,
+            )
+        return
+    found = checkpoints.existing_checkpoints(out) if not cfg.trainer.resume else []
+    if found:
+        raise FileExistsError(
+            f"trainer.resume=false but {found[-1].parent} holds an earlier run's checkpoints (newest "
+            f"{found[-1].name}): start over with `ivgr-dist train --overwrite` (moves that run's files, logs and "
+            "metrics included, to a timestamped sibling; nothing deleted) or set trainer.output_dir to a new directory"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
     from ivgr_dist.sft import run_sft, sft_config_for_rl
     from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
 
-    cfg = _run_config(args)
+    cfg = _run_config(args, before_logs=lambda c: _fresh_start(c, args.overwrite))
     if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do
         print(summarize(cfg, []))
         return 0
@@ -278,6 +309,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed (default: data.synthetic.seed)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.synthetic.max_objects=3")
     sp = add("train", cmd_train, "run GRPO on both reasoning streams (rollout engines + learner group on Ray)")
+    sp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: move the earlier run in trainer.output_dir (checkpoints, logs, metrics, model) to "
+        "<output_dir>.old-<time>; the warm start stays",
+    )
     sp.add_argument(
         "--overwrite-sft", action="store_true", help="with sft.enabled: retrain the warm start even if its model exists"
     )

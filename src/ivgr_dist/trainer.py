@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +206,7 @@ class Trainer:
         return self.out / "model"
 
     def export_model(self) -> Path:
-        """Write the current policy as a Hugging Face model directory (complete or absent)."""
+        """Write the current policy as a Hugging Face model directory (swapped in whole: ``checkpoints.replace_dir``)."""
         self.learners.export_hf(self.model_dir, dtype=self.cfg.model.dtype)
         log.info("policy exported to %s", self.model_dir)
         return self.model_dir
@@ -403,38 +402,40 @@ class Trainer:
         return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
 
     def save(self, step: int) -> Path:
-        """Learner (sharded: model, optimizer, scheduler) + driver state; ``COMPLETE`` marks it usable, written
-        only once the driver sees every shard each rank confirmed (on shared storage, or the run stops here)."""
-        path = self.out / "checkpoints" / f"step_{step:06d}"
-        path.mkdir(parents=True, exist_ok=True)
-        confirmed = self.learners.save_checkpoint(str(path / "learner"))
-        _check_shards(path / "learner", confirmed)
+        """Learner (sharded: model, optimizer, scheduler) + driver state, written to ``step_N.tmp`` and renamed to
+        ``step_N`` once complete and durable (``checkpoints.save``); the learner part counts only once the driver
+        sees every shard each rank confirmed (on shared storage, or the run stops here)."""
+        from ivgr_dist import checkpoints
+
+        def write_learner(path: Path) -> None:
+            checkpoints.check_shards(path, self.learners.save_checkpoint(str(path)))
+
         state = {
             "step": step,
             "weight_version": self.version,
             **self.producer.resume_state(step),  # the sampler before the first batch not trained on
             "scorer": self.scorer.state_dict(),
         }
-        (path / "trainer_state.json").write_text(json.dumps(state))
-        (path / "COMPLETE").write_text(str(time.time()))
+        path = checkpoints.save(self.out, step, write_learner, state, self.cfg.trainer.keep_checkpoints)
         self.last_checkpoint = path
-        log.info("checkpoint written to %s", path)
-        _prune_checkpoints(self.out / "checkpoints", self.cfg.trainer.keep_checkpoints)
         return path
 
     def maybe_resume(self) -> None:
-        from ivgr_dist.checkpoints import latest_checkpoint
+        """Continue from the newest checkpoint that loads (``checkpoints.resume``: a corrupt newer one is reported
+        and skipped)."""
+        from ivgr_dist import checkpoints
 
-        found = latest_checkpoint(self.out)
+        def load(found: checkpoints.Checkpoint) -> None:
+            self.learners.load_checkpoint(str(found.path / "learner"))
+            self.producer.load_state(found.state)
+            self.scorer.load_state_dict(found.state["scorer"])
+
+        found = checkpoints.resume(self.out, load)
         if found is None:
             return
-        path, state = found.path, found.state
-        self.learners.load_checkpoint(str(path / "learner"))
-        self.producer.load_state(state)
-        self.scorer.load_state_dict(state["scorer"])
-        self.step, self.version = state["step"], state["weight_version"]
+        self.step, self.version = found.step, found.state["weight_version"]
         self.push_weights(self.step)  # engines start from the base weights
-        log.info("resumed from %s (step %d, weight version %d)", path, self.step, self.version)
+        log.info("resumed from %s (step %d, weight version %d)", found.path, self.step, self.version)
 
     def close(self) -> None:
         if getattr(self, "control", None) is not None:
@@ -484,39 +485,6 @@ def _write_nodes(path: Path, probed: list[dict]) -> None:
     nodes |= {p["label"]: {"node_id": p["node_id"], "ip": p["ip"], "host": p["host"]} for p in probed}
     path.write_text(json.dumps(nodes, indent=2))
     log.info("roles on %d Ray node(s): %s", len({n["node_id"] for n in nodes.values()}), path)
-
-
-def _check_shards(path: Path, confirmed: list[dict]) -> None:
-    """Every file each learner rank says it wrote is visible here with its size (else the storage is not shared)."""
-    from ivgr_dist.storage import StorageError
-
-    for c in confirmed:
-        for name, size in c["files"].items():
-            f = path / name
-            if not f.is_file() or f.stat().st_size != size:
-                raise StorageError(
-                    f"checkpoint {path}: learner rank {c['rank']} (node {c['node'][:8]}) wrote {name} ({size} bytes) "
-                    f"but the driver {'sees ' + str(f.stat().st_size) + ' bytes' if f.is_file() else 'cannot see it'}: "
-                    "trainer.output_dir must be on storage every node mounts; the checkpoint is left incomplete"
-                )
-
-
-def _prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints (0: all); delete older ones and incomplete leftovers."""
-    import shutil
-
-    if keep <= 0:
-        return
-    steps = sorted(root.glob("step_*"))
-    complete = [p for p in steps if (p / "COMPLETE").is_file()]
-    if not complete:
-        return
-    kept = set(complete[-keep:])
-    newest = complete[-1]
-    for p in steps:
-        if p not in kept and p < newest:
-            log.info("removing old checkpoint %s (trainer.keep_checkpoints=%d)", p, keep)
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _log_trained(path: Path, step: int, rollouts: list[Rollout]) -> None:
@@ -590,6 +558,8 @@ def window_means(records: list[dict], key: str, window: int) -> tuple[float, flo
 def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
     """Final summary: rewards of the first vs the last steps (window means), where metrics, checkpoints
     and the exported policy are."""
+    from ivgr_dist.checkpoints import latest_checkpoint
+
     out = Path(cfg.trainer.output_dir)
     lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
     if not records:
@@ -611,8 +581,8 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
             f"  weight version {records[-1]['weight_version']:.0f}; engines verified against the learner on "
             f"{sum(v == 1.0 for v in verified)} of {len(verified)} checks"
         )
-    ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
-    lines.append(f"  latest checkpoint: {ckpts[-1] if ckpts else 'none'}")
+    newest = latest_checkpoint(out)
+    lines.append(f"  latest checkpoint: {newest.path if newest is not None else 'none'}")
     if (out / "model" / "config.json").is_file():
         lines.append(f"  policy (Hugging Face format): {out / 'model'}")
         lines.append(f"  evaluate: ivgr-dist eval --model {out / 'model'} --data {cfg.data.val_files[0]} --mode both")

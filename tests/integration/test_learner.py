@@ -270,6 +270,73 @@ def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
         torch.testing.assert_close(p, continued[name], rtol=0, atol=1e-7)
 
 
+def test_a_checkpoint_that_does_not_load_raises_corrupt_and_the_previous_one_restores_exactly(
+    make_worker, samples, tmp_path
+):
+    """DCP reads into the live parameters: a truncated shard fails part-way (CorruptCheckpoint, naming the rank),
+    and loading the previous checkpoint then restores every parameter and the step exactly."""
+    from ivgr_dist.checkpoints import CorruptCheckpoint
+
+    worker = make_worker()
+    batch = _with_logprobs(worker, samples)
+    worker.update(batch, TEMPERATURE)
+    worker.save_checkpoint(tmp_path / "a")
+    saved, saved_step = _full_state(worker), worker.step
+    worker.update(batch, TEMPERATURE)
+    worker.save_checkpoint(tmp_path / "b")
+    shard = next((tmp_path / "b").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpoint, match=r"learner rank 0: DCP cannot load .*/b"):
+        worker.load_checkpoint(tmp_path / "b")
+    worker.load_checkpoint(tmp_path / "a")
+    assert worker.step == saved_step
+    for name, p in _full_state(worker).items():
+        assert torch.equal(p, saved[name]), name
+
+
+def test_export_hf_swaps_the_model_in_without_a_moment_missing(make_worker, tmp_path, monkeypatch):
+    """A reader (an eval, a serving process) of the exported model never finds it missing while exports replace
+    it; an export that fails while writing leaves the previous model and no temporary directory."""
+    import errno
+    import json
+    import threading
+
+    worker = make_worker()
+    final = tmp_path / "hf"
+    worker.export_hf(final)
+    stop, missing, reads = threading.Event(), [], [0]
+
+    def watch():
+        while not stop.is_set():
+            try:
+                json.loads((final / "config.json").read_text())
+                reads[0] += 1
+            except FileNotFoundError:
+                missing.append(1)
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    try:
+        for _ in range(3):
+            worker.export_hf(final)
+    finally:
+        stop.set()
+        reader.join()
+    assert not missing and reads[0] > 0
+    before = (final / "model.safetensors").read_bytes()
+
+    def full(out, *args, **kwargs):
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("ivgr_dist.models.export.write_hf_model", full)
+    with pytest.raises(OSError, match="No space left"):
+        worker.export_hf(final)
+    assert (final / "model.safetensors").read_bytes() == before and (final / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no half-written .hf.tmp holding the disk
+
+
 def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_worker, encoder, samples, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration

@@ -65,7 +65,9 @@ def test_cli_prints_one_line_with_the_newest_checkpoint_and_exits_128_plus_signa
     for step, complete in ((3, True), (4, True), (5, False)):  # step 5: written when the signal came
         d = run / "checkpoints" / f"step_{step:06d}"
         d.mkdir(parents=True)
-        (d / "trainer_state.json").write_text(f'{{"step": {step}}}')
+        (d / "trainer_state.json").write_text(
+            f'{{"step": {step}, "weight_version": 1, "sampler": {{}}, "scorer": {{}}}}'
+        )
         if complete:
             (d / "COMPLETE").write_text("x")
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from ivgr_dist.checkpoints import check_shards, prune
 from ivgr_dist.config import load_config
 from ivgr_dist.storage import StorageError, check_not_node_local, resolve_paths
-from ivgr_dist.trainer import _check_shards, _prune_checkpoints
 
 
 def test_paths_are_made_absolute_once_against_the_drivers_directory(tmp_path, monkeypatch):
@@ -43,16 +43,16 @@ def test_complete_only_once_the_driver_sees_every_confirmed_shard(tmp_path):
     (tmp_path / "__0_0.distcp").write_bytes(b"x" * 10)
     (tmp_path / ".metadata").write_bytes(b"m")
     confirmed = [{"rank": 0, "node": "n0" * 8, "files": {"__0_0.distcp": 10, ".metadata": 1}}]
-    _check_shards(tmp_path, confirmed)
+    check_shards(tmp_path, confirmed)
     other = [*confirmed, {"rank": 1, "node": "n1abcdefgh", "files": {"__1_0.distcp": 7}}]
     with pytest.raises(
         StorageError,
         match=r"learner rank 1 \(node n1abcdef\) wrote __1_0.distcp \(7 bytes\) but the driver cannot see it",
     ):
-        _check_shards(tmp_path, other)
+        check_shards(tmp_path, other)
     (tmp_path / "__1_0.distcp").write_bytes(b"short")
     with pytest.raises(StorageError, match="but the driver sees 5 bytes"):
-        _check_shards(tmp_path, other)
+        check_shards(tmp_path, other)
 
 
 def test_only_the_newest_complete_checkpoints_are_kept(tmp_path):
@@ -61,8 +61,9 @@ def test_only_the_newest_complete_checkpoints_are_kept(tmp_path):
         d.mkdir()
         if complete:
             (d / "COMPLETE").write_text("")
-    _prune_checkpoints(tmp_path, keep=2)
-    # 4 and 5 kept; 1-3 removed (3 was an incomplete leftover); 6 (incomplete, newer) may still be written
-    assert sorted(os.listdir(tmp_path)) == ["step_000004", "step_000005", "step_000006"]
-    _prune_checkpoints(tmp_path, keep=0)
-    assert len(os.listdir(tmp_path)) == 3
+    prune(tmp_path, 5, keep=2)  # step 5 just written
+    # 4 and 5 kept; 1 and 2 removed; only complete checkpoints are pruned (3 and 6 are not checkpoints: a save in
+    # progress is step_N.tmp, removed by the next save; see test_checkpoints)
+    assert sorted(os.listdir(tmp_path)) == ["step_000003", "step_000004", "step_000005", "step_000006"]
+    prune(tmp_path, 5, keep=0)
+    assert len(os.listdir(tmp_path)) == 4

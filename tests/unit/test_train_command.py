@@ -30,7 +30,8 @@ def no_start(monkeypatch):
 def _checkpoint(out, step: int, complete: bool = True):
     path = out / "checkpoints" / f"step_{step:06d}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"step": step, "weight_version": step}))
+    state = {"step": step, "weight_version": step, "sampler": {}, "scorer": {}}
+    (path / "trainer_state.json").write_text(json.dumps(state))
     if complete:
         (path / "COMPLETE").write_text("0")
     return path
@@ -61,18 +62,18 @@ def test_a_finished_job_says_nothing_to_do_before_starting_anything(tmp_path, no
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("flags", "overrides"),
     [
-        ["trainer.max_steps=3", "trainer.resume=false"],  # starts over: not finished
-        ["trainer.max_steps=4"],  # one more step to train
+        (["--overwrite"], ["trainer.max_steps=3", "trainer.resume=false"]),  # starts over: not finished
+        ([], ["trainer.max_steps=4"]),  # one more step to train
     ],
 )
-def test_a_job_with_work_left_starts(tmp_path, no_start, overrides):
+def test_a_job_with_work_left_starts(tmp_path, no_start, flags, overrides):
     from ivgr_dist.cli import main
 
     _checkpoint(tmp_path / "run", 3)
     with pytest.raises(_Started, match="init_ray"):
-        main(["train", f"trainer.output_dir={tmp_path / 'run'}", *overrides])
+        main(["train", *flags, f"trainer.output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(_Started, match="init_ray"):  # no checkpoint at all
         main(["train", f"trainer.output_dir={tmp_path / 'fresh'}", "trainer.max_steps=3"])
 
@@ -124,3 +125,44 @@ def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
         with pytest.raises(_Started):
             main(argv)
     assert calls == [(False, "train"), (True, "train")]
+
+
+def _used_run(run):
+    """An earlier run's directory: checkpoints 10-12, logs, metrics, an export, and its warm start."""
+    for step in (10, 11, 12):
+        _checkpoint(run, step)
+    for name in ("metrics.jsonl", "trained.jsonl", "samples.jsonl", "wandb_run_id"):
+        (run / name).write_text("earlier run\n")
+    for name in ("logs", "model", "sft_model", "sft_logs"):
+        (run / name).mkdir()
+        (run / name / "file").write_text("earlier run\n")
+
+
+@pytest.mark.parametrize("resume", ["trainer.resume=false", "trainer.resume=true"])
+def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_warm_start(tmp_path, no_start, resume):
+    from ivgr_dist.cli import main
+
+    run = tmp_path / "run"
+    _used_run(run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(_Started, match="init_ray"):  # then the run starts, at step 1
+        main(["train", "--overwrite", f"trainer.output_dir={run}", resume, "trainer.max_steps=3"])
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    moved = sorted(p.relative_to(aside) for p in aside.rglob("*"))
+    assert moved == [p for p in before if p.parts[0] not in ("sft_model", "sft_logs")]  # nothing lost
+    assert (aside / "logs" / "file").read_text() == "earlier run\n"
+    assert sorted(p.name for p in run.iterdir()) == ["logs", "sft_logs", "sft_model"]  # logs/: this run's, new
+    assert (run / "sft_model" / "file").is_file() and not (run / "logs" / "file").exists()
+
+
+def test_resume_false_in_a_used_directory_is_refused_before_anything_starts(tmp_path, no_start, capsys):
+    from ivgr_dist.cli import main
+
+    run = tmp_path / "run"
+    _used_run(run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["train", f"trainer.output_dir={run}", "trainer.resume=false", "trainer.max_steps=3"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"ivgr-dist train: trainer.resume=false but {run / 'checkpoints'} holds an earlier run's")
+    assert "step_000012" in line and "ivgr-dist train --overwrite" in line and "trainer.output_dir" in line
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != "driver.log") == before  # untouched

@@ -266,7 +266,7 @@ class LearnerGroup:
 
     def export_hf(self, path: str | Path, dtype: str | None = None) -> Path:
         """A Hugging Face model directory at ``path``, complete or absent (rank 0 writes a temporary sibling
-        and renames it itself; see ``LearnerWorker.export_hf``)."""
+        and swaps it in itself; see ``LearnerWorker.export_hf``)."""
         self._gather([a.export_hf.remote(str(path), dtype) for a in self.actors], "export_hf")
         return Path(path)
 

@@ -741,13 +741,14 @@ class LearnerWorker:
         ``path`` must be on a file system every rank sees). The frozen reference is not saved. Returns this
         rank's confirmation: its node and the shard files it wrote with their sizes (rank 0 also DCP's
         ``.metadata``), for the driver to find before it marks the checkpoint complete."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from ivgr_dist.checkpoints import dcp_save
 
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": self.step}
-        dcp.save(state, checkpoint_id=str(path))
+        dcp_save(state, path)  # a failure (a full disk) is an OSError naming the path
         mine = [p for p in Path(path).glob(f"__{self.rank}_*.distcp")]
         if self.rank == 0:
             mine.append(Path(path) / ".metadata")
@@ -755,9 +756,11 @@ class LearnerWorker:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote (same world size or resharded by DCP). Fails first, naming
-        this rank's node, when the checkpoint is not visible from here."""
-        import torch.distributed.checkpoint as dcp
+        this rank's node, when the checkpoint is not visible from here; raises ``CorruptCheckpoint`` when DCP
+        cannot read it (the driver then tries the previous checkpoint, which overwrites all of this state)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from ivgr_dist.checkpoints import CorruptCheckpoint, dcp_load
 
         if not (Path(path) / ".metadata").is_file():
             raise FileNotFoundError(
@@ -767,7 +770,10 @@ class LearnerWorker:
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(), "step": 0}
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp_load(state, path)
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"learner rank {self.rank}: {exc}") from exc
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -778,9 +784,11 @@ class LearnerWorker:
         checkpoint naming, in ``dtype`` (default: the dtype named in the source config.json), which its
         config.json names (see ``ivgr_dist.models.export.write_hf_model``).
 
-        Complete or absent: rank 0 writes a temporary sibling (``.<name>.tmp``) and, once every rank is
-        through, renames it into place itself (the owner of a file finalises it: on several nodes the
-        driver's view of rank 0's files is not to be relied on)."""
+        Never half-written, never missing once it existed: rank 0 writes a temporary sibling (``.<name>.tmp``)
+        and, once every rank is through, swaps it in itself (``checkpoints.replace_dir``: an atomic exchange with
+        the previous export, which is removed after; the owner of a file finalises it: on several nodes the
+        driver's view of rank 0's files is not to be relied on). A failed export leaves the previous one."""
+        from ivgr_dist.checkpoints import replace_dir
         from ivgr_dist.models.export import write_hf_model
 
         src, final = Path(self.model_cfg.path), Path(path)
@@ -790,12 +798,15 @@ class LearnerWorker:
             dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         buckets = self.iter_full_state(max_shard_bytes, getattr(torch, dtype))
         if self.rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-            write_hf_model(out, src, buckets, dtype)
+            shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted export
+            try:
+                write_hf_model(out, src, buckets, dtype)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)  # a full disk gets its space back; the previous export stays
+                raise
         else:
             for _ in buckets:  # the all-gathers of rank 0's buckets
                 pass
         dist.barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            out.rename(final)
+            replace_dir(out, final)

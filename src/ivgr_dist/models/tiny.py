@@ -282,22 +282,21 @@ def build_processor(tokenizer, min_pixels: int = 3136, max_pixels: int = 200704,
 def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, overwrite: bool = False) -> Path:
     """Write a tiny random model of ``cfg.family`` (Qwen2.5-VL by default) to ``out_dir``; returns the path.
 
-    The directory is written to a temporary sibling and renamed into place, so an interrupted call
-    never leaves a half-written model that a later run would try to load.
+    The directory is written to a temporary sibling and swapped into place (``checkpoints.replace_dir``), so an
+    interrupted call never leaves a half-written model that a later run would try to load, nor none.
     """
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     from ivgr_dist._ext_fix import install
+    from ivgr_dist.checkpoints import replace_dir
     from ivgr_dist.models.export import make_files_readable
 
     install()
     cfg = cfg or TinyModelConfig()
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        shutil.rmtree(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
@@ -315,7 +314,7 @@ def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, ove
         build_processor(tokenizer, family=cfg.family).save_pretrained(tmp)
         (tmp / "ivgr_tiny.json").write_text(json.dumps({"tiny_model_config": cfg.__dict__}, indent=2))
         make_files_readable(tmp)  # save_pretrained's model.safetensors is 0600 (written via a temporary file)
-        tmp.rename(out)
+        replace_dir(tmp, out)  # an existing model stays until the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
