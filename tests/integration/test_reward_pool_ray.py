@@ -232,3 +232,12 @@ def test_a_lost_reference_cache_is_restored_from_the_last_checkpoint(ray_cluster
     finally:
         pool.close()
     assert latest_checkpoint(tmp_path).step == 1
+
+
+def test_judge_engines_that_cannot_start_fail_at_start(ray_cluster, tmp_path):
+    """backend=engine: the fleet starts in make_scorer (it used to start at the first request, and a failed start
+    turned every request into a fallback, logged only in a worker's log file)."""
+    judge = JudgeConfig(backend="engine", model=str(tmp_path / "no-such-judge"))
+    with pytest.raises(JudgeUnavailable, match=r"reward.judge.model='.*no-such-judge' did not start: no judge engine"):
+        make_scorer(RewardConfig(num_workers=0, judge=judge), AlgorithmConfig())
+    _wait_cpus_free(ray_cluster)  # the fleet and its engine's placement group were released
