@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -161,6 +162,8 @@ class RewardPool(StreamScorer):
         self.output_dir = output_dir
         self.cache_restores = 0
         self._restores_unreported = 0
+        # the producer thread (scoring) and the trainer (a save) may both find the cache lost: one restore
+        self._restore_lock = threading.Lock()
         # pinned to the driver's node: losing that node ends the run anyway, so the cache adds no node to lose
         self._driver_node = ray.get_runtime_context().get_node_id()
         self.cache = get_reference_cache(self.namespace, node_id=self._driver_node)
@@ -332,15 +335,16 @@ class RewardPool(StreamScorer):
         references into it; a no-op when the current actor answers (another caller restored it already)."""
         import ray
 
-        try:
-            ray.get(self.cache.ping.remote(), timeout=self.rpc_timeout_s)
-            return
-        except ray.exceptions.RayActorError:
-            pass
-        state, source = self._saved_references()
-        self.cache = get_reference_cache(self.namespace, node_id=self._driver_node, state=state)
-        self.cache_restores += 1
-        self._restores_unreported += 1
+        with self._restore_lock:
+            try:
+                ray.get(self.cache.ping.remote(), timeout=self.rpc_timeout_s)
+                return
+            except ray.exceptions.RayActorError:
+                pass
+            state, source = self._saved_references()
+            self.cache = get_reference_cache(self.namespace, node_id=self._driver_node, state=state)
+            self.cache_restores += 1
+            self._restores_unreported += 1
         log.warning(
             "reference cache actor lost (%s); recreated and restored from %s (%d references); updates since then "
             "are rebuilt as grounded groups are scored (refcache/restores)",
