@@ -43,9 +43,10 @@ endpoint that cannot be reached (refused, DNS, no answer), answers 401/403 (the 
 (or an unreadable ``api_key_file``), raises :class:`~ivgr_dist.reward.judge.JudgeUnavailable` naming
 the URL, the status and the key's variable or file. A 5xx/429 or an unparsable answer only warns: the
 server is up, and the run-time failure-rate stop (``reward.judge.max_failure_rate``) covers a judge
-that keeps failing. The httpx
-client is created on first use inside the running event loop (a new loop gets a new client), so the
-judge works from a Ray actor's thread-less asyncio loop and from ``asyncio.run`` in tests.
+that keeps failing.
+
+The httpx client is created on first use inside the running event loop (a new loop gets a new client),
+so the judge works from a Ray actor's thread-less asyncio loop and from ``asyncio.run`` in tests.
 """
 
 from __future__ import annotations
