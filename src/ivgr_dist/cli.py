@@ -167,10 +167,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
-    if cfg.sft.enabled:
-        run_sft(cfg, overwrite=args.overwrite_sft, command="train")
-        cfg = sft_config_for_rl(cfg)
-    trainer = Trainer(cfg)
+    from ivgr_dist.reward.pool import make_scorer
+
+    # the scorer before the warm start: a judge that cannot work (JudgeUnavailable) stops the job in seconds
+    scorer = make_scorer(cfg.reward, cfg.algorithm, output_dir=cfg.trainer.output_dir)
+    try:
+        if cfg.sft.enabled:
+            run_sft(cfg, overwrite=args.overwrite_sft, command="train")
+            cfg = sft_config_for_rl(cfg)
+        trainer = Trainer(cfg, scorer=scorer)
+    except BaseException:
+        scorer.close()
+        raise
     try:
         records = trainer.train()
     finally:
@@ -196,6 +204,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return stopped.exit_code
+    if trainer.judge_stop is not None:
+        print(
+            f"ivgr-dist train: stopped after step {trainer.step + len(records)}: {trainer.judge_stop}; checkpoint "
+            f"{trainer.last_checkpoint}; resume once the judge works: {_same_command(args)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -363,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.data.dataset import DataError
     from ivgr_dist.interrupts import Interrupted, raise_on_signals
     from ivgr_dist.logs import setup_console
+    from ivgr_dist.reward.judge import JudgeUnavailable
     from ivgr_dist.storage import StorageError
 
     args = _parser().parse_args(argv)
@@ -377,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ivgr-dist {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, DataError, StorageError) as exc:
+    except (FileExistsError, FileNotFoundError, DataError, StorageError, JudgeUnavailable) as exc:
         print(f"ivgr-dist {args.command}: {exc}", file=sys.stderr)
         return 1
 

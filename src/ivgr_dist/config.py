@@ -13,6 +13,7 @@ frozen: nothing mutates configuration at run time.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -747,7 +748,12 @@ class JudgeConfig:
     model: str = "judge"
     """openai/engine: served model name, or the model directory for ``engine``."""
     api_key_env: str = "IVGR_JUDGE_API_KEY"
-    """openai: NAME of the environment variable holding the API key (the key itself never enters config or logs)."""
+    """openai: NAME of the environment variable holding the API key (the key itself never enters config or logs).
+    Reward workers read it from THEIR environment: under ``ray job submit`` the submitting shell's variables do not
+    reach them; pass it in the job's runtime_env ``env_vars`` (``cluster/submit.sh`` does) or use ``api_key_file``."""
+    api_key_file: str | None = None
+    """openai: absolute path of a file holding the API key (read where the judge is built, in each reward worker;
+    it must be on storage every node sees). When set it is used instead of ``api_key_env``."""
     concurrency: int = 64
     """Judge calls in flight at once (per reward worker)."""
     timeout_s: float = 30.0
@@ -764,6 +770,11 @@ class JudgeConfig:
     """Longest judge answer."""
     fallback_consistency: float = 0.0
     """Consistency score when every try fails and ``on_failure=zero`` (counted in judge/failures)."""
+    max_failure_rate: float = 0.5
+    """Stop the run (after writing the step's checkpoint, exit 1) when more than this share of judge requests failed
+    over the last ``failure_window`` steps; in [0, 1], 1 never stops. Every step with a failure warns on the console."""
+    failure_window: int = 3
+    """Steps over which ``max_failure_rate`` is measured (the stop needs that many steps)."""
     on_failure: str = "mask"
     """What a failed judge request (every try failed, worker error, group deadline) does to the reward:
     ``mask`` (default) leaves the unknown component out so GRPO compares only known rewards: a failed consistency
@@ -802,6 +813,15 @@ class JudgeConfig:
             "must be a rubric value: 0.0, 0.3, 0.7 or 1.0",
         )
         _check_choice(p + "on_failure", self.on_failure, JUDGE_ON_FAILURE)
+        _check(0.0 <= self.max_failure_rate <= 1.0, p + "max_failure_rate", self.max_failure_rate, "must be in [0, 1]")
+        _check(self.failure_window >= 1, p + "failure_window", self.failure_window, "must be >= 1 (steps)")
+        if self.api_key_file is not None:
+            _check(
+                os.path.isabs(self.api_key_file),
+                p + "api_key_file",
+                self.api_key_file,
+                "must be an absolute path (on storage every node sees; each reward worker reads it)",
+            )
         _check(self.num_engines >= 1, p + "num_engines", self.num_engines, "must be >= 1")
         self.health.check(p + "health")
 

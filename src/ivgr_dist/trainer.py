@@ -36,6 +36,7 @@ from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
 from ivgr_dist.producer import BatchProducer
+from ivgr_dist.reward.judge.monitor import JudgeFailureMonitor
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.samples import sample_records
 from ivgr_dist.types import Rollout
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, scorer=None):
+        """``scorer``: one ``make_scorer`` already built and checked (``ivgr-dist train`` builds it before the warm
+        start); the trainer owns it from here. None: built here, first."""
         from ivgr_dist.data.pipeline import build_pipeline
         from ivgr_dist.learner.group import LearnerGroup
         from ivgr_dist.reward.pool import make_scorer
@@ -58,30 +61,42 @@ class Trainer:
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
-        self.use_gpus = use_gpus = cluster_has_gpus()
-        self.data = build_pipeline(cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt)
-        self.sync = make_weight_sync(
-            cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
-        )
-        storage = StorageProbe(self.out, cfg.model.path)  # every engine's and rank's node must see both
+        # The scorer first: it is cheap, and its judge check (make_scorer) stops a run whose judge cannot work
+        # before the engines and the learner start. reward.num_workers=0: in the driver.
+        self.scorer = scorer if scorer is not None else make_scorer(cfg.reward, cfg.algorithm, output_dir=self.out)
+        self.judge_monitor = JudgeFailureMonitor(cfg.reward.judge.max_failure_rate, cfg.reward.judge.failure_window)
+        self.judge_stop: str | None = None
+        """Why the judge's failure rate stopped :meth:`train` (after the step's checkpoint), or None."""
         try:
-            self.rollouts = RolloutPool(
-                cfg.model,
-                cfg.rollout,
-                self.sync.engine_backend,
-                use_gpus,
-                storage=storage,
-                inflight_updates=cfg.trainer.max_staleness > 0,
+            self.use_gpus = use_gpus = cluster_has_gpus()
+            self.data = build_pipeline(
+                cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt
             )
+            self.sync = make_weight_sync(
+                cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
+            )
+            storage = StorageProbe(self.out, cfg.model.path)  # every engine's and rank's node must see both
             try:
-                self.learners = LearnerGroup(
-                    cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), storage=storage
+                self.rollouts = RolloutPool(
+                    cfg.model,
+                    cfg.rollout,
+                    self.sync.engine_backend,
+                    use_gpus,
+                    storage=storage,
+                    inflight_updates=cfg.trainer.max_staleness > 0,
                 )
-            except BaseException:
-                self.rollouts.shutdown()
-                raise
-        finally:
-            storage.close()
+                try:
+                    self.learners = LearnerGroup(
+                        cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), storage=storage
+                    )
+                except BaseException:
+                    self.rollouts.shutdown()
+                    raise
+            finally:
+                storage.close()
+        except BaseException:
+            self.scorer.close()
+            raise
         _write_nodes(self.out / "nodes.json", storage.checked)
         self.sync.setup(self.learners, self.rollouts)
         # the self-healing, elastic fleet: replacements and joins happen in this thread, where the learner
@@ -96,7 +111,6 @@ class Trainer:
         self.stop_signal: int | None = None
         """SIGINT or SIGTERM received during :meth:`train`: it stops after the current step, with a checkpoint."""
         self.last_checkpoint: Path | None = None
-        self.scorer = make_scorer(cfg.reward, cfg.algorithm)  # reward.num_workers=0: in the driver
         self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
         self.tracer = Tracer(self.out / "trace.json") if cfg.trainer.trace else None
         self.scorer.trace = self.tracer
@@ -150,9 +164,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
-        """Run the RL steps left. SIGINT/SIGTERM (:mod:`ivgr_dist.interrupts`) and ``ivgr-dist stop`` end it
-        after the current step, with its checkpoint; after a signal the policy is not exported (a preempted
-        job's grace period goes to the checkpoint) and :attr:`stop_signal` says which one came."""
+        """Run the RL steps left. SIGINT/SIGTERM (:mod:`ivgr_dist.interrupts`), ``ivgr-dist stop`` and a judge
+        failure rate above ``reward.judge.max_failure_rate`` (:attr:`judge_stop`) end it after the current step,
+        with its checkpoint; after a signal or a judge stop the policy is not exported (a preempted job's grace
+        period goes to the checkpoint) and :attr:`stop_signal` says which signal came."""
         from tqdm import tqdm
 
         from ivgr_dist.interrupts import graceful, signal_name
@@ -170,9 +185,14 @@ class Trainer:
                         reward_B=f"{record.get('reward/textual/overall', float('nan')):.2f}",
                         step_s=f"{record['time/step_s']:.1f}",
                     )
-                    stopping = self._stop_requested or self.stop_signal is not None
+                    last_error = getattr(self.scorer, "last_judge_error", None)
+                    self.judge_stop = self.judge_monitor.observe(step, record, last_error)
+                    stopping = self._stop_requested or self.stop_signal is not None or self.judge_stop is not None
                     if self._should_save(step) or stopping:
                         self.save(step)
+                    if self.judge_stop is not None:
+                        log.error("stopped after step %d (checkpoint written): %s", step, self.judge_stop)
+                        break
                     if stopping:
                         why = "`ivgr-dist stop`" if self.stop_signal is None else signal_name(self.stop_signal)
                         log.info("stopped after step %d at the request of %s (checkpoint written)", step, why)
@@ -180,7 +200,7 @@ class Trainer:
         finally:
             bar.close()
             self.producer.close()
-        if records and self.stop_signal is None:
+        if records and self.stop_signal is None and self.judge_stop is None:
             self.export_model()
         return records
 
@@ -414,6 +434,7 @@ class Trainer:
             "step": step,
             "weight_version": self.version,
             **self.producer.resume_state(step),  # the sampler before the first batch not trained on
+            # taken before the learner writes its shards: a lost reference cache cannot fail the save after them
             "scorer": self.scorer.state_dict(),
         }
         path = checkpoints.save(self.out, step, write_learner, state, self.cfg.trainer.keep_checkpoints)
@@ -576,6 +597,13 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
             means = window_means(records, key, w)
             if means is not None:
                 lines.append(f"  {key:32s} {means[0]:14.3f}  {means[1]:14.3f}  ({means[1] - means[0]:+.3f})")
+        asked = sum(r.get("judge/requests") or 0.0 for r in records)
+        if asked:
+            failed = sum(r.get("judge/failures") or 0.0 for r in records)
+            lines.append(
+                f"  judge: {asked:.0f} requests, {failed:.0f} failed ({failed / asked:.1%})"
+                + ("; failed ones were masked or scored by their fallback (reward.judge.on_failure)" if failed else "")
+            )
         verified = [r["sync/verified"] for r in records if "sync/verified" in r]
         lines.append(
             f"  weight version {records[-1]['weight_version']:.0f}; engines verified against the learner on "

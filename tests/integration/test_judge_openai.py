@@ -21,7 +21,7 @@ import time
 import pytest
 
 from ivgr_dist.config import JudgeConfig
-from ivgr_dist.reward.judge import JudgeRequest, make_judge
+from ivgr_dist.reward.judge import JudgeRequest, JudgeUnavailable, make_judge
 from ivgr_dist.reward.judge.openai import OpenAIJudge, request_deadline_s
 from ivgr_dist.reward.judge.prompts import RUBRIC
 from support.fault_server import Fault, FaultServer
@@ -132,6 +132,104 @@ def test_bad_request_is_not_retried():
         [res] = _score(OpenAIJudge(_cfg([srv.url], max_retries=3)), [_req()])
         assert srv.count == 1
     assert res.failed and res.calls == 1 and res.retries == 0
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+def test_key_and_url_errors_are_not_retried(code):
+    with FaultServer(default=Fault.status(code)) as srv:
+        [res] = _score(OpenAIJudge(_cfg([srv.url], max_retries=3)), [_req(fallback=0.3)])
+        assert srv.count == 1
+    assert (res.failed, res.score, res.calls, res.retries, res.error) == (True, 0.3, 1, 0, f"HTTP {code}")
+
+
+def _check(judge, driver_has_key=None, limit_s: float = 20.0):
+    async def go():
+        try:
+            await asyncio.wait_for(judge.check(driver_has_key), timeout=limit_s)
+        finally:
+            await judge.close()
+
+    asyncio.run(go())
+
+
+KEY_VAR = "IVGR_TEST_JUDGE_KEY"
+
+
+@pytest.mark.parametrize("sent", ["none", "wrong"])
+def test_start_check_fails_on_a_missing_or_rejected_key(monkeypatch, sent):
+    monkeypatch.delenv(KEY_VAR, raising=False)
+    if sent == "wrong":
+        monkeypatch.setenv(KEY_VAR, "sk-wrong-key")
+    with FaultServer(api_key=SECRET, forbid_wrong_key=True) as srv:
+        with pytest.raises(JudgeUnavailable) as err:
+            _check(OpenAIJudge(_cfg([srv.url], api_key_env=KEY_VAR)))
+        assert srv.count == 1  # one request, no retry
+        url = srv.url
+    msg = str(err.value)
+    assert url in msg and f"${KEY_VAR}" in msg and "sk-wrong-key" not in msg
+    if sent == "none":
+        assert "HTTP 401" in msg and "no API key" in msg
+        assert "ray job submit" in msg and "env_vars" in msg and "reward.judge.api_key_file" in msg
+    else:
+        assert "HTTP 403" in msg and "rejected the API key" in msg
+
+
+def test_start_check_fails_when_only_the_driver_has_the_key(monkeypatch):
+    """The driver has $VAR, this process (a reward worker) does not: fail before any request, naming it."""
+    monkeypatch.delenv(KEY_VAR, raising=False)
+    with FaultServer() as srv:  # an endpoint that needs no key: the missing key is still a mistake
+        with pytest.raises(JudgeUnavailable, match=rf"\${KEY_VAR} is set in the driver but not in this reward worker"):
+            _check(OpenAIJudge(_cfg([srv.url], api_key_env=KEY_VAR)), driver_has_key=True)
+        assert srv.count == 0
+
+
+def test_start_check_404_names_the_url_and_the_model():
+    with FaultServer(served_model="judge") as srv:
+        with pytest.raises(JudgeUnavailable) as err:
+            _check(OpenAIJudge(_cfg([srv.url], model="no-such-model")))
+        assert srv.count == 1
+        url = srv.url
+    msg = str(err.value)
+    assert "HTTP 404" in msg and url in msg and "reward.judge.model='no-such-model'" in msg and "/v1" in msg
+
+
+def test_start_check_fails_in_seconds_on_an_unreachable_url():
+    url = _dead_url()
+    t0 = time.monotonic()
+    with pytest.raises(JudgeUnavailable, match=rf"judge {url} is unreachable \(ConnectError\)"):
+        _check(OpenAIJudge(_cfg([url], timeout_s=30.0, max_retries=3)))
+    assert time.monotonic() - t0 < 5
+
+
+def test_start_check_fails_on_a_judge_that_does_not_answer():
+    with FaultServer(default=Fault.delay(10.0)) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(JudgeUnavailable, match=r"did not answer a test request within reward.judge.timeout_s=0.5"):
+            _check(OpenAIJudge(_cfg([srv.url], timeout_s=0.5, max_retries=3)))
+        assert time.monotonic() - t0 < 3 and srv.count == 1
+
+
+def test_start_check_passes_a_working_judge_and_only_warns_on_a_5xx(caplog):
+    with FaultServer(script=[Fault.status(503)], default=Fault.ok(), served_model="judge") as srv:
+        with caplog.at_level(logging.WARNING, logger="ivgr_dist.reward.judge.openai"):
+            _check(OpenAIJudge(_cfg([srv.url])))  # 503: the server is up; the failure-rate stop covers the rest
+            assert "HTTP 503" in caplog.text and "starting anyway" in caplog.text
+            _check(OpenAIJudge(_cfg([srv.url])))
+        assert srv.count == 2
+
+
+def test_api_key_file_is_read_and_a_missing_one_fails_the_check(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_VAR, raising=False)
+    key_file = tmp_path / "judge.key"
+    key_file.write_text(SECRET + "\n")
+    with FaultServer(api_key=SECRET) as srv:
+        judge = OpenAIJudge(_cfg([srv.url], api_key_env=KEY_VAR, api_key_file=str(key_file)))
+        _check(judge)
+        assert srv.requests[0].headers["authorization"] == f"Bearer {SECRET}" and SECRET not in repr(judge)
+        missing = tmp_path / "absent.key"
+        with pytest.raises(JudgeUnavailable, match=rf"reward.judge.api_key_file='{missing}'.*cannot read it"):
+            _check(OpenAIJudge(_cfg([srv.url], api_key_file=str(missing))))
+        assert srv.count == 1  # the missing file fails before any request
 
 
 def test_load_is_spread_and_a_dead_endpoint_is_avoided():

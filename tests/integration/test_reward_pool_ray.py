@@ -10,9 +10,11 @@ import time
 
 import pytest
 
+from ivgr_dist.checkpoints import latest_checkpoint
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.bench import synthetic_batch
-from ivgr_dist.reward.pool import RewardPool
+from ivgr_dist.reward.judge import JudgeUnavailable
+from ivgr_dist.reward.pool import RewardPool, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
 from support.fault_server import Fault, FaultServer
 
@@ -161,3 +163,81 @@ def test_bench_cli_prints_no_missing_rewards(ray_cluster):
 def test_too_few_cpus_fails_fast_with_the_fix_named(ray_cluster):
     with pytest.raises(RuntimeError, match="reward.cpus_per_worker=0"):
         RewardPool(RewardConfig(num_workers=64, cpus_per_worker=1.0), AlgorithmConfig())
+
+
+def test_a_worker_without_the_drivers_key_fails_at_start(ray_cluster, monkeypatch):
+    """As under `ray job submit`: the driver has $VAR, the reward workers (started by a cluster that never saw
+    it) do not. make_scorer fails naming the variable and both ways to get a key to the workers."""
+    var = f"IVGR_TEST_KEY_{os.getpid()}"  # set after ray.init: the workers' environment never had it
+    monkeypatch.setenv(var, "sk-driver-only-0123456789")
+    with FaultServer(api_key="sk-driver-only-0123456789") as srv:
+        t0 = time.monotonic()
+        with pytest.raises(JudgeUnavailable) as err:
+            make_scorer(RewardConfig(num_workers=2, judge=_openai(srv.url, api_key_env=var)), AlgorithmConfig())
+        wall = time.monotonic() - t0
+        assert srv.count == 0  # found before any request
+    msg = str(err.value)
+    assert f"${var} is set in the driver but not in this reward worker" in msg
+    assert "ray job submit" in msg and "env_vars" in msg and "reward.judge.api_key_file" in msg
+    assert "sk-driver-only" not in msg and "\n" not in msg and wall < 30
+    _wait_cpus_free(ray_cluster)  # the workers were closed
+
+
+def _wait_cpus_free(ray, timeout_s: float = 20.0) -> None:
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total:
+        assert time.monotonic() < deadline, f"reward workers still hold CPUs: {ray.available_resources()}"
+        time.sleep(0.2)
+
+
+def test_a_404_from_the_judge_fails_at_start_from_the_workers(ray_cluster):
+    with FaultServer(served_model="judge") as srv:
+        with pytest.raises(JudgeUnavailable, match=r"HTTP 404.*reward.judge.model='other-model'"):
+            make_scorer(RewardConfig(num_workers=2, judge=_openai(srv.url, model="other-model")), AlgorithmConfig())
+        assert srv.count == 2  # one test request per worker, none retried
+
+
+def _checkpoint(root, step: int, scorer_state: dict) -> None:
+    """What Trainer.save leaves for the scorer: trainer_state.json (key ``scorer``) and COMPLETE."""
+    path = root / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "weight_version": step, "scorer": scorer_state}))
+    (path / "COMPLETE").write_text("0")
+
+
+def test_a_lost_reference_cache_is_restored_from_the_last_checkpoint(ray_cluster, tmp_path):
+    batch = synthetic_batch(6, 3, seed=3)
+    textual = [g for g in batch if g[0].prompt.stream == "textual"]
+    pool = RewardPool(RewardConfig(num_workers=2), AlgorithmConfig(), output_dir=tmp_path)
+    try:
+        _score(pool, batch)
+        saved = json.loads(json.dumps(pool.state_dict()))
+        assert saved["references"]["entries"], "the batch should have produced references"
+        _checkpoint(tmp_path, 1, saved)
+        assert pool.metrics()["refcache/restores"] == 0
+        old = pool.cache
+        ray_cluster.kill(old)  # mid-run: the next reads are the workers' (textual groups alone: no grounded partner)
+        out = _score(pool, textual, step=2)
+        m = pool.metrics()
+        assert m["refcache/restores"] == 1 and m["reward/rescored"] >= 1 and m["judge/failures"] == 0
+        assert m["refcache/size"] == len(saved["references"]["entries"])
+        restored = {k for k, _ in saved["references"]["entries"]}
+        judged = {g[0].prompt.original_idx for g in out if g[0].consistency_reference is not None}
+        assert judged == restored  # every record with a saved reference was judged against it
+        assert pool.cache is not old and ray_cluster.get(pool.cache.ping.remote())
+        assert pool.state_dict() == saved  # a save afterwards succeeds, with the checkpoint's references
+        ray_cluster.kill(pool.cache)  # lost again; now the driver is the first to ask (the save)
+        assert pool.state_dict() == saved and pool.metrics()["refcache/restores"] == 1
+    finally:
+        pool.close()
+    assert latest_checkpoint(tmp_path).step == 1
+
+
+def test_judge_engines_that_cannot_start_fail_at_start(ray_cluster, tmp_path):
+    """backend=engine: the fleet starts in make_scorer (it used to start at the first request, and a failed start
+    turned every request into a fallback, logged only in a worker's log file)."""
+    judge = JudgeConfig(backend="engine", model=str(tmp_path / "no-such-judge"))
+    with pytest.raises(JudgeUnavailable, match=r"reward.judge.model='.*no-such-judge' did not start: no judge engine"):
+        make_scorer(RewardConfig(num_workers=0, judge=judge), AlgorithmConfig())
+    _wait_cpus_free(ray_cluster)  # the fleet and its engine's placement group were released

@@ -13,6 +13,11 @@ completion whose choices hold ``text``, or cycle through a list of texts; honour
 then)``, ``status(code)``, ``drop()`` (closes the connection without a response), ``garbage()`` (a
 200 body that is not JSON), ``unparsable()`` (a valid completion whose content parses as no score).
 
+Like a real server, it can check what it is sent before the script is consulted: ``api_key`` set, a
+request without ``Authorization: Bearer <api_key>`` gets 401 (a wrong key 403 with ``forbid_wrong_key``);
+``served_model`` set, a body naming another model gets 404 (as vLLM answers). Such requests are recorded
+(with their status) but consume no script entry.
+
 Bounded: handler threads are daemons, delays wake up when the server stops, and ``stop()`` returns
 within about a second; the server serves only between ``start()`` and ``stop()``.
 """
@@ -80,9 +85,15 @@ class FaultServer:
     script: Any = field(default_factory=list)
     default: Fault = field(default_factory=Fault.ok)
     honour_n: bool = True
+    api_key: str | None = None
+    """Required bearer token: none -> 401, a wrong one -> 401 (403 with ``forbid_wrong_key``)."""
+    forbid_wrong_key: bool = False
+    served_model: str | None = None
+    """The only model served: a body naming another one gets 404."""
 
     def __post_init__(self) -> None:
         self.requests: list[Recorded] = []
+        self._scripted = 0  # requests the script answered (refusals take no entry)
         self.in_flight = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
@@ -163,7 +174,8 @@ class FaultServer:
 
     def _next_fault(self, body: Any) -> tuple[Fault, Recorded]:
         with self._lock:
-            i = len(self.requests)
+            i = self._scripted
+            self._scripted += 1
             if callable(self.script):
                 fault = self.script(i, body)
             else:
@@ -174,9 +186,28 @@ class FaultServer:
             self.max_concurrent = max(self.max_concurrent, self.in_flight)
         return fault, rec
 
+    def _refusal(self, headers: dict[str, str], body: Any) -> Fault | None:
+        """The 401/403/404 a real server would send before looking at the request, if any."""
+        if self.api_key is not None:
+            auth = headers.get("authorization")
+            if auth != f"Bearer {self.api_key}":
+                return Fault.status(403 if auth and self.forbid_wrong_key else 401)
+        if self.served_model is not None and (body or {}).get("model") != self.served_model:
+            return Fault.status(404)
+        return None
+
     def _serve(self, handler, body: Any) -> None:
-        fault, rec = self._next_fault(body)
-        rec.path, rec.headers = handler.path, {k.lower(): v for k, v in handler.headers.items()}
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        refusal = self._refusal(headers, body)
+        if refusal is not None:
+            with self._lock:
+                rec = Recorded(path="", headers={}, body=body, fault=refusal, started=time.monotonic())
+                self.requests.append(rec)
+                self.in_flight += 1
+            fault = refusal
+        else:
+            fault, rec = self._next_fault(body)
+        rec.path, rec.headers = handler.path, headers
         try:
             if fault.delay_s:
                 self._stop.wait(fault.delay_s)

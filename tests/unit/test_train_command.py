@@ -87,13 +87,14 @@ def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monk
 
     monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
 
-    def no_trainer(cfg):
+    def no_trainer(cfg, scorer=None):
         raise _Started("Trainer")
 
     monkeypatch.setattr("ivgr_dist.trainer.Trainer", no_trainer)
     (tmp_path / "run" / "sft_model").mkdir(parents=True)
     (tmp_path / "run" / "sft_model" / "config.json").write_text("{}")
-    args = [command, f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    # reward.num_workers=0: `train` builds its scorer (and checks the judge) before the warm start; in the driver
+    args = [command, f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true", "reward.num_workers=0"]
     with caplog.at_level("INFO", logger="ivgr_dist.sft"):
         if command == "train":
             with pytest.raises(_Started, match="Trainer"):  # the warm start was reused; RL would start now
@@ -120,7 +121,7 @@ def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
 
     monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
     monkeypatch.setattr("ivgr_dist.sft.run_sft", run_sft)
-    base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true"]
+    base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true", "reward.num_workers=0"]
     for argv in (base, [base[0], "--overwrite-sft", *base[1:]]):
         with pytest.raises(_Started):
             main(argv)

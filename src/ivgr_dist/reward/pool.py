@@ -20,19 +20,29 @@ scored per ``reward.judge.on_failure``: its fallback, or masked):
 - a worker error (the task raised): the driver scores that group rules-only, each judge question
   counted in ``judge/failures`` (``reward/worker_errors``), logged;
 - a group past ``group_deadline_s``: cancelled and scored rules-only (``reward/group_timeouts``);
-- no worker left (respawns exhausted): groups are scored rules-only in the driver.
+- no worker left (respawns exhausted): groups are scored rules-only in the driver;
+- the reference cache actor lost (``RayActorError`` on a read or update): the driver recreates it (pinned
+  to its own node) and restores it from the last checkpoint's copy (``refcache/restores``, logged); a
+  worker that finds it lost re-resolves the named actor, or hands the group back to be rescored.
+
+A judge that cannot work at all is the exception: :func:`make_scorer` checks it before returning (the
+OpenAI judge's test request from every reward worker, the judge engines' start) and raises
+:class:`~ivgr_dist.reward.judge.JudgeUnavailable`, so the run stops before its engines and learner start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import uuid
 from typing import Any
 
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
+from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.reference import Reference
-from ivgr_dist.reward.reference_cache import get_reference_cache
+from ivgr_dist.reward.reference_cache import CACHE_NAME, CacheLost, get_reference_cache
 from ivgr_dist.reward.scorer import GroupJob, GroupResult, InProcessScorer, StreamScorer, score_job
 
 __all__ = ["RewardPool", "RewardWorker"]
@@ -45,7 +55,15 @@ _NO_WORKER = "__ivgr_no_reward_worker__"
 class RewardWorker:
     """One reward actor: rule rewards + a judge client; scores whole groups, many at once."""
 
-    def __init__(self, judge_cfg: JudgeConfig, algo: AlgorithmConfig, cache, fleet=None, recipe_exact: bool = False):
+    def __init__(
+        self,
+        judge_cfg: JudgeConfig,
+        algo: AlgorithmConfig,
+        cache,
+        fleet=None,
+        recipe_exact: bool = False,
+        cache_namespace: str | None = None,
+    ):
         import os
 
         from ivgr_dist.logs import redirect_actor_output
@@ -54,11 +72,33 @@ class RewardWorker:
         from ivgr_dist.reward.judge import make_judge
 
         self.judge_cfg, self.algo, self.cache = judge_cfg, algo, cache
+        self.cache_namespace = cache_namespace  # where to find the cache again after the driver recreated it
         self.recipe_exact = recipe_exact  # reward.recipe_exact
         self.judge = make_judge(judge_cfg, fleet=fleet)  # fleet: the shared judge engines (backend=engine)
 
+    async def check_judge(self, driver_has_key: bool | None) -> None:
+        """The judge's start-up check in THIS worker (its environment, its node): raises ``JudgeUnavailable``."""
+        await check_judge(self.judge, driver_has_key)
+
+    async def _cache_call(self, call):
+        """``await call(cache)``; a lost cache actor is looked up again by name (the driver recreates it) and,
+        when there is none yet, ``CacheLost`` goes to the driver, which restores the cache and resubmits."""
+        import ray
+
+        try:
+            return await call(self.cache)
+        except ray.exceptions.RayActorError:
+            try:
+                self.cache = ray.get_actor(CACHE_NAME, namespace=self.cache_namespace)
+                return await call(self.cache)
+            except (ValueError, ray.exceptions.RayActorError) as exc:
+                raise CacheLost(f"reference cache actor lost ({type(exc).__name__})") from None
+
     async def score(self, job: GroupJob) -> GroupResult:
-        reference = await self.cache.get.remote(job.record_key) if job.stream == "textual" else None
+        if job.stream == "textual":
+            reference = await self._cache_call(lambda c: c.get.remote(job.record_key))
+        else:
+            reference = None
         cfg = self.judge_cfg
         result = await score_job(
             job,
@@ -69,12 +109,14 @@ class RewardWorker:
             self.recipe_exact,
             on_failure=cfg.on_failure,
         )
-        if job.stream == "grounded":
-            result.reference_updated = (
-                bool(await self.cache.update.remote(job.record_key, result.candidate))
-                if result.candidate is not None
-                else False
-            )
+        if job.stream == "grounded" and result.candidate is None:
+            result.reference_updated = False
+        elif job.stream == "grounded":
+            try:
+                updated = await self._cache_call(lambda c: c.update.remote(job.record_key, result.candidate))
+                result.reference_updated = bool(updated)
+            except CacheLost:  # None: the driver offers the candidate itself, restoring the cache first
+                result.reference_updated = None
         return result
 
     async def ping(self) -> int:
@@ -98,7 +140,10 @@ class RewardPool(StreamScorer):
         ready_timeout_s: float = 120.0,
         rpc_timeout_s: float = 60.0,
         fleet=None,
+        output_dir: str | os.PathLike | None = None,
     ):
+        """``output_dir``: the run's ``trainer.output_dir``, whose latest checkpoint restores a lost reference cache
+        (None: a lost cache restarts empty, logged and counted as well)."""
         import ray
 
         if cfg.num_workers < 1:
@@ -114,7 +159,14 @@ class RewardPool(StreamScorer):
         self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
         self.judge_fleet = fleet  # one fleet of judge engines for every worker (closed with the pool)
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
-        self.cache = get_reference_cache(self.namespace)
+        self.output_dir = output_dir
+        self.cache_restores = 0
+        self._restores_unreported = 0
+        # the producer thread (scoring) and the trainer (a save) may both find the cache lost: one restore
+        self._restore_lock = threading.Lock()
+        # pinned to the driver's node: losing that node ends the run anyway, so the cache adds no node to lose
+        self._driver_node = ray.get_runtime_context().get_node_id()
+        self.cache = get_reference_cache(self.namespace, node_id=self._driver_node)
         self._actor = ray.remote(
             num_cpus=cfg.cpus_per_worker,
             resources=dict(cfg.resources) or None,
@@ -142,8 +194,35 @@ class RewardPool(StreamScorer):
         env = actor_env()
         options = {"runtime_env": {"env_vars": env}} if env else {}
         return self._actor.options(**options).remote(
-            self.cfg.judge, self.algo, self.cache, self.judge_fleet, self.cfg.recipe_exact
+            self.cfg.judge, self.algo, self.cache, self.judge_fleet, self.cfg.recipe_exact, self.namespace
         )
+
+    def check_judge(self) -> None:
+        """Every worker runs the judge's start-up check (each has its own environment and node); the first
+        failure raises ``JudgeUnavailable`` with that worker's message."""
+        import ray
+
+        judge = self.cfg.judge
+        has_key = driver_has_key(judge)
+        refs = [w.check_judge.remote(has_key) for w in self.workers if w is not None]
+        deadline = judge.timeout_s + self.rpc_timeout_s
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=deadline)
+        errors = []
+        for ref in ready:  # every answer is taken: an error left unread would be printed again at exit
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                errors.append(exc)
+        if errors:
+            cause = errors[0].cause
+            if isinstance(cause, JudgeUnavailable):
+                raise JudgeUnavailable(str(cause)) from None
+            raise errors[0]
+        if late:
+            raise JudgeUnavailable(
+                f"{len(late)} reward worker(s) did not finish the judge's start-up check within {deadline:.0f} s "
+                f"(reward.judge.urls={list(judge.urls)})"
+            )
 
     # executor hooks -----------------------------------------------------------------------------
     def _submit(self, job: GroupJob):
@@ -186,6 +265,9 @@ class RewardPool(StreamScorer):
         try:
             value = ray.get(ref, timeout=self.rpc_timeout_s)
         except ray.exceptions.RayTaskError as exc:  # the task ran and raised: a worker error
+            if isinstance(exc.cause, CacheLost):  # restore the cache, then score the group again
+                self._restore_cache(exc.cause)
+                return "retry", None
             log.warning("reward worker %d failed a group (%s); scoring it rules-only", slot, exc)
             return "fallback", None
         except ray.exceptions.RayActorError as exc:  # the worker died
@@ -221,38 +303,75 @@ class RewardPool(StreamScorer):
             log.debug("cancel: %s", exc)
 
     def _reference(self, record_key: int) -> Reference | None:
-        import ray
-
         try:
-            return ray.get(self.cache.get.remote(record_key), timeout=self.rpc_timeout_s)
+            return self._cache_call(lambda c: c.get.remote(record_key))
         except Exception as exc:  # noqa: BLE001 - a rules-only fallback must still come out
             log.warning("reference cache read failed (%s); consistency without reference", exc)
             return None
 
     def _offer_reference(self, record_key: int, candidate: Reference) -> bool:
-        import ray
-
         try:
-            return bool(ray.get(self.cache.update.remote(record_key, candidate), timeout=self.rpc_timeout_s))
+            return bool(self._cache_call(lambda c: c.update.remote(record_key, candidate)))
         except Exception as exc:  # noqa: BLE001
             log.warning("reference cache update failed (%s)", exc)
             return False
 
     def _cache_stats(self) -> dict[str, float]:
+        return self._cache_call(lambda c: c.stats.remote())
+
+    # the reference cache's survival -------------------------------------------------------------
+    def _cache_call(self, call):
+        """``ray.get(call(cache))``; a lost cache actor is restored (:meth:`_restore_cache`) and asked once more."""
         import ray
 
-        return ray.get(self.cache.stats.remote(), timeout=self.rpc_timeout_s)
+        try:
+            return ray.get(call(self.cache), timeout=self.rpc_timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            self._restore_cache(exc)
+            return ray.get(call(self.cache), timeout=self.rpc_timeout_s)
+
+    def _restore_cache(self, exc: Exception) -> None:
+        """Recreate the cache actor (same name, the driver's node) and load the last checkpoint's copy of the
+        references into it; a no-op when the current actor answers (another caller restored it already)."""
+        import ray
+
+        with self._restore_lock:
+            try:
+                ray.get(self.cache.ping.remote(), timeout=self.rpc_timeout_s)
+                return
+            except ray.exceptions.RayActorError:
+                pass
+            state, source = self._saved_references()
+            self.cache = get_reference_cache(self.namespace, node_id=self._driver_node, state=state)
+            self.cache_restores += 1
+            self._restores_unreported += 1
+        log.warning(
+            "reference cache actor lost (%s); recreated and restored from %s (%d references); updates since then "
+            "are rebuilt as grounded groups are scored (refcache/restores)",
+            type(exc).__name__, source, len((state or {}).get("entries", {})),
+        )  # fmt: skip
+
+    def _saved_references(self) -> tuple[dict | None, str]:
+        """The references in the latest complete checkpoint of ``output_dir`` and where they came from."""
+        from ivgr_dist.checkpoints import latest_checkpoint
+
+        found = latest_checkpoint(self.output_dir) if self.output_dir is not None else None
+        if found is None:
+            return None, "nothing (no checkpoint yet: it starts empty)"
+        return found.state["scorer"]["references"], f"checkpoint {found.path}"
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()  # may itself restore the cache (its stats)
+        out["refcache/restores"] = float(self._restores_unreported)
+        self._restores_unreported = 0
+        return out
 
     # state and lifecycle ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        import ray
-
-        return {"references": ray.get(self.cache.state_dict.remote(), timeout=self.rpc_timeout_s)}
+        return {"references": self._cache_call(lambda c: c.state_dict.remote())}
 
     def load_state_dict(self, state: dict) -> None:
-        import ray
-
-        ray.get(self.cache.load_state_dict.remote(state["references"]), timeout=self.rpc_timeout_s)
+        self._cache_call(lambda c: c.load_state_dict.remote(state["references"]))
 
     def close(self) -> None:
         import ray
@@ -273,27 +392,70 @@ class RewardPool(StreamScorer):
         self.judge_fleet = None
 
 
-def make_scorer(reward_cfg: RewardConfig, algo: AlgorithmConfig, namespace: str | None = None) -> StreamScorer:
+def make_scorer(
+    reward_cfg: RewardConfig,
+    algo: AlgorithmConfig,
+    namespace: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> StreamScorer:
     """``reward.num_workers == 0``: the in-driver :class:`~ivgr_dist.reward.scorer.InProcessScorer`; else a
-    :class:`RewardPool` of that many workers. (Here, not in ``scorer``: the pool builds on the scorer, not the
-    other way round.)"""
-    fleet = None
-    if reward_cfg.judge.backend == "engine":  # one shared fleet of judge engines, not one per worker
-        from ivgr_dist.reward.judge.fleet import create_fleet
-
-        fleet = create_fleet(reward_cfg.judge)
+    :class:`RewardPool` of that many workers (``output_dir``: see ``RewardPool``). The judge is checked before
+    this returns (``JudgeUnavailable``: module docstring). (Here, not in ``scorer``: the pool builds on the scorer,
+    not the other way round.)"""
+    fleet, scorer = None, None
     try:
+        if reward_cfg.judge.backend == "engine":  # one shared fleet of judge engines, not one per worker
+            from ivgr_dist.reward.judge.fleet import create_fleet
+
+            fleet = create_fleet(reward_cfg.judge)
+            _start_fleet(fleet, reward_cfg.judge)
         if reward_cfg.num_workers == 0:
             from ivgr_dist.reward.judge import make_judge
 
             judge = make_judge(reward_cfg.judge, fleet=fleet)
             scorer = InProcessScorer(algo, reward_cfg.judge, judge=judge, recipe_exact=reward_cfg.recipe_exact)
             scorer.judge_fleet = fleet
-            return scorer
-        return RewardPool(reward_cfg, algo, namespace=namespace, fleet=fleet)
+            deadline = reward_cfg.judge.timeout_s + 30.0
+            asyncio.run_coroutine_threadsafe(check_judge(judge, None), scorer._loop).result(timeout=deadline)
+        else:
+            scorer = RewardPool(reward_cfg, algo, namespace=namespace, fleet=fleet, output_dir=output_dir)
+            scorer.check_judge()
+        return scorer
     except BaseException:
-        close_fleet(fleet)
+        if scorer is not None:
+            scorer.close()  # closes the fleet too
+        else:
+            close_fleet(fleet)
         raise
+
+
+async def check_judge(judge, driver_has_key: bool | None) -> None:
+    """The judge's start-up check, where it has one (the OpenAI judge; the rule judge has nothing to check)."""
+    check = getattr(judge, "check", None)
+    if check is not None:
+        await check(driver_has_key)
+
+
+def driver_has_key(judge_cfg: JudgeConfig) -> bool | None:
+    """Whether the driver has ``$reward.judge.api_key_env`` (None where that does not apply: another backend, or
+    the key comes from ``api_key_file``), so a worker without it can say the key did not reach it."""
+    if judge_cfg.backend != "openai" or judge_cfg.api_key_file or not judge_cfg.api_key_env:
+        return None
+    return bool(os.environ.get(judge_cfg.api_key_env))
+
+
+def _start_fleet(fleet, judge_cfg: JudgeConfig) -> None:
+    """Start the judge engines now, not at the first request: one that cannot start stops the run here."""
+    import ray
+
+    try:
+        ray.get(fleet.start.remote())  # bounded by the fleet's own per-engine start deadline
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise JudgeUnavailable(
+            f"reward.judge.backend=engine: the judge engines for reward.judge.model={judge_cfg.model!r} did not "
+            f"start: {str(cause).splitlines()[-1][:300]}"
+        ) from None
 
 
 def close_fleet(fleet) -> None:

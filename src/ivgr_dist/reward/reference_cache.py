@@ -11,7 +11,11 @@ The cache is training state: the DRIVER saves it with every checkpoint (``Traine
 as the in-process scorer's, so either mode resumes from the other's checkpoint.
 
 The actor is named :data:`CACHE_NAME` in a namespace per run and created with ``get_if_exists``:
-every process of the run that asks for it gets the same actor.
+every process of the run that asks for it gets the same actor. The pool pins it to the driver's node
+(``NodeAffinitySchedulingStrategy``, ``soft=False``): that node's loss ends the run anyway, so the cache
+adds no other node whose loss would cost it. If the actor is lost nonetheless (killed, out of memory), the
+pool recreates it and restores it from the last checkpoint (``RewardPool._restore_cache``); a reward worker
+that finds it gone looks it up by name again, or raises :class:`CacheLost` for the driver to restore it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,23 @@ from typing import Any
 
 from ivgr_dist.reward.reference import Reference, ReferenceTable
 
-__all__ = ["CACHE_NAME", "ReferenceCache", "get_reference_cache"]
+__all__ = ["CACHE_NAME", "CacheLost", "ReferenceCache", "get_reference_cache"]
 
 CACHE_NAME = "ivgr_reference_cache"
+
+
+class CacheLost(RuntimeError):
+    """A reward worker found the cache actor dead and no live one under its name: the driver restores it."""
 
 
 class ReferenceCache:
     """A :class:`ReferenceTable` behind actor methods (plain class; :func:`get_reference_cache` makes the actor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        """``state``: a :meth:`state_dict` to start from (a restored cache: loaded before any call reaches it)."""
         self.table = ReferenceTable()
+        if state is not None:
+            self.table.load_state_dict(state)
         self.updates = 0
         self.replacements = 0
 
@@ -62,9 +73,17 @@ class ReferenceCache:
         return True
 
 
-def get_reference_cache(namespace: str, name: str = CACHE_NAME):
-    """The run's cache actor (created on first use; later callers get the same one)."""
+def get_reference_cache(
+    namespace: str, name: str = CACHE_NAME, node_id: str | None = None, state: dict[str, Any] | None = None
+):
+    """The run's cache actor (created on first use, on node ``node_id`` when given, holding ``state``; later callers
+    get the same one). No Ray restarts: a restarted actor would come back empty, which the pool's restore does
+    better. ``state`` goes to the constructor, so a worker that finds the new actor by name never reads it empty."""
     import ray
 
-    actor = ray.remote(num_cpus=0, max_restarts=0)(ReferenceCache)
-    return actor.options(name=name, namespace=namespace, get_if_exists=True).remote()
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    if node_id is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(ReferenceCache).options(**options).remote(state)

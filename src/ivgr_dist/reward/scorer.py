@@ -111,6 +111,8 @@ class GroupResult:
     excluded: list[bool] = field(default_factory=list)
     """Per rollout: left out of the group's advantage (``on_failure=mask``, its judged accuracy failed); empty:
     none."""
+    judge_error: str = ""
+    """The kind of the group's last failed judge request (``JudgeResult.error``), for the failure-rate stop."""
 
 
 def job_from_group(group: list[Rollout], step: int) -> GroupJob:
@@ -141,7 +143,8 @@ class FallbackJudge:
     """Answers every request with its fallback, counted as a failure: the rules-only path."""
 
     async def score(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
-        return [JudgeResult(score=r.fallback, failed=True) for r in requests]
+        error = "no judge answer (a reward worker error, a lost worker or the group deadline)"
+        return [JudgeResult(score=r.fallback, failed=True, error=error) for r in requests]
 
     async def close(self) -> None:
         return None
@@ -225,6 +228,7 @@ async def score_job(
         rewards.append(out)
     latencies: list[float] = []
     failed: list[set[str]] = [set() for _ in job.responses]  # per rollout: components whose request failed
+    judge_error = ""
     if requests:
         try:
             results = await judge.score([q for _, _, q in requests])
@@ -232,7 +236,8 @@ async def score_job(
                 raise RuntimeError(f"judge returned {len(results)} results for {len(requests)} requests")
         except Exception as exc:  # noqa: BLE001 - a judge must not raise; if one does, its questions fail
             log.warning("judge raised on group %s (%s); its questions count as failed", job.key, exc)
-            results = [JudgeResult(score=q.fallback, failed=True) for _, _, q in requests]
+            error = f"the judge raised {type(exc).__name__}"
+            results = [JudgeResult(score=q.fallback, failed=True, error=error) for _, _, q in requests]
         for (i, name, _), res in zip(requests, results, strict=True):
             rewards[i][name] = float(res.score)
             counts["judge/calls"] += res.calls
@@ -243,6 +248,7 @@ async def score_job(
             counts["judge/requests"] += 1
             if res.failed:
                 failed[i].add(name)
+                judge_error = res.error or "unknown"
             else:
                 latencies.append(res.latency_s)
     excluded = _mask_failures(job.stream, rewards, failed, counts) if on_failure == "mask" else []
@@ -274,7 +280,9 @@ async def score_job(
         candidate = None
     used = reference.think if job.stream == "textual" and reference is not None else None
     busy = time.perf_counter() - t0
-    return GroupResult(job.key, rewards, totals, candidate, None, dict(counts), latencies, busy, used, excluded)
+    return GroupResult(
+        job.key, rewards, totals, candidate, None, dict(counts), latencies, busy, used, excluded, judge_error
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -304,6 +312,8 @@ class StreamScorer:
     """Times a group is submitted before the driver scores it rules-only."""
     trace = None
     """A ``metrics.Tracer`` (set by the batch producer with ``trainer.trace``): each group's scoring is a span."""
+    last_judge_error: str | None = None
+    """The kind of the last failed judge request scored (``GroupResult.judge_error``), for the failure-rate stop."""
 
     def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig, recipe_exact: bool = False):
         self.algo, self.judge_cfg = algo, judge_cfg
@@ -417,6 +427,8 @@ class StreamScorer:
         if self.trace is not None:
             self.trace.span(entry.track, entry.job.key, entry.submitted, time.perf_counter())
         apply_result(entry.group, result)
+        if result.judge_error:
+            self.last_judge_error = result.judge_error
         for k, v in result.counts.items():
             self._counts[k] += v
         self._latencies.extend(result.latencies)

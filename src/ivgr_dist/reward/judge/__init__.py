@@ -14,6 +14,10 @@ feed the ``judge/*`` metrics.
 
 Backends (``reward.judge.backend``): ``rule`` (deterministic, CPU default and tests), ``openai``
 (OpenAI-compatible HTTP endpoints), ``engine`` (in-cluster vLLM judge actors).
+
+The one place a judge DOES raise is its start-up check (``OpenAIJudge.check``, run by ``make_scorer`` before
+the engines and the learner start): a judge that cannot work at all (unreachable, a rejected or missing API
+key, a wrong URL or model name) raises :class:`JudgeUnavailable`, and the run stops with that one line.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["JUDGE_BACKENDS", "Judge", "JudgeRequest", "JudgeResult", "make_judge"]
+__all__ = ["JUDGE_BACKENDS", "Judge", "JudgeRequest", "JudgeResult", "JudgeUnavailable", "make_judge"]
 
 
 @dataclass
@@ -59,6 +63,13 @@ class JudgeResult:
     """True when ``score`` is the fallback because every try failed."""
     latency_s: float = 0.0
     """Wall time from the first call to the answer."""
+    error: str = ""
+    """When ``failed``: the kind of the last failed try (``HTTP 503``, ``ConnectError``, ``timeout``, ...), no URL."""
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot work at all (found at start, or by the failure-rate stop): the run stops with this
+    message (one line, naming the URL, status, config key or environment variable; never the key)."""
 
 
 class Judge(Protocol):

@@ -64,7 +64,9 @@ class JudgeFleet:
                 results = await asyncio.gather(*(self._start_engine(i) for i in ids), return_exceptions=True)
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if not self.serving:
-                    raise RuntimeError(f"no judge engine started: {errors[0]!r}")
+                    cause = getattr(errors[0], "cause", None) or errors[0]  # a RayTaskError's own exception
+                    why = (str(cause).strip().splitlines() or [""])[-1][:300]
+                    raise RuntimeError(f"no judge engine started: {type(cause).__name__}: {why}")
                 self._started = True
                 self._health = asyncio.get_running_loop().create_task(self._health_loop())
                 log.info("judge fleet: %d of %d engines serving", len(self.serving), self.cfg.num_engines)

@@ -12,9 +12,12 @@ Behaviour per request (one ``JudgeRequest``):
   parameter, or with separate concurrent calls on an endpoint seen to ignore or reject ``n``;
 - each attempt has a deadline of ``timeout_s`` (httpx timeout AND an ``asyncio.wait_for`` guard);
 - retried: timeouts, connection errors (refused, dropped), HTTP 5xx/429 and any other status except
-  400/413/422, bodies that are not a chat completion, and answers of which no sample parses. Not
-  retried: HTTP 400/413/422, which blame the request itself (malformed, prompt too long). A 400/422 to
-  a request with ``n > 1`` is taken as "no ``n`` support" and answered with separate calls;
+  those below, bodies that are not a chat completion, and answers of which no sample parses. Not
+  retried: HTTP 400/413/422, which blame the request itself (malformed, prompt too long), and
+  401/403/404, which blame the configuration (a missing or rejected key, a wrong base URL or model
+  name): no retry mends them (the OpenAI SDK does not retry them either), and the start-up check
+  (:meth:`OpenAIJudge.check`) stops the run on them. A 400/422 to a request with ``n > 1`` is taken
+  as "no ``n`` support" and answered with separate calls;
 - between attempts: exponential backoff with full jitter, ``uniform(0, min(backoff_s * 2**k, cap))``;
 - an attempt succeeds when at least one sample parses; the score is the mean of the parsed samples;
 - when every attempt fails: ``score = request.fallback``, ``failed=True``;
@@ -29,10 +32,21 @@ Load balancing: least requests in flight, ties round-robin. An endpoint with ``f
 consecutive failures is cooled down for ``cooldown_s`` (used only when no other endpoint is
 available); a retry avoids the endpoint that just failed. ``endpoint_stats()`` shows the counters.
 
-The API key is read at construction from the environment variable NAMED by ``cfg.api_key_env`` and
-is only ever put in the ``Authorization`` header: not in reprs, logs or exception text. The httpx
-client is created on first use inside the running event loop (a new loop gets a new client), so the
-judge works from a Ray actor's thread-less asyncio loop and from ``asyncio.run`` in tests.
+The API key is read at construction, in the process that builds the judge (a reward worker), from
+the file ``cfg.api_key_file`` when set, else from the environment variable NAMED by ``cfg.api_key_env``,
+and is only ever put in the ``Authorization`` header: not in reprs, logs or exception text.
+
+Start-up check (:meth:`OpenAIJudge.check`, run once per reward worker by ``make_scorer`` before the
+engines and the learner start): one real request per endpoint, one try, deadline ``timeout_s``. An
+endpoint that cannot be reached (refused, DNS, no answer), answers 401/403 (the key), 404 (base URL or
+``reward.judge.model``) or 400/413/422, or a key that is missing in this worker while the driver has it
+(or an unreadable ``api_key_file``), raises :class:`~ivgr_dist.reward.judge.JudgeUnavailable` naming
+the URL, the status and the key's variable or file. A 5xx/429 or an unparsable answer only warns: the
+server is up, and the run-time failure-rate stop (``reward.judge.max_failure_rate``) covers a judge
+that keeps failing.
+
+The httpx client is created on first use inside the running event loop (a new loop gets a new client),
+so the judge works from a Ray actor's thread-less asyncio loop and from ``asyncio.run`` in tests.
 """
 
 from __future__ import annotations
@@ -42,11 +56,12 @@ import logging
 import math
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ivgr_dist.reward.judge import JudgeRequest, JudgeResult
+from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, JudgeUnavailable
 from ivgr_dist.reward.judge.prompts import build_messages, parser_for
 
 __all__ = ["Balancer", "CallError", "OpenAIJudge", "max_backoff_s", "request_deadline_s", "run_request"]
@@ -55,19 +70,23 @@ log = logging.getLogger(__name__)
 
 _BAD_REQUEST = (400, 413, 422)
 """HTTP statuses that blame the request itself (malformed, too long): not retried."""
+_BAD_CONFIG = (401, 403, 404)
+"""HTTP statuses that blame the configuration (API key, base URL, model name): not retried, fatal at start."""
 
 BACKOFF_CAP_S = 30.0
 """Longest single backoff sleep (unless ``backoff_s`` itself is longer)."""
 
 
 class CallError(Exception):
-    """One judge call failed. ``retryable=False`` stops the attempts; ``timeout`` counts as a timeout."""
+    """One judge call failed. ``retryable=False`` stops the attempts; ``timeout`` counts as a timeout; ``kind``:
+    what failed, without the URL (``HTTP 503``, ``ConnectError``; default the message), for ``JudgeResult.error``."""
 
-    def __init__(self, message: str, retryable: bool = True, timeout: bool = False, status: int = 0):
+    def __init__(self, message: str, retryable: bool = True, timeout: bool = False, status: int = 0, kind: str = ""):
         super().__init__(message)
         self.retryable = retryable
         self.timeout = timeout
         self.status = status
+        self.kind = kind or message
 
 
 def max_backoff_s(cfg) -> float:
@@ -184,6 +203,7 @@ async def run_request(req: JudgeRequest, cfg, balancer: Balancer, call: Call) ->
                 balancer.failure(ep)
                 avoid = ep
                 why = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
+                res.error = "timeout" if isinstance(e, asyncio.TimeoutError) else e.kind
                 log.debug("judge %s attempt %d on %s failed: %s", req.request_id, attempt, ep.name, why)
                 if isinstance(e, CallError) and not e.retryable:
                     return
@@ -196,20 +216,45 @@ async def run_request(req: JudgeRequest, cfg, balancer: Balancer, call: Call) ->
             scores.extend(p for p in parsed if p is not None)
             if scores:
                 return
+            res.error = "unparsable answer"
             avoid = None
 
     try:
         await asyncio.wait_for(attempts(), timeout=request_deadline_s(cfg))
     except asyncio.TimeoutError:
         res.timeouts += 1
+        res.error = "request deadline"
     except Exception as e:  # a backend bug must still not take the reward step down
         log.error("judge %s: unexpected %s: %s", req.request_id, type(e).__name__, e)
+        res.error = type(e).__name__
     if scores:
-        res.score = math.fsum(scores) / len(scores)
+        res.score, res.error = math.fsum(scores) / len(scores), ""
     else:
         res.score, res.failed = req.fallback, True
     res.latency_s = time.monotonic() - t0
     return res
+
+
+_KEY_HINT = (
+    "reward workers read ${var} from their own environment, and under `ray job submit` the submitting shell's "
+    "variables do not reach them: pass it in the job's runtime_env env_vars (cluster/submit.sh does), or put the key "
+    "in a file on storage every node sees and set reward.judge.api_key_file"
+)
+
+
+def _read_key(cfg) -> tuple[str, str]:
+    """``(key, problem)``: the key from ``cfg.api_key_file`` when set, else from ``$cfg.api_key_env`` (empty when
+    unset); ``problem`` says why a configured key file gave no key (raised by the start-up check), else ""."""
+    path = getattr(cfg, "api_key_file", None)
+    if not path:
+        return (os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""), ""
+    where = f"reward.judge.api_key_file={path!r} on host {socket.gethostname()}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return "", f"{where}: cannot read it ({type(e).__name__}): it must be on storage every node sees"
+    return key, ("" if key else f"{where}: the file is empty")
 
 
 class _Secret:
@@ -234,7 +279,7 @@ class OpenAIJudge:
             raise ValueError("reward.judge.urls: backend=openai needs at least one endpoint")
         self.cfg = cfg
         self.balancer = Balancer([u.rstrip("/") for u in cfg.urls], fail_threshold, cooldown_s)
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        key, self.key_problem = _read_key(cfg)
         self._key = _Secret(key)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._client = None
@@ -243,6 +288,69 @@ class OpenAIJudge:
     def __repr__(self) -> str:
         key = "set" if self._key.value else "unset"
         return f"OpenAIJudge(urls={[e.name for e in self.balancer.endpoints]}, model={self.cfg.model!r}, api_key={key})"
+
+    # ----------------------------------------------------------------------------------- start-up check
+
+    async def check(self, driver_has_key: bool | None = None) -> None:
+        """One test request per endpoint (one try, deadline ``timeout_s``); raises ``JudgeUnavailable`` when the
+        judge cannot work (module docstring). ``driver_has_key``: whether the driver has ``$api_key_env`` (None:
+        unknown or not applicable), so that a key missing only here is named as such."""
+        if self.key_problem:
+            raise JudgeUnavailable(self.key_problem)
+        if driver_has_key and not self._key.value:
+            raise JudgeUnavailable(
+                f"${self.cfg.api_key_env} is set in the driver but not in this reward worker "
+                f"(host {socket.gethostname()}): {_KEY_HINT.format(var=self.cfg.api_key_env)}"
+            )
+        self._http()
+        request = JudgeRequest("equivalence", "start-up check", "4", "4", request_id="start-up check")
+        messages = build_messages(request)
+        await asyncio.gather(*(self._check_endpoint(ep, messages) for ep in self.balancer.endpoints))
+
+    async def _check_endpoint(self, ep: Endpoint, messages: list[dict]) -> None:
+        cfg = self.cfg
+        try:
+            await asyncio.wait_for(self._post(ep, messages, 1, JudgeResult(0.0)), timeout=cfg.timeout_s)
+            return
+        except asyncio.TimeoutError:
+            error = CallError("timeout", timeout=True, kind="timeout")
+        except CallError as e:
+            error = e
+        if error.timeout:
+            raise JudgeUnavailable(
+                f"judge {ep.name} did not answer a test request within reward.judge.timeout_s={cfg.timeout_s:g} s "
+                f"({error.kind}): is the server up and reward.judge.urls right?"
+            )
+        if error.kind == "ConnectError":  # refused, DNS: nothing answers there
+            raise JudgeUnavailable(
+                f"judge {ep.name} is unreachable ({error.kind}): is the server up and reward.judge.urls right?"
+            )
+        if error.status in (401, 403):
+            raise JudgeUnavailable(f"judge {ep.name} answered HTTP {error.status}: {self._key_advice()}")
+        if error.status == 404:
+            raise JudgeUnavailable(
+                f"judge {ep.name} answered HTTP 404 to POST {ep.name}/chat/completions: a wrong base URL in "
+                f"reward.judge.urls (it ends in /v1, e.g. http://host:8000/v1) or reward.judge.model={cfg.model!r} "
+                "is not served there"
+            )
+        if not error.retryable:
+            raise JudgeUnavailable(
+                f"judge {ep.name} rejected a test request with HTTP {error.status}: check reward.judge.model="
+                f"{cfg.model!r} and reward.judge.max_tokens={cfg.max_tokens}"
+            )
+        log.warning("judge %s: the start-up test request failed (%s); starting anyway", ep.name, error.kind)
+
+    def _key_advice(self) -> str:
+        """Why a 401/403 happened, naming where the key comes from (never the key)."""
+        cfg = self.cfg
+        if cfg.api_key_file:
+            return f"the endpoint rejected the API key read from reward.judge.api_key_file={cfg.api_key_file!r}"
+        if self._key.value:
+            return f"the endpoint rejected the API key in ${cfg.api_key_env} (reward.judge.api_key_env)"
+        return (
+            f"this reward worker (host {socket.gethostname()}) has no API key: ${cfg.api_key_env} "
+            f"(reward.judge.api_key_env) is not set here. {_KEY_HINT.format(var=cfg.api_key_env)}"
+        )
 
     def endpoint_stats(self) -> list[dict]:
         """Per-endpoint counters (attempts, failures, cool-downs, in flight, ``n`` support)."""
@@ -315,19 +423,23 @@ class OpenAIJudge:
         try:
             r = await self._http().post(f"{ep.name}/chat/completions", json=body, headers=headers)
         except httpx.TimeoutException as e:
-            raise CallError(f"{type(e).__name__} from {ep.name}", timeout=True) from None
-        except httpx.HTTPError as e:  # connection refused/dropped, protocol errors
-            raise CallError(f"{type(e).__name__} from {ep.name}") from None
+            kind = type(e).__name__
+            raise CallError(f"{kind} from {ep.name}", timeout=True, kind=kind) from None
+        except httpx.HTTPError as e:  # connection refused/dropped, DNS, protocol errors
+            kind = type(e).__name__
+            raise CallError(f"{kind} from {ep.name}", kind=kind) from None
         if r.status_code != 200:
-            bad = r.status_code in _BAD_REQUEST
-            raise CallError(f"HTTP {r.status_code} from {ep.name}", retryable=not bad, status=r.status_code)
+            code = r.status_code
+            final = code in _BAD_REQUEST or code in _BAD_CONFIG
+            raise CallError(f"HTTP {code} from {ep.name}", retryable=not final, status=code, kind=f"HTTP {code}")
         try:
             choices = r.json()["choices"]
             texts = [c["message"]["content"] or "" for c in choices]
         except (ValueError, KeyError, TypeError) as e:
-            raise CallError(f"not a chat completion from {ep.name} ({type(e).__name__})") from None
+            kind = "not a chat completion"
+            raise CallError(f"{kind} from {ep.name} ({type(e).__name__})", kind=kind) from None
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise CallError(f"no text choices from {ep.name}")
+            raise CallError(f"no text choices from {ep.name}", kind="no text choices")
         return texts
 
     async def close(self) -> None:
