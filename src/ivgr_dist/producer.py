@@ -245,7 +245,6 @@ class BatchProducer:
             self._resume[step] = self.data.sampler.state_dict()
             requeued, self._requeue = list(dict.fromkeys(self._requeue)), []
             drawn = self.data.sampler.next_batch()
-            sampler_metrics = self.data.sampler.metrics()
         # A requeued record the sampler draws again (a new epoch began) is generated once: two copies would
         # share a uid, hence a group seed, and train the same rollouts twice. It stays in `requeued`, so
         # training this batch still clears it from the resume state.
@@ -260,9 +259,9 @@ class BatchProducer:
                 for i in lost:
                     self.data.sampler.exclude(i, self.data.records.dropped.get(i, "unreadable_image"))
                 if prompts:
+                    sampler_metrics = self.data.sampler.metrics()  # this batch's draws and exclusions
                     break
                 items = self.data.sampler.next_batch()  # every record was dropped; they are excluded now
-                sampler_metrics = self.data.sampler.metrics()
             fresh |= set(items)
         metrics = {
             **sampler_metrics,

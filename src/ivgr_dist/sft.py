@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ivgr_dist.config import Config
+from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.targets import infer_stream, templated_response
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.types import Prompt, Rollout
@@ -92,7 +93,7 @@ class SFTData:
             raise ValueError(f"record {original_idx}: empty {self.column!r} response")
         stream = infer_stream(text, paired, row.get("stream"))
         if stream != "single" and not paired:
-            raise ValueError(f"record {original_idx}: stream={stream!r} but the record has no target boxes")
+            raise ValueError(f"record {original_idx}: stream={short_repr(stream)} but the record has no target boxes")
         return [(p, text) for p in self.records.prompts([(original_idx, stream)])]
 
     def encode(self, prompt: Prompt, response: str) -> Rollout:
