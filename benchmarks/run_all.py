@@ -76,6 +76,13 @@ BENCHES = {
             target=(">=", 1.3),
         ),
         Bench(
+            "prompts",
+            "bench_prompts.py",
+            ("records", "serial_s", "threaded_s", "wait_before_s", "wait_after_s", "load_avg_1m"),
+            ratio="wait_ratio",
+            target=("<=", 0.1),  # the next batch's prompts ready when the step asks (step longer than building)
+        ),
+        Bench(
             "reward",
             "bench_reward.py",
             ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),

@@ -358,6 +358,11 @@ class DataConfig:
     """Held-out parquet files (same layout)."""
     image_root: str | None = None
     """Directory that ``images`` paths are relative to; default: each parquet file's directory."""
+    allow_outside_image_root: bool = False
+    """Read image paths that leave the image root (absolute paths, ``..``); off: such a row is a bad row
+    (``data/bad_rows/image_outside_root``)."""
+    image_workers: int = 4
+    """Threads that check images at load and decode and resize a batch's images when its prompts are built."""
     make_synthetic_if_missing: bool = True
     """Generate the synthetic set into the train file's directory when it is missing (CPU default)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -398,6 +403,7 @@ class DataConfig:
             f"must be >= min_pixels={self.min_pixels}",
         )
         _check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "must be > 0")
+        _check(self.image_workers >= 1, "data.image_workers", self.image_workers, "must be >= 1")
         _check(self.rollout_batch_size >= 1, "data.rollout_batch_size", self.rollout_batch_size, "must be >= 1")
         _check(0.0 <= self.paired_ratio <= 1.0, "data.paired_ratio", self.paired_ratio, "must be in [0, 1]")
         _check_choice("data.bad_rows", self.bad_rows, ["raise", "skip"])

@@ -339,12 +339,15 @@ def _generate_and_score(
             while end < len(items) and (items[end][0] in seen or len(seen) < RECORDS_PER_CHUNK):
                 seen.add(items[end][0])
                 end += 1
-            prompts = records.prompts(items[start:end])
+            prompts = records.prompts(items[start:end])  # a record whose image fails to decode is left out, counted
+            bar.update(end - start - len(prompts))
+            start = end
+            if not prompts:
+                continue
             groups = pool.generate(prompts, n=n, temperature=temperature, stats=stats, seed=seed)
             for group in scorer.score_stream(groups, prompts, step=0):
                 bar.update(1)
                 yield from group
-            start = end
 
 
 # -------------------------------------------------------------------------------------------- CLI

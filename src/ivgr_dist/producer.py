@@ -17,10 +17,23 @@ Scheduling unit: the record. A batch's prompts keep a record's grounded and text
 are generated and scored in the same batch (the textual group is judged once its grounded group has
 updated the reference cache), and they reach the same training step.
 
+Prompt prefetch: a batch is first *prepared* (drawn from the sampler, its images decoded and resized in
+``data.image_workers`` threads, its prompts built) and then generated. While batch ``s`` generates, is scored
+and trains, a helper thread prepares batch ``s + 1``, so image decoding is off the step's critical path
+(``time/prompts_wait_s`` is what the step still waited for prompts, ``time/prompts_s`` what building them took).
+With ``k >= 1`` a batch is prepared ahead only once it is admitted: records requeued meanwhile still go into the
+next batch drawn.
+
+Unreadable images: a record whose image does not decode when its prompt is built is dropped by the record
+table (all its streams; counted in ``data/bad_rows/<reason>``, named in a warning) and excluded from later draws
+(``PairSampler.exclude``, part of the sampler state); the batch goes on without it (``data/dropped_records``), and
+a batch that loses every record is drawn again.
+
 Exact resume: :meth:`resume_state` is the sampler's state before the first batch the learner has not
-trained on, plus the requeued records not yet trained on; batches produced ahead are simply produced
-again after a resume (nothing trained twice, nothing skipped). The reference cache may already hold
-references from such batches (scored ahead): they are real rollouts of the policy, so they stay.
+trained on, plus the requeued records not yet trained on; batches prepared or produced ahead are simply produced
+again after a resume (nothing trained twice, nothing skipped), a record excluded after that state was taken is
+found again and dropped again the same way. The reference cache may already hold references from such batches
+(scored ahead): they are real rollouts of the policy, so they stay.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ivgr_dist.types import Prompt, Rollout
@@ -61,6 +75,15 @@ class Batch:
         return [r for g in self.groups for r in g]
 
 
+@dataclass
+class _Prepared:
+    """A batch drawn and its prompts built, not yet generated."""
+
+    prompts: list[Prompt]
+    requeued: list[tuple[int, str]]
+    metrics: dict[str, float]
+
+
 def stale_records(groups: list[list[Rollout]], version: int, max_staleness: int) -> set[int]:
     """Records (``original_idx``) with a group whose oldest version is more than ``max_staleness`` behind
     ``version`` (the policy the learner is about to update)."""
@@ -80,10 +103,11 @@ class BatchProducer:
         max_staleness: int,
         trace=None,
         seed_for: Callable[[int], int | None] | None = None,
+        prefetch: bool = True,
     ):
         """``data``: the train ``DataPipeline``; ``rollouts``: the ``RolloutPool``; ``scorer``: a ``StreamScorer``;
         ``seed_for(step)``: the sampling seed of a step (``RolloutPool.sampling_seed``); ``trace``: a
-        ``metrics.Tracer`` or None."""
+        ``metrics.Tracer`` or None; ``prefetch``: prepare the next batch's prompts while this one generates."""
         self.data, self.rollouts, self.scorer = data, rollouts, scorer
         self.k = max_staleness
         self.trace = trace
@@ -100,6 +124,8 @@ class BatchProducer:
         self._error: BaseException | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prompt-prefetch") if prefetch else None
+        self._next: tuple[int, Future] | None = None  # (step, its preparation), touched by the producing thread only
 
     # ------------------------------------------------------------------------------- the trainer's side
 
@@ -175,6 +201,8 @@ class BatchProducer:
 
     def load_state(self, state: dict) -> None:
         self.data.sampler.load_state_dict(state["sampler"])
+        for i, why in self.data.sampler.excluded.items():  # dropped before the checkpoint: counted, not re-read
+            self.data.records.drop(i, why, restored=True)
         self._requeue = [tuple(x) for x in state.get("requeue", [])]
         self._pending_requeue = list(self._requeue)
 
@@ -182,6 +210,8 @@ class BatchProducer:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             # a thread inside a generation ends when the engines go (the trainer shuts them down next)
             self._thread.join(timeout=10.0)
@@ -207,20 +237,68 @@ class BatchProducer:
                 self._error = exc
                 self._cond.notify_all()
 
-    def _produce(self, step: int) -> Batch:
-        from ivgr_dist.rollout.pool import PoolStats
-
+    def _prepare(self, step: int) -> _Prepared:
+        """Draw step ``step``'s batch (requeued records first) and build its prompts; records dropped for an
+        unreadable image are excluded from later draws, and a batch left with none is drawn again."""
+        t0 = time.perf_counter()
         with self._cond:
             self._resume[step] = self.data.sampler.state_dict()
             requeued, self._requeue = list(dict.fromkeys(self._requeue)), []
-            version = self._version
             drawn = self.data.sampler.next_batch()
-            # A requeued record the sampler draws again (a new epoch began) is generated once: two copies would
-            # share a uid, hence a group seed, and train the same rollouts twice. It stays in `requeued`, so
-            # training this batch still clears it from the resume state.
-            fresh = set(drawn)
-            items = [x for x in requeued if x not in fresh] + drawn
-        prompts = self.data.records.prompts(items)
+        # A requeued record the sampler draws again (a new epoch began) is generated once: two copies would
+        # share a uid, hence a group seed, and train the same rollouts twice. It stays in `requeued`, so
+        # training this batch still clears it from the resume state.
+        fresh = set(drawn)
+        items = [x for x in requeued if x not in fresh] + drawn
+        dropped = 0
+        while True:
+            prompts = self.data.records.prompts(items)
+            lost = sorted({i for i, _ in items} - {p.original_idx for p in prompts})
+            dropped += len(lost)
+            with self._cond:
+                for i in lost:
+                    self.data.sampler.exclude(i, self.data.records.dropped.get(i, "unreadable_image"))
+                if prompts:
+                    sampler_metrics = self.data.sampler.metrics()  # this batch's draws and exclusions
+                    break
+                items = self.data.sampler.next_batch()  # every record was dropped; they are excluded now
+            fresh |= set(items)
+        metrics = {
+            **sampler_metrics,
+            "data/dropped_records": float(dropped),
+            "time/prompts_s": time.perf_counter() - t0,
+            "rollout/requeued_records": float(len({i for i, _ in requeued})),
+            "rollout/requeued_drawn_again": float(len({item[0] for item in requeued if item in fresh})),
+        }
+        return _Prepared(prompts, requeued, metrics)
+
+    def _take_prepared(self, step: int) -> tuple[_Prepared, float]:
+        """Step ``step``'s prepared batch (prefetched, or prepared now) and how long this waited for it."""
+        t0 = time.perf_counter()
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] != step:
+            raise RuntimeError(f"batch of step {ahead[0]} was prepared ahead, but step {step} came next")
+        prepared = ahead[1].result() if ahead is not None else self._prepare(step)
+        return prepared, time.perf_counter() - t0
+
+    def _prefetch(self, step: int) -> None:
+        """Start preparing step ``step``'s batch in the prefetch thread, when it is needed and (``k >= 1``)
+        admitted: drawn earlier, records requeued by the trainer meanwhile would wait a batch longer."""
+        if self._prefetcher is None or step > self._last_step:
+            return
+        with self._cond:
+            if self._stop or (self.k > 0 and step > self._trained_step + self.k + 1):
+                return
+        self._next = (step, self._prefetcher.submit(self._prepare, step))
+
+    def _produce(self, step: int) -> Batch:
+        from ivgr_dist.rollout.pool import PoolStats
+
+        prepared, waited = self._take_prepared(step)
+        self._prefetch(step + 1)
+        with self._cond:
+            version = self._version
+        prompts = prepared.prompts
         stats = PoolStats()
         timing = {"generate": 0.0}
         t0 = time.perf_counter()
@@ -239,11 +317,10 @@ class BatchProducer:
             "reward/tail_s": scored - timing["generate"],
             "rollout/tokens_per_s": stats.tokens / max(timing["generate"], 1e-9),
             **self.data.records.metrics(),
-            **self.data.sampler.metrics(),
-            "rollout/requeued_records": float(len({i for i, _ in requeued})),
-            "rollout/requeued_drawn_again": float(len({item[0] for item in requeued if item in fresh})),
+            **prepared.metrics,
+            "time/prompts_wait_s": waited,
         }
-        return Batch(step, prompts, groups, metrics, admitted_version=version, requeued=requeued)
+        return Batch(step, prompts, groups, metrics, admitted_version=version, requeued=prepared.requeued)
 
 
 def _timed(groups: Iterator[list[Rollout]], timing: dict, t0: float) -> Iterator[list[Rollout]]:

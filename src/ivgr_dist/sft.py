@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ivgr_dist.config import Config
+from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.targets import infer_stream, templated_response
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.types import Prompt, Rollout
@@ -62,9 +63,10 @@ class SFTData:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.sft.seed, epoch]).permutation(self.ids)
 
-    def next_ids(self) -> list[int]:
+    def next_ids(self, n: int | None = None) -> list[int]:
+        """The next ``n`` records of the epoch order (default ``sft.batch_size``)."""
         out: list[int] = []
-        while len(out) < self.cfg.sft.batch_size:
+        while len(out) < (self.cfg.sft.batch_size if n is None else n):
             if self.pos == len(self.order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self.order = self._permutation(self.epoch)
@@ -73,7 +75,8 @@ class SFTData:
         return out
 
     def pairs(self, original_idx: int) -> list[tuple[Prompt, str]]:
-        """(prompt, target response) pairs of one record."""
+        """(prompt, target response) pairs of one record; none when its image cannot be read (the record table
+        drops, counts and names it)."""
         paired = original_idx in self.paired
         if self.column is None:
             streams = self.cfg.sft.streams if paired else ["single"]
@@ -90,8 +93,8 @@ class SFTData:
             raise ValueError(f"record {original_idx}: empty {self.column!r} response")
         stream = infer_stream(text, paired, row.get("stream"))
         if stream != "single" and not paired:
-            raise ValueError(f"record {original_idx}: stream={stream!r} but the record has no target boxes")
-        return [(self.records.prompt(original_idx, stream), text)]
+            raise ValueError(f"record {original_idx}: stream={short_repr(stream)} but the record has no target boxes")
+        return [(p, text) for p in self.records.prompts([(original_idx, stream)])]
 
     def encode(self, prompt: Prompt, response: str) -> Rollout:
         """The target response as a rollout (token ids ending with the stop token)."""
@@ -99,8 +102,17 @@ class SFTData:
         return Rollout(prompt, 0, ids, response, logprobs=[], weight_version=0, advantage=1.0)
 
     def next_batch(self) -> StepBatch:
-        """The next step's samples (a record's streams share its image)."""
-        return StepBatch.from_rollouts([self.encode(p, r) for i in self.next_ids() for p, r in self.pairs(i)])
+        """The next step's samples from ``sft.batch_size`` records (a record's streams share its image); a record
+        dropped for an unreadable image is replaced by the next one in the order."""
+        samples, records = [], 0
+        while records < self.cfg.sft.batch_size:
+            if len(self.records.dropped) >= len(self.ids):
+                raise ValueError(f"every record of data.train_files was dropped: {self.records.metrics()}")
+            for i in self.next_ids(self.cfg.sft.batch_size - records):
+                pairs = self.pairs(i)
+                records += bool(pairs)
+                samples += [self.encode(p, r) for p, r in pairs]
+        return StepBatch.from_rollouts(samples)
 
 
 def sft_config_for_rl(cfg: Config) -> Config:

@@ -164,3 +164,40 @@ def test_chunks_keep_a_records_streams_together(monkeypatch):
     got = list(evaluate._generate_and_score(records, items, Pool(), Scorer(), None, 1, 0.0, 5))
     assert chunks == [["0:grounded", "0:textual", "1:single"], ["2:grounded", "2:textual", "3:grounded", "3:textual"]]
     assert [r.prompt.uid for r in got] == [u for c in chunks for u in c]
+
+
+def test_records_whose_image_fails_to_decode_are_left_out_and_counted(monkeypatch, tmp_path, tiny_model_dir):
+    """Eval builds prompts through the training pipeline: a record whose image fails to decode is not evaluated
+    (counted in data/bad_rows/unreadable_image), a chunk that loses every record generates nothing, the rest runs."""
+    from transformers import AutoTokenizer
+
+    from ivgr_dist.config import DataConfig, SyntheticConfig
+    from ivgr_dist.data.dataset import RecordTable
+    from ivgr_dist.data.prompts import PromptBuilder
+    from ivgr_dist.data.synthetic import make_synthetic
+    from support.images import cut_jpeg
+
+    make_synthetic(tmp_path, SyntheticConfig(num_records=8, val_fraction=0.5, text_only_fraction=0.0))
+    cfg = DataConfig(max_bad_row_fraction=0.5)
+    records = RecordTable(
+        [tmp_path / "val.parquet"], cfg, PromptBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
+    )
+    monkeypatch.setattr(evaluate, "RECORDS_PER_CHUNK", 2)
+    items = eval_prompts(records, "both")
+    for i in (0, 1):  # the whole first chunk
+        cut_jpeg(tmp_path / records.record(i)["images"][0])
+    generated = []
+
+    class Pool:
+        def generate(self, prompts, n, temperature, stats, seed):
+            generated.append([p.uid for p in prompts])
+            return ([Rollout(p, 0, [1], "", [0.0], 0)] for p in prompts)
+
+    class Scorer:
+        def score_stream(self, groups, prompts, step):
+            yield from groups
+
+    got = list(evaluate._generate_and_score(records, items, Pool(), Scorer(), None, 1, 0.0, 5))
+    assert generated == [["2:grounded", "2:textual", "3:grounded", "3:textual"]]
+    assert [r.prompt.uid for r in got] == generated[0]
+    assert records.metrics()["data/bad_rows/unreadable_image"] == 2 and records.streams(0) == ()

@@ -1,19 +1,30 @@
 """The batch producer without Ray or engines: inline (max_staleness 0) and ahead in a thread (k >= 1),
-admission, the staleness re-check that drops whole records, and the resume state that loses nothing."""
+admission, the staleness re-check that drops whole records, the resume state that loses nothing, the next
+batch's prompts prepared while a step trains, and records whose image fails to decode at prompt time."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from ivgr_dist.config import DataConfig, SyntheticConfig
+from ivgr_dist.data.dataset import RecordTable
+from ivgr_dist.data.prompts import PromptBuilder
 from ivgr_dist.data.sampler import PairSampler
+from ivgr_dist.data.synthetic import make_synthetic
 from ivgr_dist.producer import BatchProducer, ProducerError, stale_records
 from ivgr_dist.types import Prompt, Rollout
+from support.images import cut_jpeg
 
 
 class Records:
+    dropped: dict[int, str] = {}
+
     def prompts(self, items):
         return [Prompt(i, s, "", [1], 1, "a", "exact", "t") for i, s in items]
 
@@ -196,4 +207,124 @@ def test_a_requeued_record_the_sampler_draws_again_is_generated_once():
     assert b1.metrics["rollout/requeued_drawn_again"] == 1.0
     prod.trained(1, 1, b1)
     assert prod.resume_state(1)["requeue"] == []
+    prod.close()
+
+
+def test_the_next_batch_is_prepared_while_a_step_trains_and_the_resume_state_stays_exact():
+    """k = 0: once step 1's batch is handed over, the prefetch thread draws batch 2 and builds its prompts (off the
+    step's critical path); a checkpoint after step 1 still resumes before batch 2, and the resumed producer makes
+    the same batch 2."""
+
+    class Logged(Records):
+        def __init__(self):
+            self.built = []  # (thread, records) per prompts() call
+
+        def prompts(self, items):
+            self.built.append((threading.current_thread().name, sorted({i for i, _ in items})))
+            return super().prompts(items)
+
+    data, pool = Data(), Pool()
+    data.records = Logged()
+    ref = _reference_states(4, 3)
+    prod = BatchProducer(data, pool, Scorer(), max_staleness=0)
+    prod.start(1, 3, version=0)
+    b1 = prod.get(1)
+    _wait_for(lambda: len(data.records.built) == 2)  # batch 2's prompts, before the trainer asks for step 2
+    assert data.records.built[1][0].startswith("prompt-prefetch") and pool.calls == [4]
+    assert data.sampler.state_dict() == ref[2]  # batch 2 is drawn ...
+    assert prod.resume_state(1)["sampler"] == ref[1]  # ... but a checkpoint after step 1 resumes before it
+    prod.trained(1, 1, b1)
+    state = prod.resume_state(1)
+    assert state["sampler"] == ref[1]
+    b2 = prod.get(2)
+    assert sorted({p.original_idx for p in b2.prompts}) == data.records.built[1][1]  # the prefetched batch
+    assert len(data.records.built) <= 3  # batch 2 was not built again (3: batch 3 prefetched)
+    prod.close()
+    again = BatchProducer(Data(), Pool(), Scorer(), max_staleness=0)
+    again.load_state(state)
+    again.start(2, 3, version=1)
+    assert [p.uid for p in again.get(2).prompts] == [p.uid for p in b2.prompts]
+    again.close()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory, tiny_model_dir):
+    """A small synthetic set (30 train records, paired and single) and the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("shapes")
+    syn = SyntheticConfig(num_records=40, val_fraction=0.25, text_only_fraction=0.2)
+    make_synthetic(out, syn, seed=5)
+    return out, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_an_image_that_fails_to_decode_drops_its_record_and_a_resume_does_not_die_on_it(shapes, tmp_path, caplog):
+    src, tok = shapes
+    shutil.copytree(src, tmp_path / "set")
+    train = tmp_path / "set" / "train.parquet"
+    cfg = DataConfig(rollout_batch_size=8, paired_ratio=0.75)
+
+    def pipeline():
+        table = RecordTable([train], cfg, PromptBuilder(tok, cfg))
+        return SimpleNamespace(records=table, sampler=PairSampler(table.paired_ids, table.single_ids, 8, 0.75, 0))
+
+    victim = pipeline().sampler.next_batch()[0][0]  # a paired record of the first batch
+    image = tmp_path / "set" / pipeline().records.record(victim)["images"][0]
+    cut_jpeg(image)
+    data = pipeline()
+    assert victim in data.records.paired_ids and data.records.metrics()["data/bad_rows/total"] == 0  # passes load
+    prod = BatchProducer(data, Pool(), Scorer(), max_staleness=0)
+    before = prod.resume_state(0)
+    prod.start(1, 3, version=0)
+    with caplog.at_level(logging.WARNING, logger="ivgr_dist.data.dataset"):
+        b1 = prod.get(1)
+    uids = [p.uid for p in b1.prompts]
+    assert f"{victim}:grounded" not in uids and f"{victim}:textual" not in uids  # both streams went together
+    assert len(uids) == 8 - 2 and len(b1.groups) == 6  # the batch went on without it
+    assert b1.metrics["data/bad_rows/unreadable_image"] == 1 and b1.metrics["data/dropped_records"] == 1
+    file, row = data.records.location(victim)
+    assert f"{file} row {row} (original_idx {victim}): unreadable_image" in caplog.text
+    assert image.name in caplog.text and "image file is truncated" in caplog.text
+    prod.trained(1, 1, b1)
+    after = prod.resume_state(1)
+    prod.close()
+
+    # resumed from before that batch: drawn again, dropped again, the same batch
+    again = BatchProducer(pipeline(), Pool(), Scorer(), max_staleness=0)
+    again.load_state(before)
+    again.start(1, 1, version=0)
+    assert [p.uid for p in again.get(1).prompts] == uids
+    again.close()
+    # resumed from after it: counted, and never drawn again (the loop runs the paired pool past an epoch)
+    later_data, engines = pipeline(), Pool()
+    later = BatchProducer(later_data, engines, Scorer(), max_staleness=0)
+    later.load_state(after)
+    assert later_data.records.metrics()["data/bad_rows/unreadable_image"] == 1
+    engines.version = 1
+    later.start(2, 10, version=1)
+    for step in range(2, 11):
+        b = later.get(step)
+        assert victim not in {p.original_idx for p in b.prompts} and len(b.prompts) == 8
+        engines.version = step  # the push after the step
+        later.trained(step, step, b)
+    assert later_data.sampler.metrics()["data/epoch/paired"] >= 1
+    later.close()
+
+
+def test_a_batch_that_loses_every_record_is_drawn_again(shapes, tmp_path):
+    src, tok = shapes
+    shutil.copytree(src, tmp_path / "set")
+    train = tmp_path / "set" / "train.parquet"
+    cfg = DataConfig(max_bad_row_fraction=0.1)
+    table = RecordTable([train], cfg, PromptBuilder(tok, cfg))
+    data = SimpleNamespace(records=table, sampler=PairSampler(table.paired_ids, [], 4, 1.0, 0))
+    reference = PairSampler(table.paired_ids, [], 4, 1.0, 0)
+    lost, second = reference.next_batch(), reference.next_batch()
+    for i in {i for i, _ in lost}:
+        cut_jpeg(tmp_path / "set" / table.record(i)["images"][0])
+    prod = BatchProducer(data, Pool(), Scorer(), max_staleness=0, prefetch=False)
+    prod.start(1, 1, version=0)
+    b1 = prod.get(1)
+    assert [(p.original_idx, p.stream) for p in b1.prompts] == second
+    assert b1.metrics["data/dropped_records"] == 2 and set(data.sampler.excluded) == {i for i, _ in lost}
     prod.close()

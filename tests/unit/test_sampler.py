@@ -178,3 +178,31 @@ def test_single_pair_stream_fills_the_batch_with_that_stream(streams):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="pair_streams"):
         PairSampler(list(range(40)), [], 16, 0.9, seed=0, pair_streams=["single"])
+
+
+def test_excluded_records_are_never_drawn_again_and_the_exclusion_is_part_of_the_state():
+    """A record found unusable after load (an image that fails to decode) is skipped by later draws; the pools'
+    permutations and fingerprint stay the same, so a state from before the exclusion replays the same draws and
+    one from after keeps the record out."""
+    s = PairSampler(PAIRED, SINGLE, batch_size=8, paired_ratio=0.5, seed=7)
+    before = json.loads(json.dumps(s.state_dict()))
+    first = s.next_batch()
+    victim = first[0][0]
+    s.exclude(victim, "unreadable_image")
+    after = json.loads(json.dumps(s.state_dict()))
+    assert after["excluded"] == [[victim, "unreadable_image"]] and s.metrics()["data/excluded_records"] == 1
+    later = [s.next_batch() for _ in range(40)]  # 80 paired draws: past an epoch of 50
+    assert all(victim not in {i for i, _ in b} for b in later) and all(len(b) == 8 for b in later)
+    assert s.metrics()["data/epoch/paired"] >= 1
+    replay = PairSampler(PAIRED, SINGLE, batch_size=8, paired_ratio=0.5, seed=7)
+    replay.load_state_dict(before)
+    assert replay.next_batch() == first and replay.excluded == {}
+    resumed = PairSampler(PAIRED, SINGLE, batch_size=8, paired_ratio=0.5, seed=7)
+    resumed.load_state_dict(after)
+    assert [resumed.next_batch() for _ in range(40)] == later
+    with pytest.raises(ValueError, match="original_idx=999: not a record of this sampler"):
+        s.exclude(999, "unreadable_image")
+    small = PairSampler([0, 2, 4], [], batch_size=4, paired_ratio=1.0, seed=0)
+    small.exclude(0, "unreadable_image")
+    with pytest.raises(ValueError, match=r"paired pool: 2 of 3 records excluded .* 1 left, but each batch draws 2"):
+        small.exclude(2, "unreadable_image")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -117,3 +119,18 @@ def test_search_templates_cite_the_target_box_and_name_its_place(family, request
         for _, text in (grounded, textual):
             assert text.startswith(f"<think>I look for {sought}. ")
             assert text.endswith(f"The answer is {row['answer']}.</think> <answer>{row['answer']}</answer>")
+
+
+def test_a_record_whose_image_fails_to_decode_is_replaced_in_its_batch(tiny_model_dir, data_dir, tmp_path):
+    """The warm start reads images through the same pipeline: a record whose image does not decode is dropped
+    (counted) and the batch takes the next record instead; the run goes on."""
+    from support.images import cut_jpeg
+
+    shutil.copytree(data_dir, tmp_path / "set")
+    data = _sft_data(tiny_model_dir, tmp_path / "set" / "train.parquet", "sft.batch_size=5")
+    victim = next(int(i) for i in data.order[:5] if data.records.record(int(i))["images"])  # in the first batch
+    cut_jpeg(tmp_path / "set" / data.records.record(victim)["images"][0])
+    for _ in range(5):  # past an epoch of 21 records
+        ids = {int(uid.split(":")[0]) for uid in data.next_batch().prompt_uids}
+        assert len(ids) == 5 and victim not in ids
+    assert data.records.metrics()["data/bad_rows/unreadable_image"] == 1 and data.epoch >= 1

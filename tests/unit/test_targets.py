@@ -78,6 +78,9 @@ def test_infer_stream(response, paired, column, expected):
 def test_infer_stream_rejects_unknown_stream_column():
     with pytest.raises(ValueError, match="stream='both'"):
         infer_stream("x", True, "both")
+    with pytest.raises(ValueError) as err:  # a 10 MB cell is quoted cut short
+        infer_stream("x", True, "g" * (10 << 20))
+    assert len(str(err.value)) < 400 and "(10485760 chars)" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ search task

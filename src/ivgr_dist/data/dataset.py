@@ -14,10 +14,23 @@ reason                the row ...
 ``bad_bbox``          has a target whose ``bbox`` is not 4 finite numbers, has ``x1 >= x2`` or
                       ``y1 >= y2``, a negative coordinate, lies outside its image (boxes refer to
                       the first image), or has target boxes but no image
-``missing_image``     names an image file that does not exist
-``unreadable_image``  names a file PIL cannot open and verify
+``missing_image``     names an image file that does not exist, or has an empty image entry
+``unreadable_image``  has an image (file or bytes) PIL cannot open and verify
+``image_outside_root`` names an image path that leaves the image root (absolute, or ``..``), unless
+                      ``data.allow_outside_image_root=true`` (:mod:`ivgr_dist.data.sources`)
 ``bad_image_size``    has an image the Qwen resize rule cannot handle (aspect ratio > 200 ...)
+``too_many_images``   has more images than the rollout engines take per prompt
 ====================  ====================================================================
+
+Before any row, each column the pipeline reads is checked for its type (:mod:`ivgr_dist.data.schema`); a wrong
+type raises :class:`DataError` naming the file, the column, the type found and the types accepted. ``images``
+may hold paths, raw bytes or ``datasets``-style ``{bytes, path}`` structs (:mod:`ivgr_dist.data.sources`).
+
+At prompt time (:meth:`RecordTable.prompts`) an image that does not decode (a JPEG truncated in its pixel data
+passes ``verify()``) or is gone drops its record, all streams together: counted under its reason, named in a
+warning with the file and the row, and remembered (:attr:`RecordTable.dropped`) so that it is not read again;
+the producer also keeps it out of later draws (``PairSampler.exclude``). With ``data.bad_rows=raise`` it
+raises instead. The ``max_bad_row_fraction`` ceiling counts these drops too.
 
 With ``data.bad_rows=raise`` the first bad row (lowest row index) raises :class:`DataError` naming
 the file, the row and the problem. With ``skip`` bad rows are dropped, counted per reason and a
@@ -35,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import threading
 from bisect import bisect_right
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,17 +60,29 @@ import numpy as np
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, smart_resize
 from ivgr_dist.data.prompts import PromptBuilder, instances_list
+from ivgr_dist.data.quote import short_repr
+from ivgr_dist.data.schema import column_problem
+from ivgr_dist.data.sources import ImageError, image_source, probe_image
 from ivgr_dist.types import Prompt
 
 __all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable", "read_parquet"]
 
 log = logging.getLogger(__name__)
 
-BAD_ROW_REASONS = ("empty_answer", "bad_bbox", "missing_image", "unreadable_image", "bad_image_size", "too_many_images")
+BAD_ROW_REASONS = (
+    "empty_answer",
+    "bad_bbox",
+    "missing_image",
+    "unreadable_image",
+    "image_outside_root",
+    "bad_image_size",
+    "too_many_images",
+)
 """Every reason a row can be rejected for (metric keys ``data/bad_rows/<reason>``)."""
 PAIRED, SINGLE, DROPPED = 1, 2, 0
 _PROGRESS_MIN_ROWS = 5000
 _MAX_EXAMPLES = 5
+_PROBE_CHUNK = 64  # images probed per round: bounds the image bytes held at once
 _BOX_PROBLEMS = {
     1: "is not 4 finite numbers",
     2: "has x1 >= x2 or y1 >= y2 (empty or swapped corners)",
@@ -74,10 +99,13 @@ class DataError(ValueError):
 
 
 def _column(table, name: str):
-    """The column as one Arrow array (chunks combined), or None when absent."""
+    """The column as one Arrow array (chunks combined, dictionary-encoded text decoded), or None when absent."""
+    import pyarrow as pa
+
     if name not in table.column_names:
         return None
-    return table[name].combine_chunks()
+    col = table[name].combine_chunks()
+    return col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
 
 
 def _blank_answers(col) -> np.ndarray:
@@ -90,25 +118,58 @@ def _blank_answers(col) -> np.ndarray:
     return np.asarray(pc.fill_null(blank, True).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _image_paths(col, n_rows: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    """(flat paths, row of each path, index of each row's first path or -1)."""
+def _present(col) -> np.ndarray:
+    """Which cells of a one-image-per-row column hold an image: non-blank text, non-empty bytes, or a non-null
+    struct with either."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = col.type
+    if pa.types.is_struct(t):
+        out = np.zeros(len(col), dtype=bool)
+        for name in ("bytes", "path"):
+            if t.get_field_index(name) >= 0:
+                out |= _present(pc.struct_field(col, name))
+        return out & np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_null(t):
+        return np.zeros(len(col), dtype=bool)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        ok = pc.greater(pc.binary_length(col), 0)
+    else:
+        ok = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
+    return np.asarray(pc.fill_null(ok, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _image_cells(col, n_rows: int) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(flat Arrow array of images, row of each, index of each row's first image or -1) for an ``images``
+    column of any accepted type (:mod:`ivgr_dist.data.schema`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     first = np.full(n_rows, -1, dtype=np.int64)
-    if col is None:
-        return [], np.zeros(0, dtype=np.int64), first
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):  # one path per row
-        paths = col.to_pylist()
-        rows = np.array([r for r, p in enumerate(paths) if p], dtype=np.int64)
-        paths = [p for p in paths if p]
-    else:
-        paths = pc.list_flatten(col).to_pylist()
+    if col is None or pa.types.is_null(col.type):
+        return None, np.zeros(0, dtype=np.int64), first
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        flat = pc.list_flatten(col)
         rows = np.asarray(pc.list_parent_indices(col).to_numpy(zero_copy_only=False), dtype=np.int64)
+    else:  # one image per row; a null or blank cell holds none
+        present = _present(col)
+        rows = np.flatnonzero(present).astype(np.int64)
+        flat = col.filter(pa.array(present))
     if len(rows):
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         first[rows[starts]] = starts
-    return paths, rows, first
+    return flat, rows, first
+
+
+def _path_key(item: Any) -> str | None:
+    """The path of a path image (rows sharing a file probe it once); None for bytes or an empty entry."""
+    try:
+        kind, value = image_source(item)
+    except ImageError:
+        return None
+    return value if kind == "path" else None
 
 
 def _boxes_struct(col) -> tuple[np.ndarray, np.ndarray] | None:
@@ -161,21 +222,6 @@ def _boxes_python(col) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows, dtype=np.int64), np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def _probe_image(path: str) -> tuple[str | None, tuple[int, int] | None, str]:
-    """(reason or None, (width, height), detail)."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        return "missing_image", None, f"image file {path} does not exist"
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except Exception as exc:  # PIL raises many types for bad files
-        return "unreadable_image", None, f"image file {path} is unreadable ({type(exc).__name__}: {exc})"
-    return None, size, ""
-
-
 def read_parquet(path: str | Path, *, schema_only: bool = False):
     """The file's Arrow table (memory-mapped), or only its schema: the one checked open of a data file.
     A missing file or one that is not parquet (truncated, another format) raises :class:`DataError` with a
@@ -199,8 +245,9 @@ class RecordTable:
     """Validated, lazily materialised records of one or more parquet files, with their streams.
 
     ``builder`` enables prompt-length filtering and :meth:`prompt`; without it no length filter runs.
-    ``progress``: show tqdm bars (default: for files of at least 5,000 rows). ``num_workers``: threads
-    that probe image files.
+    ``progress``: show tqdm bars (default: for files of at least 5,000 rows). ``num_workers``: threads that
+    check images at load and decode and resize them in :meth:`prompts` (default ``data.image_workers``; PIL
+    releases the GIL while it decodes and resizes).
     """
 
     def __init__(
@@ -210,7 +257,7 @@ class RecordTable:
         builder: PromptBuilder | None = None,
         *,
         progress: bool | None = None,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         max_images: int | None = None,
     ):
         if isinstance(files, (str, Path)):
@@ -221,13 +268,16 @@ class RecordTable:
         self.cfg = data_cfg
         self.builder = builder
         self._progress = progress
-        self._num_workers = max(1, int(num_workers))
+        self._num_workers = max(1, int(data_cfg.image_workers if num_workers is None else num_workers))
         self._max_images = max_images
         self._factor = builder.factor if builder is not None else FACTOR
         self._tables = []
         self._offsets = [0]
         for path in self.files:
             table = read_parquet(path)
+            problem = column_problem(table.schema)
+            if problem is not None:
+                raise DataError(f"{path}: {problem}")
             if "answer" not in table.column_names:
                 raise DataError(f"{path}: no 'answer' column (columns: {table.column_names})")
             if "problem" not in table.column_names and "query" not in table.column_names:
@@ -242,6 +292,9 @@ class RecordTable:
         self.counts.update({f"data/filtered_long/{s}": 0 for s in ("grounded", "textual", "single")})
         self.bad_examples: list[str] = []
         """Messages of the first few rejected rows (file, row, problem)."""
+        self.dropped: dict[int, str] = {}
+        """Records dropped when their prompt was built (``original_idx`` -> bad-row reason): never read again."""
+        self._lock = threading.Lock()  # prompts() runs in the producer's threads; metrics() in the trainer's
 
         kind = np.zeros(self.num_rows, dtype=np.int8)
         sizes: list[list[tuple[int, int]]] = [[] for _ in range(self.num_rows)]
@@ -257,15 +310,7 @@ class RecordTable:
                 [str(p) for p in self.files],
                 "; ".join(self.bad_examples),
             )
-            if n_bad > data_cfg.max_bad_row_fraction * self.num_rows:
-                per = {
-                    r: self.counts[f"data/bad_rows/{r}"] for r in BAD_ROW_REASONS if self.counts[f"data/bad_rows/{r}"]
-                }
-                raise DataError(
-                    f"{n_bad} of {self.num_rows} rows are bad ({n_bad / self.num_rows:.1%}), more than "
-                    f"data.max_bad_row_fraction={data_cfg.max_bad_row_fraction}: {per}; first: "
-                    + "; ".join(self.bad_examples)
-                )
+            self._check_bad_fraction()
         if builder is not None:
             self._filter_long(kind, sizes)
         self._kind = kind
@@ -277,6 +322,18 @@ class RecordTable:
         self.counts["data/records_single"] = len(self.single_ids)
         if not self.paired_ids and not self.single_ids:
             raise DataError(f"no usable records in {[str(p) for p in self.files]}: {self.counts}")
+
+    def _check_bad_fraction(self) -> None:
+        """With ``skip``: more than ``data.max_bad_row_fraction`` of all rows bad (at load and since) is a broken
+        data set, not a few bad rows."""
+        n_bad = self.counts["data/bad_rows/total"]
+        if n_bad > self.cfg.max_bad_row_fraction * self.num_rows:
+            per = {r: self.counts[f"data/bad_rows/{r}"] for r in BAD_ROW_REASONS if self.counts[f"data/bad_rows/{r}"]}
+            raise DataError(
+                f"{n_bad} of {self.num_rows} rows are bad ({n_bad / self.num_rows:.1%}), more than "
+                f"data.max_bad_row_fraction={self.cfg.max_bad_row_fraction}: {per}; first: "
+                + "; ".join(self.bad_examples)
+            )
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -321,7 +378,7 @@ class RecordTable:
         self._mark_boxes(mark, table, t_rows, code)
 
         # images
-        paths, p_rows, first = _image_paths(_column(table, "images"), n)
+        flat, p_rows, first = _image_cells(_column(table, "images"), n)
         if self._max_images is not None and len(p_rows):
             per_row = np.bincount(np.asarray(p_rows, dtype=np.int64), minlength=n)
             mark(
@@ -332,32 +389,22 @@ class RecordTable:
                     f"rollout.engine.max_images_per_prompt={self._max_images} per prompt"
                 ),
             )
-        root = self._roots[f]
-        full = [str(root / p) if isinstance(p, str) else "" for p in paths]
-        probes: dict[str, tuple] = {}
-        todo = sorted({p for p, r in zip(full, p_rows, strict=True) if int(r) not in bad})
-        with (
-            self._bar(len(todo), f"checking images of {path.name}") as bar,
-            ThreadPoolExecutor(self._num_workers) as pool,
-        ):
-            for p, res in zip(todo, pool.map(_probe_image, todo, chunksize=64), strict=True):
-                probes[p] = res
-                bar.update(1)
-        img_w = np.full(len(full), np.nan)
-        img_h = np.full(len(full), np.nan)
-        for k, (p, r) in enumerate(zip(full, p_rows, strict=True)):
+        probes = self._probe_images(flat, p_rows, bad, self._roots[f], path)
+        img_w = np.full(len(p_rows), np.nan)
+        img_h = np.full(len(p_rows), np.nan)
+        for k, r in enumerate(p_rows):
             r = int(r)
             if r in bad:
                 continue
-            reason, size, detail = probes[p] if p else ("missing_image", None, f"image path {paths[k]!r} is not a path")
+            reason, size, detail = probes[k]
             if reason is not None:
-                mark([r], reason, detail)
+                mark([r], reason, f"image {k - first[r]}: {detail}")
                 continue
             w, h = size
             try:
                 smart_resize(h, w, self._factor, self.cfg.min_pixels, self.cfg.max_pixels)
             except ValueError as exc:
-                mark([r], "bad_image_size", f"image {p}: {exc}")
+                mark([r], "bad_image_size", f"image {k - first[r]}: {exc}")
                 continue
             img_w[k], img_h[k] = w, h
             sizes[base + r].append((w, h))
@@ -401,6 +448,36 @@ class RecordTable:
             paired = (n_targets[r] > 0 or ds in paired_ds) and ds not in single_ds
             kind[base + r] = PAIRED if paired else SINGLE
 
+    def _probe_images(self, flat, rows: np.ndarray, bad: dict, root: Path, path: Path) -> list:
+        """Load-time check of every image of the rows not already bad (``probe_image`` per image, in a thread
+        pool, ``_PROBE_CHUNK`` at a time so image bytes stored in the file are never all in memory at once); a
+        file shared by rows is probed once. One ``(reason, size, detail)`` per image, None for skipped rows."""
+        import pyarrow as pa
+
+        out: list = [None] * len(rows)
+        todo = [k for k in range(len(rows)) if int(rows[k]) not in bad]
+        allow = self.cfg.allow_outside_image_root
+        by_path: dict[str, Any] = {}
+        with (
+            self._bar(len(todo), f"checking images of {path.name}") as bar,
+            ThreadPoolExecutor(self._num_workers) as pool,
+        ):
+            for s in range(0, len(todo), _PROBE_CHUNK):
+                chunk = todo[s : s + _PROBE_CHUNK]
+                futures = []
+                for k, item in zip(chunk, flat.take(pa.array(chunk, pa.int64())).to_pylist(), strict=True):
+                    key = _path_key(item)
+                    if key is None:
+                        futures.append((k, pool.submit(probe_image, item, root, allow)))
+                        continue
+                    if key not in by_path:
+                        by_path[key] = pool.submit(probe_image, key, root, allow)
+                    futures.append((k, by_path[key]))
+                for k, fut in futures:
+                    out[k] = fut.result()
+                    bar.update(1)
+        return out
+
     @staticmethod
     def _mark_boxes(mark, table, t_rows: np.ndarray, code: np.ndarray, sizes=None) -> None:
         """Mark rows with a bad target box; the detail quotes the box as stored (read lazily)."""
@@ -420,7 +497,7 @@ class RecordTable:
                 where = ""
                 if code[k] == 4 and sizes is not None:
                     where = f" of size {int(sizes[0][k])}x{int(sizes[1][k])} (WxH)"
-                return f"target {j} bbox {shown!r} {_BOX_PROBLEMS[int(code[k])]}{where}"
+                return f"target {j} bbox {short_repr(shown)} {_BOX_PROBLEMS[int(code[k])]}{where}"
 
             return detail
 
@@ -500,26 +577,76 @@ class RecordTable:
         return {PAIRED: ("grounded", "textual"), SINGLE: ("single",)}.get(int(k), ())
 
     def prompt(self, original_idx: int, stream: str) -> Prompt:
-        """The record as a :class:`Prompt` of ``stream`` (needs a builder)."""
-        if self.builder is None:
-            raise ValueError("RecordTable was built without a PromptBuilder; pass builder= to build prompts")
-        return self.builder.build(self.record(original_idx), original_idx, stream, self.image_root(original_idx))
+        """The record as a :class:`Prompt` of ``stream`` (needs a builder); :class:`DataError` naming the file and
+        row when its image cannot be read (the record is dropped, as in :meth:`prompts`)."""
+        out = self.prompts([(original_idx, stream)])
+        if not out:
+            path, row = self.location(original_idx)
+            raise DataError(f"{path} row {row} (original_idx {original_idx}): dropped: {self.dropped[original_idx]}")
+        return out[0]
 
     def prompts(self, items: Sequence[tuple[int, str]]) -> list[Prompt]:
-        """Prompts for ``(original_idx, stream)`` items, e.g. a sampler batch. The streams of a record share
-        one read of its row and one load of its images (the same PIL objects)."""
+        """Prompts for ``(original_idx, stream)`` items, e.g. a sampler batch, in their order. The streams of a
+        record share one read of its row and one load of its images (the same PIL objects); records load in
+        ``num_workers`` threads. A record whose image cannot be read is left out with all its streams (see
+        :meth:`drop`); with ``data.bad_rows=raise`` that raises :class:`DataError` instead."""
         if self.builder is None:
             raise ValueError("RecordTable was built without a PromptBuilder; pass builder= to build prompts")
-        rows: dict[int, tuple] = {}
+        ids = list(dict.fromkeys(int(i) for i, _ in items))
+        if len(ids) > 1 and self._num_workers > 1:
+            with ThreadPoolExecutor(min(self._num_workers, len(ids)), thread_name_prefix="prompt-images") as pool:
+                loaded = dict(zip(ids, pool.map(self._load, ids), strict=True))
+        else:
+            loaded = {i: self._load(i) for i in ids}
         out = []
         for i, s in items:
-            if i not in rows:
-                record, root = self.record(i), self.image_root(i)
-                rows[i] = (record, root, self.builder.load_images(record, root))
-            record, root, loaded = rows[i]
-            out.append(self.builder.build(record, i, s, root, loaded=loaded))
+            got = loaded[int(i)]
+            if got is not None:
+                record, root, images = got
+                out.append(self.builder.build(record, i, s, root, loaded=images))
         return out
 
+    def _load(self, original_idx: int) -> tuple | None:
+        """(row, image root, loaded images) of a record, or None when it is (now) dropped."""
+        if original_idx in self.dropped:
+            return None
+        record, root = self.record(original_idx), self.image_root(original_idx)
+        try:
+            return record, root, self.builder.load_images(record, root)
+        except ImageError as exc:
+            self.drop(original_idx, exc.reason, str(exc))
+            return None
+
+    def drop(self, original_idx: int, reason: str, detail: str = "", *, restored: bool = False) -> None:
+        """Drop a record found bad after load (an image that does not decode when its prompt is built): counted
+        under ``data/bad_rows/<reason>``, named in a warning with its file and row, never built again. Raises
+        :class:`DataError` with ``data.bad_rows=raise``, or when bad rows now exceed ``max_bad_row_fraction``.
+        ``restored=True``: a drop carried over from before a resume (reported then): counted, not warned or raised."""
+        if reason not in BAD_ROW_REASONS:
+            raise ValueError(f"reason={reason!r}: must be one of {list(BAD_ROW_REASONS)}")
+        path, row = self.location(original_idx)
+        where = f"{path} row {row} (original_idx {original_idx})"
+        if self.cfg.bad_rows == "raise" and not restored:
+            raise DataError(f"{where}: {reason}: {detail} (data.bad_rows=skip drops such records instead)")
+        with self._lock:
+            if original_idx in self.dropped:
+                return
+            self.dropped[original_idx] = reason
+            self._kind[original_idx] = DROPPED
+            self.counts[f"data/bad_rows/{reason}"] += 1
+            self.counts["data/bad_rows/total"] += 1
+            if len(self.bad_examples) < _MAX_EXAMPLES:
+                self.bad_examples.append(f"{where}: {reason}: {detail}")
+        if not restored:
+            log.warning(
+                "%s: %s: %s; the record is dropped with all its streams (data/bad_rows/%s) and not read again",
+                where, reason, detail, reason,
+            )  # fmt: skip
+        with self._lock:
+            self._check_bad_fraction()
+
     def metrics(self) -> dict[str, int]:
-        """Load counts for logging: bad rows per reason, long prompts per stream, records per kind."""
-        return dict(self.counts)
+        """Counts for logging: bad rows per reason (found at load and since, :meth:`drop`), long prompts per
+        stream, records per kind (at load)."""
+        with self._lock:
+            return dict(self.counts)

@@ -19,6 +19,8 @@ from typing import Any
 
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, box_in_model_space, resize_image, smart_resize
+from ivgr_dist.data.quote import short_repr, short_text
+from ivgr_dist.data.sources import ImageError, image_list, open_image
 from ivgr_dist.types import STREAMS, Prompt
 
 __all__ = [
@@ -81,15 +83,6 @@ def instances_list(value: Any) -> list[Any]:
             return [value]
     if isinstance(value, dict):
         return [value]
-    return list(value)
-
-
-def image_list(value: Any) -> list[str]:
-    """An ``images`` cell as a list of paths (a single path string is one image; blank or null: none)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value.strip() else []
     return list(value)
 
 
@@ -189,15 +182,30 @@ class PromptBuilder:
 
     def load_images(self, record: dict, image_root: str | Path) -> tuple[list, list, list]:
         """The record's images resized the model's way: ``(images, original sizes, scales)``. Both streams of a
-        record can share one call's result (``build(..., loaded=)``), so the image is read and resized once."""
-        from PIL import Image
-
+        record can share one call's result (``build(..., loaded=)``), so the image is read and resized once.
+        Images may be paths under ``image_root``, bytes or ``{bytes, path}`` structs (:mod:`~ivgr_dist.data.sources`);
+        one that cannot be read raises :class:`~ivgr_dist.data.sources.ImageError` with its bad-row reason."""
         images, scales, sizes = [], [], []
-        for rel in image_list(record.get("images")):
-            with Image.open(Path(image_root) / rel) as im:
-                im.load()
-                sizes.append(im.size)
-                resized, sx, sy = resize_image(im, self.cfg.min_pixels, self.cfg.max_pixels, factor=self.factor)
+        allow = self.cfg.allow_outside_image_root
+        for k, item in enumerate(image_list(record.get("images"))):
+            try:
+                with open_image(item, image_root, allow) as im:
+                    im.load()  # decode now: a file truncated in its pixel data fails here, not in an engine
+                    size = im.size
+                    try:
+                        resized, sx, sy = resize_image(im, self.cfg.min_pixels, self.cfg.max_pixels, self.factor)
+                    except ValueError as exc:  # smart_resize's size rule (checked at load from the header)
+                        raise ImageError("bad_image_size", f"image {k} {short_repr(item)}: {exc}") from exc
+            except ImageError:
+                raise
+            except FileNotFoundError as exc:
+                raise ImageError("missing_image", f"image {k} {short_repr(item)} is gone ({short_text(exc)})") from exc
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError ... for data it cannot decode
+                raise ImageError(
+                    "unreadable_image",
+                    f"image {k} {short_repr(item)} cannot be decoded ({type(exc).__name__}: {short_text(exc)})",
+                ) from exc
+            sizes.append(size)
             images.append(resized)
             scales.append((sx, sy))
         return images, sizes, scales
@@ -209,11 +217,11 @@ class PromptBuilder:
         :meth:`load_images` returned for this record), boxes rescaled."""
         text = self.render(record, stream)
         ids = self.token_ids([text])[0]
-        paths = image_list(record.get("images"))
+        n_images = len(image_list(record.get("images")))
         n_pads = sum(1 for t in ids if t == self.image_pad_id)
-        if n_pads != len(paths):
+        if n_pads != n_images:
             raise ValueError(
-                f"record {original_idx}: the chat template wrote {n_pads} {IMAGE_PAD} tokens for {len(paths)} "
+                f"record {original_idx}: the chat template wrote {n_pads} {IMAGE_PAD} tokens for {n_images} "
                 "image(s); the template must write one per image part"
             )
         images, sizes, scales = loaded if loaded is not None else self.load_images(record, image_root)

@@ -16,6 +16,11 @@ old epoch, then continues in the new epoch's order; records already in this batc
 the old epoch) are skipped in the new one, so a record never appears twice in one batch and every
 ``<original_idx>:<stream>`` uid of a batch is unique. Each pool must therefore hold at least as many
 records as one batch draws from it.
+
+Records found unusable after load (an image that does not decode when its prompt is built) are
+:meth:`PairSampler.exclude`-d: later draws skip them. The pools and their permutations stay as they were (the
+fingerprint checked on restore is of the records at load), and the excluded records are part of the state, so a
+state taken before an exclusion replays the draws that found it and a state taken after keeps the record out.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class _Pool:
         self.cursor = 0
         self._order_epoch = -1
         self._order = self.ids
+        self._members: set[int] | None = None
 
     def order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
@@ -53,8 +59,9 @@ class _Pool:
             self._order_epoch = self.epoch
         return self._order
 
-    def draw(self, k: int) -> list[int]:
-        """The next ``k`` distinct records, crossing into the next epoch when this one runs out."""
+    def draw(self, k: int, excluded) -> list[int]:
+        """The next ``k`` distinct records not in ``excluded``, crossing into the next epoch when this one runs
+        out (the caller keeps at least ``k`` records drawable)."""
         out: list[int] = []
         taken: set[int] = set()
         while len(out) < k:
@@ -65,10 +72,13 @@ class _Pool:
                 continue
             item = int(order[self.cursor])
             self.cursor += 1
-            if item in taken:  # drawn at the end of the previous epoch, in this same batch
+            if item in taken or item in excluded:  # taken: drawn at the end of the previous epoch, in this batch
                 continue
             taken.add(item)
             out.append(item)
+        order = self.order()
+        while self.cursor < len(order) and int(order[self.cursor]) in excluded:  # so an epoch's end is seen here
+            self.cursor += 1
         if self.cursor >= len(self.ids):  # an epoch that ended exactly here counts as complete
             self.epoch += 1
             self.cursor = 0
@@ -76,6 +86,11 @@ class _Pool:
 
     def fingerprint(self) -> int:
         return zlib.crc32(self.ids.tobytes())
+
+    def members(self) -> set[int]:
+        if self._members is None:
+            self._members = set(self.ids.tolist())
+        return self._members
 
 
 class PairSampler:
@@ -149,17 +164,38 @@ class PairSampler:
                 )
         self.batches = 0
         """Batches drawn so far."""
+        self.excluded: dict[int, str] = {}
+        """Records later draws skip (``original_idx`` -> why, e.g. ``unreadable_image``); see :meth:`exclude`."""
 
     def next_batch(self) -> list[tuple[int, str]]:
         """The next ``batch_size`` items: pairs first (each grounded then textual), then singles."""
         out: list[tuple[int, str]] = []
         if self.n_pairs:
-            for i in self._pools["paired"].draw(self.n_pairs):
+            for i in self._pools["paired"].draw(self.n_pairs, self.excluded):
                 out += [(i, stream) for stream in self.pair_streams]
         if self.n_singles:
-            out += [(i, "single") for i in self._pools["single"].draw(self.n_singles)]
+            out += [(i, "single") for i in self._pools["single"].draw(self.n_singles, self.excluded)]
         self.batches += 1
         return out
+
+    def exclude(self, original_idx: int, reason: str) -> None:
+        """Keep a record out of every later draw (a record found unusable after load); ``reason`` is kept for the
+        state and the logs. ``ValueError`` when its pool would then hold fewer records than a batch draws."""
+        i = int(original_idx)
+        pool = next((name for name, p in self._pools.items() if i in p.members()), None)
+        if pool is None:
+            raise ValueError(f"original_idx={original_idx!r}: not a record of this sampler")
+        self._check_drawable(pool, self.excluded.keys() | {i})
+        self.excluded[i] = str(reason)
+
+    def _check_drawable(self, name: str, excluded) -> None:
+        p, need = self._pools[name], self.n_pairs if name == "paired" else self.n_singles
+        left = len(p.members() - set(excluded))
+        if need and left < need:
+            raise ValueError(
+                f"{name} pool: {len(p.ids) - left} of {len(p.ids)} records excluded (unusable after load), {left} "
+                f"left, but each batch draws {need}: too few usable records to fill a batch"
+            )
 
     def __iter__(self):
         while True:
@@ -177,6 +213,7 @@ class PairSampler:
             "paired_ratio": self.paired_ratio,
             "pair_streams": self.pair_streams,
             "batches": self.batches,
+            "excluded": [[i, why] for i, why in sorted(self.excluded.items())],
             "pools": {
                 name: {"epoch": p.epoch, "cursor": p.cursor, "size": len(p.ids), "fingerprint": p.fingerprint()}
                 for name, p in self._pools.items()
@@ -206,14 +243,21 @@ class PairSampler:
                     f"sampler state pool {name!r} epoch={epoch}, cursor={cursor}: need epoch >= 0 and "
                     f"0 <= cursor <= {len(pool.ids)}"
                 )
+        excluded = {int(i): str(why) for i, why in state.get("excluded", [])}  # older states: none
+        unknown = set(excluded) - self._pools["paired"].members() - self._pools["single"].members()
+        if unknown:
+            raise ValueError(f"sampler state excluded={sorted(unknown)[:5]}: not records of this sampler")
+        for name in _POOLS:
+            self._check_drawable(name, excluded)
         for name in _POOLS:
             saved, pool = state["pools"][name], self._pools[name]
             pool.epoch, pool.cursor = int(saved["epoch"]), int(saved["cursor"])
         self.batches = int(state.get("batches", 0))
+        self.excluded = excluded
 
     def metrics(self) -> dict[str, float]:
         """Epoch counters for logging (``data/epoch/<pool>`` whole epochs, ``data/epoch_progress/<pool>``)."""
-        out: dict[str, float] = {"data/batches": self.batches}
+        out: dict[str, float] = {"data/batches": self.batches, "data/excluded_records": len(self.excluded)}
         for name, p in self._pools.items():
             if len(p.ids):
                 out[f"data/epoch/{name}"] = p.epoch

@@ -32,6 +32,7 @@ Two sources, chosen by ``sft.response_column``:
 
 from __future__ import annotations
 
+from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.synthetic import DATASOURCE_SEARCH
 from ivgr_dist.types import Prompt
 
@@ -72,7 +73,7 @@ def _search_response(prompt: Prompt, answer: str, box_coords: str) -> str:
     if len(prompt.target_boxes) != 1 or len(parts) != 2 or answer not in parts:
         raise ValueError(
             f"prompt {prompt.uid}: a {DATASOURCE_SEARCH} record needs one target labelled '<colour> <shape>' "
-            f"containing the answer; got labels {prompt.target_labels!r}, answer {answer!r}"
+            f"containing the answer; got labels {short_repr(prompt.target_labels)}, answer {short_repr(answer)}"
         )
     color, shape = parts
     sought = f"the {shape}" if answer == color else f"the {color} object"
@@ -109,7 +110,7 @@ def infer_stream(response: str, paired: bool, stream_column: str | None = None) 
     """Stream of a response-column row: the ``stream`` column when given, else from the text."""
     if stream_column:
         if stream_column not in ("grounded", "textual", "single"):
-            raise ValueError(f"stream={stream_column!r}: must be grounded, textual or single")
+            raise ValueError(f"stream={short_repr(stream_column)}: must be grounded, textual or single")
         return stream_column
     if not paired:
         return "single"
