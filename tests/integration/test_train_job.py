@@ -112,7 +112,12 @@ def test_ray_job_stop_checkpoints_and_a_resubmission_resumes_exactly(ray_head, t
     assert client.get_job_info("ivgr-stop-test").runtime_env["env_vars"]["IVGR_JUDGE_API_KEY"] == secret
 
     metrics = tmp_path / "run" / "metrics.jsonl"
-    _wait_for("step 1 of the submitted job", lambda: _steps(metrics), timeout_s=600)
+    try:
+        _wait_for("step 1 of the submitted job", lambda: _steps(metrics), timeout_s=900)
+    except AssertionError:
+        client.stop_job("ivgr-stop-test")  # not left running into the cluster's teardown (its engines' memory)
+        _wait_for("the job to stop", lambda: client.get_job_status("ivgr-stop-test").is_terminal(), timeout_s=120)
+        raise
     stop = subprocess.run(
         [ray_head["ray_bin"], "job", "stop", "--address", ray_head["dashboard"], "ivgr-stop-test"],
         capture_output=True, text=True, timeout=700, env=env,

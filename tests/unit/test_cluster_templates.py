@@ -103,7 +103,7 @@ def test_slurm_template_turns_on_token_auth_and_stops_the_job_through_ray_before
     text = SBATCH.read_text()
     assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
     assert "export RAY_AUTH_MODE=token" in text and "export RAY_AUTH_TOKEN" in text
-    assert "--dashboard-host=\"$head_ip\"" in text and "--dashboard-host=0.0.0.0" not in text
+    assert '--dashboard-host="$head_ip"' in text and "--dashboard-host=0.0.0.0" not in text
     signal_s = int(re.search(r"^#SBATCH --signal=B:TERM@(\d+)$", text, re.M).group(1))
     grace = int(re.search(r'grace="\$\{IVGR_JOB_STOP_GRACE_S:-(\d+)\}"', text).group(1))
     assert grace < signal_s, "the job's stop grace must end before SLURM's time limit does"
