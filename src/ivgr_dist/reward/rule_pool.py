@@ -125,7 +125,7 @@ class _Child:
         mine, theirs = socket.socketpair()
         try:
             fd = theirs.fileno()
-            args = [json.dumps(sys.path), fd, os.getpid(), soft_timeout_s, max_chars]
+            args = [json.dumps([str(p) for p in sys.path]), fd, os.getpid(), soft_timeout_s, max_chars]
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, *map(str, args)], pass_fds=(fd,), stdin=subprocess.DEVNULL
             )
