@@ -40,7 +40,11 @@ class Bench:
 BENCHES = {
     b.name: b
     for b in (
-        Bench("rules", "bench_rules.py", ("responses", "us_per_response", "us_rule_accuracy_math")),
+        Bench(
+            "rules",
+            "bench_rules.py",
+            ("responses", "us_per_response", "us_rule_accuracy_math", "us_math_pool_overhead_per_group"),
+        ),
         Bench(
             "rollout",
             "bench_rollout.py",

@@ -848,10 +848,17 @@ class RewardConfig:
     """Score boxes and pick consistency references exactly by the public recipe's rules: boxes of four integers
     only, the recipe's duplicate-box scope (the first ``total // 2`` parsed entries, ordered or not, against every
     other parsed entry), and no non-blank ``<think>`` required of a reference. docs/algorithm.md, section 7."""
+    rule_timeout_s: float = 10.0
+    """Hard bound on one math-verify call (seconds). math-verify runs in a few spawned processes per reward worker
+    and in the driver (``reward/rule_pool.py``); a call past this kills and replaces its process, and the rollout's
+    accuracy is scored by ``reward.judge.on_failure`` (``reward/rule_timeouts``). Normal calls take milliseconds."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "must be >= 0 (0 = in the driver)")
         _check(self.cpus_per_worker >= 0, "reward.cpus_per_worker", self.cpus_per_worker, "must be >= 0")
+        t = self.rule_timeout_s
+        ok = isinstance(t, (int, float)) and math.isfinite(t) and t > 0
+        _check(ok, "reward.rule_timeout_s", t, "must be a finite number of seconds > 0")
 
 
 # -------------------------------------------------------------------------------------------- sync

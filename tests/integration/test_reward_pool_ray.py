@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -14,8 +16,9 @@ from ivgr_dist.checkpoints import latest_checkpoint
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.bench import synthetic_batch
 from ivgr_dist.reward.judge import JudgeUnavailable
-from ivgr_dist.reward.pool import RewardPool, make_scorer
+from ivgr_dist.reward.pool import RewardPool, RewardWorker, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
+from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -158,6 +161,114 @@ def test_bench_cli_prints_no_missing_rewards(ray_cluster):
     assert [x["schedule"] for x in lines] == ["after", "pipelined"]
     assert all(x["rewards_missing"] == 0 and x["rewards_total"] == 320 for x in lines)
     assert "tail_ratio_pipelined_over_after" in lines[1]
+
+
+# ------------------------------------------------------------------------------ stuck and runaway scoring
+
+STUCK_MARKER = os.path.join(tempfile.gettempdir(), f"ivgr-stuck-worker-{uuid.uuid4().hex}")
+
+
+class _LoopBlockingJudge:
+    """The worker's judge, except that the first batch any worker sees (``STUCK_MARKER`` does not exist yet) blocks
+    the worker's event loop in a sync call, as a runaway rule or a blocking client would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def score(self, requests):
+        try:
+            os.close(os.open(STUCK_MARKER, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return await self.inner.score(requests)
+        time.sleep(300)  # the loop is blocked: the worker answers nothing until it is killed
+        return await self.inner.score(requests)
+
+    async def close(self):
+        await self.inner.close()
+
+
+class StuckOnceWorker(RewardWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judge = _LoopBlockingJudge(self.judge)
+
+
+def test_a_stuck_worker_is_killed_replaced_and_its_groups_rescored(ray_cluster):
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker class lives here
+    groups = synthetic_batch(4, 3, seed=5)
+    pool = RewardPool(RewardConfig(num_workers=2), AlgorithmConfig(), worker_cls=StuckOnceWorker)
+    pool.group_deadline_s = 3.0
+    try:
+        t0 = time.monotonic()
+        out = _score(pool, groups)
+        wall = time.monotonic() - t0
+        m = pool.metrics()
+    finally:
+        pool.close()
+        if os.path.exists(STUCK_MARKER):
+            os.unlink(STUCK_MARKER)
+    assert m["reward/worker_timeouts"] == 1 and m["reward/group_timeouts"] >= 1 and m["reward/rescored"] >= 1
+    assert m["judge/failures"] == 0 and m["judge/calls"] > 0  # rescored by a live worker with its judge
+    assert all("consistency" in r.rewards for g in out if g[0].prompt.stream == "textual" for r in g)
+    assert wall < 60
+
+
+RUNAWAY = "9^{99999999}"  # minutes of SymPy in one C call; passes rules._math_risky
+
+
+def _math_group(idx: int, answers: list[str]) -> list[Rollout]:
+    p = Prompt(original_idx=idx, stream="single", prompt_text="", prompt_token_ids=[1], num_prompt_tokens=1,
+               answer="0.5", question_type="math", datasource="t", target_boxes=[],
+               question="Half of one?")  # fmt: skip
+    return [Rollout(p, i, [1], f"<think>x</think><answer>{a}</answer>", [0.0], 0) for i, a in enumerate(answers)]
+
+
+def _rule_children(pid: int) -> list[int]:
+    """PIDs of the rule processes (``rule_pool._child_main``) whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if ppid == pid and b"_child_main" in f.read():
+                    out.append(int(entry))
+        except (ValueError, OSError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_runaway_math_answer_in_a_worker_costs_one_rollout(ray_cluster):
+    timeout_s = 1.0
+    pool = RewardPool(RewardConfig(num_workers=1, rule_timeout_s=timeout_s), AlgorithmConfig())
+    try:
+        warm = _math_group(1, ["\\frac{1}{2}"])  # starts the worker's rule processes
+        list(pool.score_stream([warm], _prompts([warm]), 1))
+        worker_pid = ray_cluster.get(pool.workers[0].ping.remote())
+        children = _rule_children(worker_pid)
+        group = _math_group(2, ["\\frac{1}{2}", RUNAWAY, "0.5"])
+        t0 = time.monotonic()
+        list(pool.score_stream([group], _prompts([group]), 1))
+        wall = time.monotonic() - t0
+        m = pool.metrics()
+    finally:
+        pool.close()
+    assert m["reward/rule_timeouts"] == 1 and wall < timeout_s + 3.0
+    assert group[0].rewards["accuracy"] == group[2].rewards["accuracy"] == 1.0
+    assert group[1].excluded and "accuracy" not in group[1].rewards  # on_failure=mask
+    assert len(children) == 2  # the worker spawned its rule processes; they die with it
+    deadline = time.monotonic() + 15
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
 
 
 def test_too_few_cpus_fails_fast_with_the_fix_named(ray_cluster):

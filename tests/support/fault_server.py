@@ -11,7 +11,9 @@ Here every request's behaviour is scripted, so each fault is exercised on purpos
 completion whose choices hold ``text``, or cycle through a list of texts; honours ``n`` unless
 ``honour_n=False``), ``delay(s,
 then)``, ``status(code)``, ``drop()`` (closes the connection without a response), ``garbage()`` (a
-200 body that is not JSON), ``unparsable()`` (a valid completion whose content parses as no score).
+200 body that is not JSON), ``unparsable()`` (a valid completion whose content parses as no score),
+``huge(nbytes, declare)`` (a 200 completion of ``nbytes`` bytes streamed in 1 MiB writes, with or without a
+``Content-Length``; ``requests[i].sent`` counts the bytes the client took before it hung up).
 
 Like a real server, it can check what it is sent before the script is consulted: ``api_key`` set, a
 request without ``Authorization: Bearer <api_key>`` gets 401 (a wrong key 403 with ``forbid_wrong_key``);
@@ -42,6 +44,8 @@ class Fault:
     """Content of every choice, or a list that choice i takes entry i (cycling)."""
     delay_s: float = 0.0
     code: int = 200
+    nbytes: int = 0
+    declare: bool = True
 
     @staticmethod
     def ok(text: str | list[str] = "<score>1.0</score>") -> Fault:
@@ -67,6 +71,10 @@ class Fault:
     def unparsable() -> Fault:
         return Fault("ok", "I am not sure what the score should be.")
 
+    @staticmethod
+    def huge(nbytes: int, declare: bool = True) -> Fault:
+        return Fault("huge", nbytes=nbytes, declare=declare)
+
 
 @dataclass
 class Recorded:
@@ -78,6 +86,8 @@ class Recorded:
     fault: Fault
     started: float
     ended: float = 0.0
+    sent: int = 0
+    """Body bytes written (``huge``)."""
 
 
 @dataclass
@@ -220,6 +230,8 @@ class FaultServer:
                 handler.connection.shutdown(socket.SHUT_RDWR)
             elif fault.kind == "garbage":
                 handler._send(200, "<html>this is not json", ctype="text/html")
+            elif fault.kind == "huge":
+                _send_huge(handler, fault, rec)
             else:
                 n = int((body or {}).get("n") or 1) if self.honour_n else 1
                 handler._send(200, json.dumps(_completion(fault.text, n, (body or {}).get("model", "judge"))))
@@ -244,3 +256,25 @@ def _completion(text: str | list[str], n: int, model: str) -> dict:
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
+
+
+def _send_huge(handler, fault: Fault, rec: Recorded) -> None:
+    """A chat completion whose one content string makes the body ``fault.nbytes`` long, written 1 MiB at a time;
+    without ``declare`` the body ends when the connection closes (HTTP/1.0)."""
+    head, tail = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "', b'"}}]}'
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    if fault.declare:
+        handler.send_header("Content-Length", str(fault.nbytes))
+    handler.end_headers()
+    chunk = b"7" * 2**20
+    left = fault.nbytes - len(head) - len(tail)
+    handler.wfile.write(head)
+    rec.sent = len(head)
+    while left > 0:
+        part = chunk[: min(left, len(chunk))]
+        handler.wfile.write(part)
+        rec.sent += len(part)
+        left -= len(part)
+    handler.wfile.write(tail)
+    rec.sent += len(tail)

@@ -212,12 +212,14 @@ def run_after(groups, judge_cfg: JudgeConfig, algo: AlgorithmConfig, generation_
     """Wait for all groups, then a thread pool over records; each record's judge calls in sequence."""
     from ivgr_dist.reward.judge import make_judge
     from ivgr_dist.reward.reference import ReferenceTable
+    from ivgr_dist.reward.rule_pool import RulePool
     from ivgr_dist.reward.scorer import apply_result, job_from_group, score_job
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     judge, table, lock, counts = make_judge(judge_cfg), ReferenceTable(), threading.Lock(), {}
+    rule_pool = RulePool(RewardConfig().rule_timeout_s, max_chars=algo.max_answer_chars)
     budget = judge_cfg.timeout_s * (judge_cfg.max_retries + 2) * 2 * len(groups[0]) + 60
 
     def record(pair: list[list[Rollout]]) -> None:
@@ -225,7 +227,13 @@ def run_after(groups, judge_cfg: JudgeConfig, algo: AlgorithmConfig, generation_
             job = job_from_group(group, 1)
             ref = table.get(job.record_key) if job.stream == "textual" else None
             coro = score_job(
-                job, _Sequential(judge), algo, judge_cfg.fallback_consistency, ref, on_failure=judge_cfg.on_failure
+                job,
+                _Sequential(judge),
+                algo,
+                judge_cfg.fallback_consistency,
+                ref,
+                on_failure=judge_cfg.on_failure,
+                rule_pool=rule_pool,
             )
             result = asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=budget)
             apply_result(group, result)
@@ -245,6 +253,7 @@ def run_after(groups, judge_cfg: JudgeConfig, algo: AlgorithmConfig, generation_
                 f.result(timeout=budget * 4)
         done = time.perf_counter()
     finally:
+        rule_pool.close()
         asyncio.run_coroutine_threadsafe(judge.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)

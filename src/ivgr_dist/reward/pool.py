@@ -19,11 +19,17 @@ scored per ``reward.judge.on_failure``: its fallback, or masked):
   groups is resubmitted elsewhere (``reward/rescored``, at most ``max_attempts`` submissions);
 - a worker error (the task raised): the driver scores that group rules-only, each judge question
   counted in ``judge/failures`` (``reward/worker_errors``), logged;
-- a group past ``group_deadline_s``: cancelled and scored rules-only (``reward/group_timeouts``);
+- a group past ``group_deadline_s`` (``reward/group_timeouts``): its worker is taken as stuck (an
+  event loop blocked by a sync call never answers again), killed and replaced
+  (``reward/worker_timeouts``), and the group is submitted again (``reward/rescored``); the worker's
+  other groups come back as dead-worker errors and are resubmitted too;
 - no worker left (respawns exhausted): groups are scored rules-only in the driver;
 - the reference cache actor lost (``RayActorError`` on a read or update): the driver recreates it (pinned
   to its own node) and restores it from the last checkpoint's copy (``refcache/restores``, logged); a
   worker that finds it lost re-resolves the named actor, or hands the group back to be rescored.
+
+Rules-only scoring in the driver runs math-verify in the scorer's own bounded
+:class:`~ivgr_dist.reward.rule_pool.RulePool`, as every worker does in its own (``reward.rule_timeout_s``).
 
 A judge that cannot work at all is the exception: :func:`make_scorer` checks it before returning (the
 OpenAI judge's test request from every reward worker, the judge engines' start) and raises
@@ -43,6 +49,7 @@ from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.reference import Reference
 from ivgr_dist.reward.reference_cache import CACHE_NAME, CacheLost, get_reference_cache
+from ivgr_dist.reward.rule_pool import RulePool
 from ivgr_dist.reward.scorer import GroupJob, GroupResult, InProcessScorer, StreamScorer, score_job
 
 __all__ = ["RewardPool", "RewardWorker"]
@@ -63,6 +70,7 @@ class RewardWorker:
         fleet=None,
         recipe_exact: bool = False,
         cache_namespace: str | None = None,
+        rule_timeout_s: float = RewardConfig.rule_timeout_s,
     ):
         import os
 
@@ -75,6 +83,7 @@ class RewardWorker:
         self.cache_namespace = cache_namespace  # where to find the cache again after the driver recreated it
         self.recipe_exact = recipe_exact  # reward.recipe_exact
         self.judge = make_judge(judge_cfg, fleet=fleet)  # fleet: the shared judge engines (backend=engine)
+        self.rule_pool = RulePool(rule_timeout_s, max_chars=algo.max_answer_chars)  # math-verify, bounded
 
     async def check_judge(self, driver_has_key: bool | None) -> None:
         """The judge's start-up check in THIS worker (its environment, its node): raises ``JudgeUnavailable``."""
@@ -108,6 +117,7 @@ class RewardWorker:
             reference,
             self.recipe_exact,
             on_failure=cfg.on_failure,
+            rule_pool=self.rule_pool,
         )
         if job.stream == "grounded" and result.candidate is None:
             result.reference_updated = False
@@ -123,6 +133,7 @@ class RewardWorker:
         return os.getpid()
 
     async def close(self) -> None:
+        self.rule_pool.close()
         await self.judge.close()
 
 
@@ -141,6 +152,7 @@ class RewardPool(StreamScorer):
         rpc_timeout_s: float = 60.0,
         fleet=None,
         output_dir: str | os.PathLike | None = None,
+        worker_cls: type = RewardWorker,
     ):
         """``output_dir``: the run's ``trainer.output_dir``, whose latest checkpoint restores a lost reference cache
         (None: a lost cache restarts empty, logged and counted as well)."""
@@ -155,7 +167,7 @@ class RewardPool(StreamScorer):
                 f"{cfg.cpus_per_worker} = {need:g} CPUs but the cluster has {free:g} free: add CPUs, or set "
                 "reward.cpus_per_worker=0 (workers mostly wait on the judge) or reward.num_workers=0 (in the driver)"
             )
-        super().__init__(algo, cfg.judge, cfg.recipe_exact)
+        super().__init__(algo, cfg.judge, cfg.recipe_exact, cfg.rule_timeout_s)
         self.cfg, self.rpc_timeout_s = cfg, rpc_timeout_s
         self.judge_fleet = fleet  # one fleet of judge engines for every worker (closed with the pool)
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
@@ -172,7 +184,7 @@ class RewardPool(StreamScorer):
             resources=dict(cfg.resources) or None,
             max_restarts=0,
             max_concurrency=1000,
-        )(RewardWorker)
+        )(worker_cls)  # tests: a subclass that injects a fault
         self.workers: list[Any | None] = [self._spawn() for _ in range(cfg.num_workers)]
         self._gen = [0] * cfg.num_workers
         self._respawns = [0] * cfg.num_workers
@@ -194,7 +206,13 @@ class RewardPool(StreamScorer):
         env = actor_env()
         options = {"runtime_env": {"env_vars": env}} if env else {}
         return self._actor.options(**options).remote(
-            self.cfg.judge, self.algo, self.cache, self.judge_fleet, self.cfg.recipe_exact, self.namespace
+            self.cfg.judge,
+            self.algo,
+            self.cache,
+            self.judge_fleet,
+            self.cfg.recipe_exact,
+            cache_namespace=self.namespace,
+            rule_timeout_s=self.cfg.rule_timeout_s,
         )
 
     def check_judge(self) -> None:
@@ -283,24 +301,35 @@ class RewardPool(StreamScorer):
     def _worker_died(self, slot: int, gen: int, exc: Exception) -> None:
         if slot < 0 or gen != self._gen[slot]:
             return  # already replaced
-        self._gen[slot] += 1
-        if self._respawns[slot] >= self.max_respawns:
-            log.error("reward worker %d died again (%s); giving the slot up", slot, type(exc).__name__)
-            self.workers[slot] = None
-            return
-        log.warning("reward worker %d died (%s); starting a fresh one", slot, type(exc).__name__)
-        self._respawns[slot] += 1
-        self._counts["worker_restarts"] += 1
-        self.workers[slot] = self._spawn()
+        self._replace(slot, f"died ({type(exc).__name__})", "worker_restarts")
 
-    def _cancel(self, ref) -> None:
+    def _abandon(self, ref) -> bool:
+        """A group past its deadline: its worker is stuck (a blocked event loop never answers), so it is killed and
+        replaced (``reward/worker_timeouts``); its other groups then fail as from a dead worker and are resubmitted.
+        True while a worker is left to score the group again."""
+        slot, gen = self._release(ref)
+        if slot >= 0 and gen == self._gen[slot]:
+            self._replace(slot, f"missed a group deadline of {self.group_deadline_s:.0f} s", "worker_timeouts")
+        return any(w is not None for w in self.workers)
+
+    def _replace(self, slot: int, why: str, counter: str) -> None:
+        """Kill the worker of ``slot`` (if alive) and start a fresh one, at most ``max_respawns`` times a slot."""
         import ray
 
-        self._release(ref)
-        try:
-            ray.cancel(ref)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("cancel: %s", exc)
+        old, self._gen[slot] = self.workers[slot], self._gen[slot] + 1
+        if old is not None:
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - it may be gone already
+                log.debug("kill reward worker %d: %s", slot, exc)
+        if self._respawns[slot] >= self.max_respawns:
+            log.error("reward worker %d %s again; giving the slot up", slot, why)
+            self.workers[slot] = None
+            return
+        log.warning("reward worker %d %s; starting a fresh one (reward/%s)", slot, why, counter)
+        self._respawns[slot] += 1
+        self._counts[counter] += 1
+        self.workers[slot] = self._spawn()
 
     def _reference(self, record_key: int) -> Reference | None:
         try:
@@ -390,6 +419,8 @@ class RewardPool(StreamScorer):
         self.workers = []
         close_fleet(getattr(self, "judge_fleet", None))
         self.judge_fleet = None
+        if getattr(self, "rule_pool", None) is not None:
+            self.rule_pool.close()
 
 
 def make_scorer(
@@ -413,7 +444,9 @@ def make_scorer(
             from ivgr_dist.reward.judge import make_judge
 
             judge = make_judge(reward_cfg.judge, fleet=fleet)
-            scorer = InProcessScorer(algo, reward_cfg.judge, judge=judge, recipe_exact=reward_cfg.recipe_exact)
+            scorer = InProcessScorer(
+                algo, reward_cfg.judge, judge, reward_cfg.recipe_exact, rule_timeout_s=reward_cfg.rule_timeout_s
+            )
             scorer.judge_fleet = fleet
             deadline = reward_cfg.judge.timeout_s + 30.0
             asyncio.run_coroutine_threadsafe(check_judge(judge, None), scorer._loop).result(timeout=deadline)

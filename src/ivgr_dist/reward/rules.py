@@ -1,8 +1,9 @@
 """Rule rewards of iVGR: format, box validity, box IoU, rule-based accuracy, and the per-stream sums.
 
-Every function here is pure (no I/O, no global state), never raises on arbitrary model output, and runs in time
-linear in the length of the response (no regex with quadratic backtracking on degenerate text such as long
-whitespace runs or thousands of unclosed tags). The spec is ``docs/algorithm.md`` (2, "Prompts and output format";
+Every function here is pure (no I/O, no global state), never raises on arbitrary model output, and, except
+:func:`math_match` (SymPy) and the duplicate-box check (pairs of boxes), runs in time linear in the length of its
+input (no regex with quadratic backtracking on degenerate text such as long whitespace or digit runs or thousands
+of unclosed tags). The spec is ``docs/algorithm.md`` (2, "Prompts and output format";
 3, "Rewards").
 
 Before scoring, every response goes through :func:`normalize_response` (whitespace around ``<``, ``>`` and ``/``
@@ -40,13 +41,18 @@ Choices made where the paper/recipe leaves room, or where this module departs fr
   longer than ``algorithm.max_answer_chars`` (default :data:`MAX_ANSWER_CHARS`) score 0 without a judge, for every
   question type (the paper states the rule for free-form answers; applying it everywhere also bounds the cost of
   math-verify). A multiple-choice record whose ground truth is not a letter is scored like a free-form one.
-- ``math-verify`` times out with ``SIGALRM``, which only works in the main thread. :func:`math_match` passes its
-  timeout only when it runs in the main thread and disables math-verify's timeout elsewhere (otherwise math-verify
-  raises in worker threads). To keep worker threads from hanging on expressions that make SymPy run for minutes
-  (power towers, factorials of large expressions), such expressions are screened out up front and left to the
-  judge. This screen is a heuristic, not a hard guarantee; callers that need one should score in the main thread or
-  in a process pool. Note that in the main thread math-verify's ``signal.alarm`` replaces any pending ``SIGALRM``
-  timer of the process (e.g. pytest-timeout's) and cancels it when done.
+- ``math-verify`` times out with ``SIGALRM``, which only works in the main thread, and not even there while SymPy
+  sits in one long C call (``9^{99999999}``: CPython computes the 95-million-digit power holding the GIL for
+  minutes). :func:`math_match` passes its timeout only when it runs in the main thread and disables math-verify's
+  timeout elsewhere (otherwise math-verify raises in worker threads); it screens out expressions known to make
+  SymPy run for minutes (power towers, factorials of large expressions) up front. The screen is a heuristic, not a
+  bound (``9^{99999999}`` passes it): the scorer never calls :func:`math_match` in its own process but in a
+  :class:`~ivgr_dist.reward.rule_pool.RulePool`, whose processes are killed past ``reward.rule_timeout_s``. Note
+  that in a main thread math-verify's ``signal.alarm`` replaces any pending ``SIGALRM`` timer of the process (e.g.
+  pytest-timeout's) and cancels it when done.
+- Every regex here runs in linear time on any text (unrolled loops, possessive quantifiers, digit runs tried only
+  from their first digit); ``tests/unit/test_linear_time.py`` times each on adversarial inputs of 1 K and 100 K
+  characters.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ __all__ = [
     "QUESTION_TYPES",
     "SINGLE_ACCURACY_WEIGHT",
     "BoxParse",
+    "answer_too_long",
     "box_iou_from_boxes",
     "box_iou_reward",
     "box_valid_from_entries",
@@ -453,13 +460,15 @@ _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
 
 def _normalize_text_answer(text: str) -> str:
-    s = text.strip()
-    while True:
-        prev = s
-        s = s.strip().strip(_WRAP_CHARS).rstrip(_TRAILING_PUNCT)
-        if s == prev:
-            break
-    return " ".join(s.split()).lower()
+    # The fixed point of repeating strip() / strip(_WRAP_CHARS) / rstrip(_TRAILING_PUNCT): the leading run of
+    # whitespace and wrapping characters and the trailing run of those and punctuation go. Two index scans instead
+    # of the loop, which copied the string once per layer ('a.".".".' peels one quote and one dot per round).
+    i, j = 0, len(text)
+    while j > 0 and (text[j - 1].isspace() or text[j - 1] in _WRAP_CHARS or text[j - 1] in _TRAILING_PUNCT):
+        j -= 1
+    while i < j and (text[i].isspace() or text[i] in _WRAP_CHARS):
+        i += 1
+    return " ".join(text[i:j].split()).lower()
 
 
 def _as_number(s: str) -> Decimal | None:
@@ -497,9 +506,11 @@ def exact_match(pred: str | None, gt: str | None) -> float:
 _CHOICE_ONLY_RE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:,]?")
 # Answer starts with an option label followed by its text: "B) cat", "(B) cat", "B. cat", "B: cat".
 _CHOICE_PREFIX_RE = re.compile(r"(?:[(\[]([A-Z])[)\]]|([A-Z])[).:])\s*\S")
-# A keyword followed by a letter: "Option B", "the answer is (B)", "Answer: B", "choice C".
+# A keyword followed by a letter: "Option B", "the answer is (B)", "Answer: B", "choice C". The quantifiers are
+# possessive: nothing after a whitespace or "*" run can match what the run gave back, so backtracking into it only
+# cost time (quadratic in a run's length: "answer" + 10 K spaces took seconds).
 _CHOICE_KEYWORD_RE = re.compile(
-    r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be))?\s*[:\uff1a]?\s*\**[(\[]?([A-Z])(?![A-Za-z])"
+    r"(?i:answer|option|choice)(?:\s++(?i:is|would be|should be))?\s*+[:\uff1a]?\s*+\**+[(\[]?([A-Z])(?![A-Za-z])"
 )
 _CHOICE_PAREN_RE = re.compile(r"\(([A-Z])\)")
 
@@ -541,8 +552,10 @@ def choice_match(pred: str | None, gt: str | None) -> float:
 
 
 # Expressions that can keep SymPy busy for minutes: nested exponents ("10^{10^{10}}", "9^9^9", "2**3**4"),
-# factorials of bracketed expressions or of numbers with 6+ digits, binomials of 6+ digit numbers.
-_MATH_RISKY_RE = re.compile(r"\^[\w.]*\^|\*\*[\w.]*\*\*|[)}]\s*!|\d{6,}\s*!|\\binom\s*\{?\s*\d{6,}")
+# factorials of bracketed expressions or of numbers with 6+ digits, binomials of 6+ digit numbers. Linear time:
+# possessive runs, and a digit run is tried only from its first digit ("\d{6,}\s*!" from every digit of a 10 K-digit
+# run was quadratic).
+_MATH_RISKY_RE = re.compile(r"\^[\w.]*+\^|\*\*[\w.]*+\*\*|[)}]\s*+!|(?<!\d)\d{6,}+\s*+!|\\binom\s*+\{?\s*+\d{6}")
 
 
 def _nested_exponent(text: str) -> bool:
@@ -595,7 +608,8 @@ def math_match(pred: str | None, gt: str | None, timeout_s: int = 5, max_chars: 
     In the main thread math-verify's own ``SIGALRM`` timeout of ``timeout_s`` seconds per parse/compare is used; in
     any other thread it is switched off (``parsing_timeout=None``, ``timeout_seconds=None``), because
     ``signal.alarm`` cannot be used there. Inputs longer than ``max_chars`` (``algorithm.max_answer_chars``) and
-    expressions SymPy may take very long on (see ``_math_risky``) score 0.0 without calling math-verify.
+    expressions SymPy may take very long on (see ``_math_risky``) score 0.0 without calling math-verify. Not bounded
+    in time (see the module docstring): the scorer calls it through :class:`~ivgr_dist.reward.rule_pool.RulePool`.
     """
     if not pred or not gt:
         return 0.0
@@ -637,16 +651,29 @@ def question_kind(question_type: str | None) -> str:
     return QUESTION_TYPES.get(str(question_type).strip().lower(), "free_form")
 
 
+def answer_too_long(text: str, max_chars: int = MAX_ANSWER_CHARS) -> bool:
+    """Whether an answer (prediction or ground truth) is longer than ``max_chars`` after stripping."""
+    return len(text.strip()) > max_chars
+
+
 def rule_accuracy(
-    pred: str | None, gt: str | None, question_type: str | None = "free_form", max_chars: int = MAX_ANSWER_CHARS
+    pred: str | None,
+    gt: str | None,
+    question_type: str | None = "free_form",
+    max_chars: int = MAX_ANSWER_CHARS,
+    math_verify: bool = True,
 ) -> float | None:
     """Rule-based accuracy (1.0 / 0.0), or ``None`` when only the judge can decide.
 
     - empty/``None`` pred, or pred longer than ``max_chars`` after stripping (``algorithm.max_answer_chars``;
       :data:`MAX_ANSWER_CHARS`, the paper's 1000, by default): 0.0.
+    - a ground truth longer than ``max_chars`` after stripping: 0.0 for every prediction, without a judge (bad data:
+      the scorer counts it as ``reward/long_ground_truths``).
     - ``multiple_choice``: :func:`choice_match` (0.0 or 1.0, never the judge). If gt is not a letter, as free_form.
     - ``exact``: :func:`exact_match` (never the judge).
-    - ``math``: 1.0 on an exact match or when math-verify agrees, else ``None`` (judge).
+    - ``math``: 1.0 on an exact match or when math-verify agrees, else ``None`` (judge). ``math_verify=False``
+      leaves math-verify to the caller (the scorer runs it in a :class:`~ivgr_dist.reward.rule_pool.RulePool`): a
+      math answer that is not an exact match then returns ``None``.
     - ``free_form`` (and unknown types): 1.0 on an exact match, else ``None`` (judge).
 
     A missing/empty ground truth raises ``ValueError``: bad data must not be scored silently.
@@ -654,7 +681,7 @@ def rule_accuracy(
     if gt is None or not str(gt).strip():
         raise ValueError(f"ground-truth answer is empty: {gt!r}")
     gt = str(gt)
-    if pred is None:
+    if pred is None or answer_too_long(gt, max_chars):
         return 0.0
     pred = pred.strip()
     if not pred or len(pred) > max_chars:
@@ -668,7 +695,7 @@ def rule_accuracy(
         return 1.0
     if kind == "exact":
         return 0.0
-    if kind == "math" and math_match(pred, gt, max_chars=max_chars) == 1.0:
+    if kind == "math" and math_verify and math_match(pred, gt, max_chars=max_chars) == 1.0:
         return 1.0
     return None
 

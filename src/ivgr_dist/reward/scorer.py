@@ -10,7 +10,10 @@ been scored and the reference table updated). Two implementations share everythi
   :class:`~ivgr_dist.reward.reference_cache.ReferenceCache` actor.
 
 Scoring one group (:func:`score_job`, the same code in both): rule rewards
-(:mod:`ivgr_dist.reward.rules`), then ONE batched judge call for the group's questions:
+(:mod:`ivgr_dist.reward.rules`; math-verify, the one rule that can run for minutes, in a bounded
+:class:`~ivgr_dist.reward.rule_pool.RulePool`: an answer past ``reward.rule_timeout_s`` counts in
+``reward/rule_timeouts`` and is a failed request for ``on_failure``), then ONE batched judge call for
+the group's questions:
 
 - consistency (stream B): a ``consistency`` request per rollout against the cached reference
   (fallback ``reward.judge.fallback_consistency``); no reference -> 0 and no judge call;
@@ -25,9 +28,14 @@ from the group's advantage (``GroupResult.excluded`` -> ``Rollout.excluded``).
 Groups travel as small :class:`GroupJob` records (no images); results come back as
 :class:`GroupResult` and are applied to the driver's ``Rollout`` objects. Driver-side scheduling
 (:class:`StreamScorer`) never loses a group: an executor that dies gets its group resubmitted
-(``reward/rescored``); an executor error or a group past its deadline gets a rules-only score in
-the driver (every judge question it held counts in ``judge/failures`` and is a failed request for
-``on_failure``).
+(``reward/rescored``); a group past its deadline (``reward/group_timeouts``) is resubmitted when the
+executor could replace what held it (the pool kills a stuck worker), else scored rules-only in the
+driver, as after an executor error (every judge question it held counts in ``judge/failures`` and is
+a failed request for ``on_failure``). The driver's rules-only scoring runs math-verify in the
+scorer's own ``rule_pool``, never in the driver's threads.
+
+A ground truth longer than ``algorithm.max_answer_chars`` is bad data: every rollout of its group
+scores accuracy 0 without a judge, counted in ``reward/long_ground_truths`` and logged.
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ivgr_dist.config import AlgorithmConfig, JudgeConfig
+from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward import rules
 from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, make_judge
 from ivgr_dist.reward.reference import Reference, ReferenceTable, select_candidate
+from ivgr_dist.reward.rule_pool import RulePool
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
@@ -186,26 +195,47 @@ async def score_job(
     recipe_exact: bool = False,
     *,
     on_failure: str,
+    rule_pool: RulePool,
 ) -> GroupResult:
     """Rule rewards + one batched judge call for ``job``; never raises for judge faults.
 
     ``recipe_exact`` (``reward.recipe_exact``): the public recipe's box rules (``rules.grounded_box_rewards(...,
     recipe_exact=True)``) and its reference rule (a blank ``<think>`` does not disqualify a candidate).
     ``on_failure`` (``reward.judge.on_failure``): ``zero`` scores a failed request with its fallback, ``mask``
-    leaves the component out (:func:`_mask_failures`).
+    leaves the component out (:func:`_mask_failures`). ``rule_pool``: where math-verify runs, the group's math
+    answers in one call (a worker thread waits on it, not the event loop); an answer past ``reward.rule_timeout_s``
+    counts in ``reward/rule_timeouts`` and its accuracy is a failed request for ``on_failure``.
     """
     if on_failure not in ("zero", "mask"):
         raise ValueError(f"on_failure={on_failure!r}: must be 'zero' or 'mask'")
     t0 = time.perf_counter()
     counts: dict[str, float] = defaultdict(float)
+    max_chars = algo.max_answer_chars
+    answers = [rules.extract_answer(text) for text in job.responses]
+    accuracy = [rules.rule_accuracy(a, job.answer, job.question_type, max_chars, math_verify=False) for a in answers]
+    failed: list[set[str]] = [set() for _ in job.responses]  # per rollout: components whose request failed
+    if rules.answer_too_long(job.answer, max_chars):  # bad data: rule_accuracy scored every rollout 0, no judge
+        counts["long_ground_truths"] += 1
+        why = "accuracy 0 for every rollout (reward/long_ground_truths)"
+        log.warning("group %s: its ground truth has %d characters, over algorithm.max_answer_chars=%d; %s", job.key,
+                    len(job.answer.strip()), max_chars, why)  # fmt: skip
+    math_at = [i for i, acc in enumerate(accuracy) if acc is None and rules.question_kind(job.question_type) == "math"]
+    if math_at:
+        pairs = [(answers[i].strip(), job.answer.strip()) for i in math_at]
+        for i, verdict in zip(math_at, await asyncio.to_thread(rule_pool.math_match, pairs), strict=True):
+            if verdict is None:  # past reward.rule_timeout_s: unknown, as a failed judge request
+                counts["rule_timeouts"] += 1
+                accuracy[i] = 0.0
+                failed[i].add("accuracy")
+            elif verdict == 1.0:
+                accuracy[i] = 1.0  # else None: the judge decides, as before
     rewards: list[dict[str, float]] = []
     requests: list[tuple[int, str, JudgeRequest]] = []  # (rollout index, reward key, request)
     for i, text in enumerate(job.responses):
         out = {"format": rules.format_reward(text)}
-        answer = rules.extract_answer(text)
-        acc = rules.rule_accuracy(answer, job.answer, job.question_type, max_chars=algo.max_answer_chars)
+        acc = accuracy[i]
         if acc is None:
-            req = JudgeRequest("equivalence", job.question, answer or "", job.answer, 0.0, job.context, job.key)
+            req = JudgeRequest("equivalence", job.question, answers[i] or "", job.answer, 0.0, job.context, job.key)
             requests.append((i, "accuracy", req))
             acc = 0.0
         out["accuracy"] = acc
@@ -227,7 +257,6 @@ async def score_job(
                 requests.append((i, "consistency", req))
         rewards.append(out)
     latencies: list[float] = []
-    failed: list[set[str]] = [set() for _ in job.responses]  # per rollout: components whose request failed
     judge_error = ""
     if requests:
         try:
@@ -315,9 +344,17 @@ class StreamScorer:
     last_judge_error: str | None = None
     """The kind of the last failed judge request scored (``GroupResult.judge_error``), for the failure-rate stop."""
 
-    def __init__(self, algo: AlgorithmConfig, judge_cfg: JudgeConfig, recipe_exact: bool = False):
+    def __init__(
+        self,
+        algo: AlgorithmConfig,
+        judge_cfg: JudgeConfig,
+        recipe_exact: bool = False,
+        rule_timeout_s: float = RewardConfig.rule_timeout_s,
+    ):
         self.algo, self.judge_cfg = algo, judge_cfg
         self.recipe_exact = bool(recipe_exact)  # reward.recipe_exact, passed to every score_job
+        # math-verify of the driver's own scoring (in-process scorer, rules-only fallbacks); processes start on use
+        self.rule_pool = RulePool(rule_timeout_s, max_chars=algo.max_answer_chars)
         # A group's judge questions run concurrently; past this the driver scores it rules-only.
         self.group_deadline_s = max(120.0, 4.0 * judge_cfg.timeout_s * (judge_cfg.max_retries + 1))
         self._counts: dict[str, float] = defaultdict(float)
@@ -333,8 +370,10 @@ class StreamScorer:
     def _take(self, handle) -> tuple[str, GroupResult | None]:
         raise NotImplementedError
 
-    def _cancel(self, handle) -> None:
-        return None
+    def _abandon(self, handle) -> bool:
+        """Stop waiting for a group past its deadline. True: the executor replaced whatever held the group, so
+        submitting it again can succeed; False: score it rules-only in the driver."""
+        return False
 
     def _reference(self, record_key: int) -> Reference | None:
         raise NotImplementedError
@@ -398,13 +437,19 @@ class StreamScorer:
         now = time.monotonic()
         for handle in [h for h, e in self._pending.items() if now > e.deadline]:
             entry = self._pending.pop(handle)
+            self._counts["group_timeouts"] += 1
+            if self._abandon(handle) and entry.attempts < self.max_attempts:
+                log.warning("reward group %s passed its %.0f s deadline; its worker was replaced, scoring it again",
+                            entry.job.key, self.group_deadline_s)  # fmt: skip
+                self._counts["rescored"] += 1
+                self._start(entry.group, entry.job, entry.attempts + 1)
+                continue
             log.warning("reward group %s passed its %.0f s deadline; scoring it rules-only", entry.job.key,
                         self.group_deadline_s)  # fmt: skip
-            self._cancel(handle)
-            self._counts["group_timeouts"] += 1
             yield from self._finish(entry, self._fallback(entry.job))
 
     def _fallback(self, job: GroupJob) -> GroupResult:
+        """Rules-only score in the driver (this thread); math-verify still runs in the bounded ``rule_pool``."""
         ref = self._reference(job.record_key) if job.stream == "textual" else None
         cfg = self.judge_cfg
         return asyncio.run(
@@ -416,6 +461,7 @@ class StreamScorer:
                 ref,
                 self.recipe_exact,
                 on_failure=cfg.on_failure,
+                rule_pool=self.rule_pool,
             )  # fmt: skip
         )
 
@@ -467,9 +513,14 @@ class InProcessScorer(StreamScorer):
     """Scoring in the driver: the judge on an asyncio loop in a background thread, the table in the driver."""
 
     def __init__(
-        self, algo: AlgorithmConfig, judge_cfg: JudgeConfig | None = None, judge=None, recipe_exact: bool = False
+        self,
+        algo: AlgorithmConfig,
+        judge_cfg: JudgeConfig | None = None,
+        judge=None,
+        recipe_exact: bool = False,
+        rule_timeout_s: float = RewardConfig.rule_timeout_s,
     ):
-        super().__init__(algo, judge_cfg or JudgeConfig(), recipe_exact)
+        super().__init__(algo, judge_cfg or JudgeConfig(), recipe_exact, rule_timeout_s)
         self.references = ReferenceTable()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ivgr-reward-loop", daemon=True)
@@ -480,7 +531,14 @@ class InProcessScorer(StreamScorer):
         ref = self.references.get(job.record_key) if job.stream == "textual" else None
         cfg = self.judge_cfg
         coro = score_job(
-            job, self.judge, self.algo, cfg.fallback_consistency, ref, self.recipe_exact, on_failure=cfg.on_failure
+            job,
+            self.judge,
+            self.algo,
+            cfg.fallback_consistency,
+            ref,
+            self.recipe_exact,
+            on_failure=cfg.on_failure,
+            rule_pool=self.rule_pool,
         )
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
@@ -495,8 +553,9 @@ class InProcessScorer(StreamScorer):
             return "fallback", None
         return "ok", handle.result()
 
-    def _cancel(self, handle: cf.Future) -> None:
-        handle.cancel()
+    def _abandon(self, handle: cf.Future) -> bool:
+        handle.cancel()  # a coroutine stuck in a blocking call cannot be stopped: rules-only in the driver
+        return False
 
     def _reference(self, record_key: int) -> Reference | None:
         return self.references.get(record_key)
@@ -514,6 +573,7 @@ class InProcessScorer(StreamScorer):
         self.references.load_state_dict(state["references"])
 
     def close(self) -> None:
+        self.rule_pool.close()
         if not self._loop.is_running():
             return
         try:

@@ -21,7 +21,10 @@ Behaviour per request (one ``JudgeRequest``):
 - between attempts: exponential backoff with full jitter, ``uniform(0, min(backoff_s * 2**k, cap))``;
 - an attempt succeeds when at least one sample parses; the score is the mean of the parsed samples;
 - when every attempt fails: ``score = request.fallback``, ``failed=True``;
-- an overall guard of ``(max_retries + 1) * (timeout_s + max backoff)`` covers the whole request.
+- an overall guard of ``(max_retries + 1) * (timeout_s + max backoff)`` covers the whole request;
+- a reply body is read as a stream and at most :data:`MAX_REPLY_BYTES`: a 200 whose body is longer (declared or
+  sent) is a failed call (a bad body, retried within ``max_retries``), so a runaway server costs neither memory nor
+  parse time; each sample's text is then capped again in characters by the parsers (``prompts.MAX_REPLY_CHARS``).
 
 Concurrency: ``asyncio.Semaphore(cfg.concurrency)`` bounds requests in flight. A request makes one
 HTTP call at a time, except on endpoints without ``n`` support, where one attempt makes ``samples``
@@ -75,6 +78,10 @@ _BAD_CONFIG = (401, 403, 404)
 
 BACKOFF_CAP_S = 30.0
 """Longest single backoff sleep (unless ``backoff_s`` itself is longer)."""
+
+MAX_REPLY_BYTES = 8 * 2**20
+"""Longest reply body read from an endpoint (bytes, after any content decoding). A judge reply is a few KB
+(``max_tokens`` x ``samples``); 8 MiB leaves room for reasoning judges and JSON escapes."""
 
 
 class CallError(Exception):
@@ -421,7 +428,7 @@ class OpenAIJudge:
         headers = {"Authorization": f"Bearer {self._key.value}"} if self._key.value else {}
         res.calls += 1
         try:
-            r = await self._http().post(f"{ep.name}/chat/completions", json=body, headers=headers)
+            r = await _post_capped(self._http(), f"{ep.name}/chat/completions", body, headers)
         except httpx.TimeoutException as e:
             kind = type(e).__name__
             raise CallError(f"{kind} from {ep.name}", timeout=True, kind=kind) from None
@@ -449,3 +456,32 @@ class OpenAIJudge:
                 await client.aclose()
             except RuntimeError:  # its loop is gone: nothing left to close
                 pass
+
+
+_BODY_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
+"""Headers that describe the body on the wire, not the body the capped response holds."""
+
+
+async def _post_capped(client, url: str, body: dict, headers: dict, limit: int = MAX_REPLY_BYTES):
+    """POST ``body`` and read the reply, at most ``limit`` bytes of it, as a fully read ``httpx.Response``.
+
+    A 200 whose body is longer than ``limit`` (by its ``Content-Length``, or once that much has arrived) raises
+    ``CallError`` and closes the connection; another status keeps what was read (its body is only diagnostics).
+    The request asks for an uncompressed reply, so the bytes counted are the bytes received.
+    """
+    import httpx
+
+    async with client.stream("POST", url, json=body, headers={**headers, "Accept-Encoding": "identity"}) as r:
+        declared = r.headers.get("content-length", "")
+        if r.status_code == 200 and declared.isdigit() and int(declared) > limit:
+            raise CallError(f"reply of {int(declared)} bytes from {url} is over the {limit}-byte cap")
+        chunks, size = [], 0
+        async for chunk in r.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                if r.status_code == 200:
+                    raise CallError(f"reply from {url} passed the {limit}-byte cap; stopped reading")
+                break
+            chunks.append(chunk)
+        kept = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in _BODY_HEADERS]
+        return httpx.Response(r.status_code, headers=kept, content=b"".join(chunks), request=r.request)

@@ -23,7 +23,11 @@ its output is untrusted:
   whitespace and trailing ``.``/``!`` ignored). Without any tag, a text that is exactly ``yes`` or
   ``no`` (same leniency) is accepted.
 
-Both return ``None`` for anything else; the caller counts that as a parse failure.
+Both return ``None`` for anything else; the caller counts that as a parse failure. A reply longer than
+:data:`MAX_REPLY_CHARS` is not read at all (``None``): a judge answer is a few hundred tokens, and a runaway or
+hostile server must not cost the reward worker time. Both parsers run in linear time on any text (a tag scan that
+pairs openers and closers as the non-greedy ``<score>(.*?)</score>`` search did, and a backwards scan for the
+trailing number): the regex forms were quadratic (20 KB of ``<score>`` openers took 20 s, 40 KB of digits 71 s).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import re
 from collections.abc import Callable
 
 __all__ = [
+    "MAX_REPLY_CHARS",
     "RUBRIC",
     "build_messages",
     "consistency_messages",
@@ -105,14 +110,48 @@ def build_messages(request) -> list[dict]:
     raise ValueError(f"judge request kind={request.kind!r}: must be 'consistency' or 'equivalence'")
 
 
-_SCORE_TAG = re.compile(r"<\s*score\s*>(.*?)<\s*/\s*score\s*>", re.IGNORECASE | re.DOTALL)
-_ANY_SCORE_TAG = re.compile(r"<\s*/?\s*score\s*>", re.IGNORECASE)
-_NUMBER = re.compile(r"[0-9]*\.?[0-9]+")
-# A final number not glued to a word, a sign or another number: "score: 0.7", "0.7.", but not "v10.7" or "-0.3".
-_TRAILING_NUMBER = re.compile(r"(?<![\w.+\-])([0-9]*\.?[0-9]+)\s*[.!]?\s*$")
-_VERDICT_TAG = re.compile(r"<\s*verdict\s*>(.*?)<\s*/\s*verdict\s*>", re.IGNORECASE | re.DOTALL)
-_ANY_VERDICT_TAG = re.compile(r"<\s*/?\s*verdict\s*>", re.IGNORECASE)
+MAX_REPLY_CHARS = 262_144
+"""Longest judge reply (characters, one sample) the parsers read; longer ones parse as nothing (``None``)."""
+
+# One tag token, opener or closer (group 1: "/" for a closer). Tokens never overlap (each starts at its only "<"),
+# so a left-to-right scan sees every one; the runs are possessive, so a start costs the length of its own run.
+_SCORE_TOKEN = re.compile(r"<\s*+(/?)\s*+score\s*+>", re.IGNORECASE)
+_VERDICT_TOKEN = re.compile(r"<\s*+(/?)\s*+verdict\s*+>", re.IGNORECASE)
+# The rubric number grammar, [0-9]*\.?[0-9]+, written so that no digit can be claimed by two quantifiers.
+_NUMBER = re.compile(r"[0-9]++(?:\.[0-9]++)?|\.[0-9]++")
+_NUMBER_CHARS = frozenset("0123456789.")
 _YES_NO = {"yes": 1.0, "no": 0.0}
+
+
+def _last_tag(text: str, token: re.Pattern) -> tuple[str | None, bool]:
+    """(content of the last ``<tag>...</tag>`` pair, whether the text holds any tag token).
+
+    Pairs like ``re.findall(r"<tag>(.*?)</tag>", text, re.DOTALL)``: an opener takes the first closer after it,
+    openers in between are content, the scan goes on after that closer, and closers without an opener are skipped.
+    """
+    last, open_end, seen = None, -1, False
+    for m in token.finditer(text):
+        seen = True
+        if m.group(1):
+            if open_end >= 0:
+                last, open_end = text[open_end : m.start()], -1
+        elif open_end < 0:
+            open_end = m.end()
+    return last, seen
+
+
+def _trailing_number(text: str) -> str | None:
+    """The number that ends ``text``, as ``(?<![\\w.+\\-])([0-9]*\\.?[0-9]+)\\s*[.!]?\\s*$`` would find it
+    ("score: 0.7", "0.7." but not "v10.7" or "-0.3"), or ``None``; scanned backwards, so linear."""
+    end = len(text.rstrip())
+    if end and text[end - 1] in ".!":
+        end = len(text[: end - 1].rstrip())
+    start = end
+    while start > 0 and text[start - 1] in _NUMBER_CHARS:
+        start -= 1
+    if start == end or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.+-")):
+        return None
+    return text[start:end]
 
 
 def _rubric_value(token: str) -> float | None:
@@ -126,17 +165,21 @@ def _rubric_value(token: str) -> float | None:
     return None
 
 
+def _readable(text: str | None) -> bool:
+    return isinstance(text, str) and len(text) <= MAX_REPLY_CHARS and bool(text.strip())
+
+
 def parse_consistency(text: str | None) -> float | None:
     """The rubric grade in a judge answer, or ``None`` (see the module docstring for the rules)."""
-    if not isinstance(text, str) or not text.strip():
+    if not _readable(text):
         return None
-    tags = _SCORE_TAG.findall(text)
-    if tags:
-        return _rubric_value(tags[-1])
-    if _ANY_SCORE_TAG.search(text):  # a broken or unclosed tag: do not guess from the text around it
+    content, any_tag = _last_tag(text, _SCORE_TOKEN)
+    if content is not None:
+        return _rubric_value(content)
+    if any_tag:  # a broken or unclosed tag: do not guess from the text around it
         return None
-    m = _TRAILING_NUMBER.search(text)
-    return _rubric_value(m.group(1)) if m else None
+    number = _trailing_number(text)
+    return _rubric_value(number) if number is not None else None
 
 
 def _yes_no(token: str) -> float | None:
@@ -145,12 +188,12 @@ def _yes_no(token: str) -> float | None:
 
 def parse_equivalence(text: str | None) -> float | None:
     """1.0 (equivalent), 0.0 (not) or ``None`` (see the module docstring for the rules)."""
-    if not isinstance(text, str) or not text.strip():
+    if not _readable(text):
         return None
-    tags = _VERDICT_TAG.findall(text)
-    if tags:
-        return _yes_no(tags[-1])
-    if _ANY_VERDICT_TAG.search(text):
+    content, any_tag = _last_tag(text, _VERDICT_TOKEN)
+    if content is not None:
+        return _yes_no(content)
+    if any_tag:
         return None
     return _yes_no(text)
 
