@@ -856,9 +856,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "must be >= 0 (0 = in the driver)")
         _check(self.cpus_per_worker >= 0, "reward.cpus_per_worker", self.cpus_per_worker, "must be >= 0")
-        t = self.rule_timeout_s
-        ok = isinstance(t, (int, float)) and math.isfinite(t) and t > 0
-        _check(ok, "reward.rule_timeout_s", t, "must be a finite number of seconds > 0")
+        _check_seconds("reward.rule_timeout_s", self.rule_timeout_s)
 
 
 # -------------------------------------------------------------------------------------------- sync

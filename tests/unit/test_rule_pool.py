@@ -71,7 +71,7 @@ def _in_thread(fn, limit_s: float):
 
 def test_rule_timeout_is_validated():
     for bad in (0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ConfigError, match=r"reward.rule_timeout_s=.*: must be a finite number of seconds > 0"):
+        with pytest.raises(ConfigError, match=r"reward.rule_timeout_s=.*: must be finite and > 0 \(seconds\)"):
             RewardConfig(rule_timeout_s=bad)
     with pytest.raises(ValueError, match="finite"):
         RulePool(float("nan"))
