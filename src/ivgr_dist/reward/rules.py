@@ -50,9 +50,9 @@ Choices made where the paper/recipe leaves room, or where this module departs fr
   :class:`~ivgr_dist.reward.rule_pool.RulePool`, whose processes are killed past ``reward.rule_timeout_s``. Note
   that in a main thread math-verify's ``signal.alarm`` replaces any pending ``SIGALRM`` timer of the process (e.g.
   pytest-timeout's) and cancels it when done.
-- Every regex here runs in linear time on any text (unrolled loops, possessive quantifiers, digit runs tried only
-  from their first digit); ``tests/unit/test_linear_time.py`` times each on adversarial inputs of 1 K and 100 K
-  characters.
+- Every regex here runs in linear time on any text (unrolled loops, no two quantifiers over the same characters,
+  digit runs tried only from their first digit); ``tests/unit/test_linear_time.py`` times each on adversarial
+  inputs of 1 K and 100 K characters.
 """
 
 from __future__ import annotations
@@ -506,11 +506,12 @@ def exact_match(pred: str | None, gt: str | None) -> float:
 _CHOICE_ONLY_RE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:,]?")
 # Answer starts with an option label followed by its text: "B) cat", "(B) cat", "B. cat", "B: cat".
 _CHOICE_PREFIX_RE = re.compile(r"(?:[(\[]([A-Z])[)\]]|([A-Z])[).:])\s*\S")
-# A keyword followed by a letter: "Option B", "the answer is (B)", "Answer: B", "choice C". The quantifiers are
-# possessive: nothing after a whitespace or "*" run can match what the run gave back, so backtracking into it only
-# cost time (quadratic in a run's length: "answer" + 10 K spaces took seconds).
+# A keyword followed by a letter: "Option B", "the answer is (B)", "Answer: B", "choice C". No two quantifiers can
+# take the same character (the colon's own whitespace follows it inside its optional group): "\s*[:]?\s*" let a
+# whitespace run be split between the two in every way, quadratic in its length ("answer" + 10 K spaces took
+# seconds). Plain ``re`` syntax, no possessive quantifiers: those need Python 3.11.
 _CHOICE_KEYWORD_RE = re.compile(
-    r"(?i:answer|option|choice)(?:\s++(?i:is|would be|should be))?\s*+[:\uff1a]?\s*+\**+[(\[]?([A-Z])(?![A-Za-z])"
+    r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be))?\s*(?:[:\uff1a]\s*)?\**[(\[]?([A-Z])(?![A-Za-z])"
 )
 _CHOICE_PAREN_RE = re.compile(r"\(([A-Z])\)")
 
@@ -552,10 +553,10 @@ def choice_match(pred: str | None, gt: str | None) -> float:
 
 
 # Expressions that can keep SymPy busy for minutes: nested exponents ("10^{10^{10}}", "9^9^9", "2**3**4"),
-# factorials of bracketed expressions or of numbers with 6+ digits, binomials of 6+ digit numbers. Linear time:
-# possessive runs, and a digit run is tried only from its first digit ("\d{6,}\s*!" from every digit of a 10 K-digit
-# run was quadratic).
-_MATH_RISKY_RE = re.compile(r"\^[\w.]*+\^|\*\*[\w.]*+\*\*|[)}]\s*+!|(?<!\d)\d{6,}+\s*+!|\\binom\s*+\{?\s*+\d{6}")
+# factorials of bracketed expressions or of numbers with 6+ digits, binomials of 6+ digit numbers. Linear time: a
+# digit run is tried only from its first digit ("\d{6,}\s*!" from every digit of a 10 K-digit run was quadratic),
+# and no two quantifiers can take the same character ("\s*\{?\s*" could split a whitespace run every way).
+_MATH_RISKY_RE = re.compile(r"\^[\w.]*\^|\*\*[\w.]*\*\*|[)}]\s*!|(?<!\d)\d{6,}\s*!|\\binom\s*(?:\{\s*)?\d{6}")
 
 
 def _nested_exponent(text: str) -> bool:

@@ -113,12 +113,13 @@ def build_messages(request) -> list[dict]:
 MAX_REPLY_CHARS = 262_144
 """Longest judge reply (characters, one sample) the parsers read; longer ones parse as nothing (``None``)."""
 
-# One tag token, opener or closer (group 1: "/" for a closer). Tokens never overlap (each starts at its only "<"),
-# so a left-to-right scan sees every one; the runs are possessive, so a start costs the length of its own run.
-_SCORE_TOKEN = re.compile(r"<\s*+(/?)\s*+score\s*+>", re.IGNORECASE)
-_VERDICT_TOKEN = re.compile(r"<\s*+(/?)\s*+verdict\s*+>", re.IGNORECASE)
+# One tag token, opener or closer (group 1: "/" for a closer, else None). Tokens never overlap (each starts at its
+# only "<"), so a left-to-right scan sees every one; no two quantifiers can take the same whitespace (the slash's
+# own run follows it inside its optional group), so a start costs the length of its own run.
+_SCORE_TOKEN = re.compile(r"<\s*(?:(/)\s*)?score\s*>", re.IGNORECASE)
+_VERDICT_TOKEN = re.compile(r"<\s*(?:(/)\s*)?verdict\s*>", re.IGNORECASE)
 # The rubric number grammar, [0-9]*\.?[0-9]+, written so that no digit can be claimed by two quantifiers.
-_NUMBER = re.compile(r"[0-9]++(?:\.[0-9]++)?|\.[0-9]++")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
 _NUMBER_CHARS = frozenset("0123456789.")
 _YES_NO = {"yes": 1.0, "no": 0.0}
 
