@@ -200,28 +200,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         stopped = Interrupted(trainer.stop_signal)
         print(
             f"ivgr-dist train: stopped by {stopped.name} after step {trainer.step + len(records)}; checkpoint "
-            f"{trainer.last_checkpoint}; resume: {_same_command(args)}",
+            f"{trainer.last_checkpoint}; resume: {_resume_command(args)}",
             file=sys.stderr,
         )
         return stopped.exit_code
     if trainer.judge_stop is not None:
         print(
             f"ivgr-dist train: stopped after step {trainer.step + len(records)}: {trainer.judge_stop}; checkpoint "
-            f"{trainer.last_checkpoint}; resume once the judge works: {_same_command(args)}",
+            f"{trainer.last_checkpoint}; resume once the judge works: {_resume_command(args)}",
             file=sys.stderr,
         )
         return 1
     return 0
 
 
-def _same_command(args: argparse.Namespace) -> str:
-    """The command that ran (resuming is running it again: trainer.resume=true)."""
+def _same_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> str:
+    """The command that ran (or it with ``argv`` for its arguments), as the user typed it."""
     import os
     import shlex
 
+    argv = args.argv if argv is None else argv
     if os.path.basename(sys.argv[0]) == "ivgr-dist":
-        return shlex.join(["ivgr-dist", *args.argv])
-    return shlex.join(["python", "-m", "ivgr_dist.cli", *args.argv])
+        return shlex.join(["ivgr-dist", *argv])
+    return shlex.join(["python", "-m", "ivgr_dist.cli", *argv])
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run: the one that ran without what would start it over (``--overwrite`` moves
+    the run aside, ``--overwrite-sft`` retrains the warm start, ``trainer.resume=false`` is refused once
+    checkpoints exist), with ``trainer.resume=true`` when the run's config turned resuming off."""
+    argv = [a for a in args.argv if a not in ("--overwrite", "--overwrite-sft") and not a.startswith("trainer.resume=")]
+    cfg = getattr(args, "run_config", None)
+    if cfg is not None and not cfg.trainer.resume:
+        argv.append("trainer.resume=true")
+    return _same_command(args, argv)
 
 
 def _interrupted_message(args: argparse.Namespace, exc) -> str:
@@ -233,7 +245,7 @@ def _interrupted_message(args: argparse.Namespace, exc) -> str:
 
         newest = latest_checkpoint(cfg.trainer.output_dir)
         if newest is not None:
-            line += f"; newest checkpoint {newest.path}; resume: {_same_command(args)}"
+            line += f"; newest checkpoint {newest.path}; resume: {_resume_command(args)}"
         else:
             line += (
                 f"; no checkpoint yet in {cfg.trainer.output_dir}; run the same command again to start over: "

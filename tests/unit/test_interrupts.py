@@ -81,3 +81,27 @@ def test_cli_prints_one_line_with_the_newest_checkpoint_and_exits_128_plus_signa
     assert code == 143
     assert len(err) == 1 and err[0].startswith("ivgr-dist train: interrupted by SIGTERM; newest checkpoint ")
     assert f"{run / 'checkpoints' / 'step_000004'}; resume: " in err[0] and f"trainer.output_dir={run}" in err[0]
+
+
+def test_the_resume_hint_never_starts_the_run_over(tmp_path, monkeypatch, capsys):
+    """A run started with ``--overwrite`` (or ``trainer.resume=false``) and stopped: the printed resume command
+    leaves out what would move the run aside, retrain the warm start or be refused, and turns resuming on."""
+    from ivgr_dist import cli
+
+    run = tmp_path / "run"
+    d = run / "checkpoints" / "step_000002"
+    d.mkdir(parents=True)
+    (d / "trainer_state.json").write_text('{"step": 2, "weight_version": 2, "sampler": {}, "scorer": {}}')
+    (d / "COMPLETE").write_text("x")
+
+    def interrupted_train(args):
+        args.run_config = cli._config(args)  # as _run_config leaves it, without the fresh-start check
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted_train)
+    argv = ["train", "--overwrite", "--overwrite-sft", f"trainer.output_dir={run}", "trainer.resume=false"]
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err.strip()
+    resume = err.split("; resume: ", 1)[1]
+    assert "--overwrite" not in resume and "trainer.resume=false" not in resume, resume
+    assert resume.endswith(f"train trainer.output_dir={run} trainer.resume=true"), resume
