@@ -213,6 +213,46 @@ def test_a_stuck_worker_is_killed_replaced_and_its_groups_rescored(ray_cluster):
     assert wall < 60
 
 
+class _SlowJudge:
+    """The worker's judge, slower than the test's group deadline but never blocking the worker's event loop."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def score(self, requests):
+        import asyncio
+
+        await asyncio.sleep(4.0)
+        return await self.inner.score(requests)
+
+    async def close(self):
+        await self.inner.close()
+
+
+class SlowJudgeWorker(RewardWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judge = _SlowJudge(self.judge)
+
+
+def test_a_slow_judge_scores_late_groups_rules_only_and_keeps_its_workers(ray_cluster):
+    """A group past its deadline whose worker still answers (the judge is slow, the worker is not stuck): rules-only
+    in the driver, no worker killed (killing it cost every group it held, and its slot's respawns)."""
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    groups = synthetic_batch(2, 2, seed=6)
+    pool = RewardPool(RewardConfig(num_workers=1), AlgorithmConfig(), worker_cls=SlowJudgeWorker)
+    pool.group_deadline_s = 1.5
+    try:
+        pid = ray_cluster.get(pool.workers[0].ping.remote(), timeout=30)
+        out = _score(pool, groups)
+        m = pool.metrics()
+        assert ray_cluster.get(pool.workers[0].ping.remote(), timeout=30) == pid  # the same worker
+    finally:
+        pool.close()
+    assert m["reward/group_timeouts"] >= 1 and m.get("reward/worker_timeouts", 0) == 0
+    assert m.get("reward/worker_restarts", 0) == 0 and sum(len(g) for g in out) == sum(len(g) for g in groups)
+
+
 RUNAWAY = "9^{99999999}"  # minutes of SymPy in one C call; passes rules._math_risky
 
 

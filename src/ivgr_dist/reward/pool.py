@@ -19,8 +19,9 @@ scored per ``reward.judge.on_failure``: its fallback, or masked):
   groups is resubmitted elsewhere (``reward/rescored``, at most ``max_attempts`` submissions);
 - a worker error (the task raised): the driver scores that group rules-only, each judge question
   counted in ``judge/failures`` (``reward/worker_errors``), logged;
-- a group past ``group_deadline_s`` (``reward/group_timeouts``): its worker is taken as stuck (an
-  event loop blocked by a sync call never answers again), killed and replaced
+- a group past ``group_deadline_s`` (``reward/group_timeouts``): its worker is pinged. One that answers
+  is alive with a slow judge: the group is cancelled and scored rules-only in the driver. One that does
+  not is stuck (an event loop blocked by a sync call never answers again): it is killed and replaced
   (``reward/worker_timeouts``), and the group is submitted again (``reward/rescored``); the worker's
   other groups come back as dead-worker errors and are resubmitted too;
 - no worker left (respawns exhausted): groups are scored rules-only in the driver;
@@ -303,13 +304,29 @@ class RewardPool(StreamScorer):
             return  # already replaced
         self._replace(slot, f"died ({type(exc).__name__})", "worker_restarts")
 
+    ping_timeout_s = 10.0
+    """How long a worker has to answer a ping when one of its groups passed its deadline."""
+
     def _abandon(self, ref) -> bool:
-        """A group past its deadline: its worker is stuck (a blocked event loop never answers), so it is killed and
-        replaced (``reward/worker_timeouts``); its other groups then fail as from a dead worker and are resubmitted.
-        True while a worker is left to score the group again."""
+        """A group past its deadline. Its worker is pinged: a worker that answers is alive and only its judge slow
+        (the group waited on the judge's concurrency, or the judge takes long), so the group is cancelled and scored
+        rules-only in the driver (False), the worker kept. A worker that does not answer is stuck (a blocked event
+        loop never answers again): it is killed and replaced (``reward/worker_timeouts``), its other groups then
+        fail as from a dead worker and are resubmitted, and True while a worker is left to score the group again."""
+        import ray
+
         slot, gen = self._release(ref)
         if slot >= 0 and gen == self._gen[slot]:
-            self._replace(slot, f"missed a group deadline of {self.group_deadline_s:.0f} s", "worker_timeouts")
+            try:
+                ray.get(self.workers[slot].ping.remote(), timeout=self.ping_timeout_s)
+            except Exception:  # noqa: BLE001 - no answer (stuck) or dead: replace it
+                self._replace(slot, f"missed a group deadline of {self.group_deadline_s:.0f} s", "worker_timeouts")
+            else:
+                try:
+                    ray.cancel(ref)
+                except Exception as exc:  # noqa: BLE001 - it may have finished meanwhile
+                    log.debug("cancel: %s", exc)
+                return False
         return any(w is not None for w in self.workers)
 
     def _replace(self, slot: int, why: str, counter: str) -> None:
