@@ -61,7 +61,7 @@ from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, smart_resize
 from ivgr_dist.data.prompts import PromptBuilder, instances_list
 from ivgr_dist.data.quote import short_repr
-from ivgr_dist.data.schema import column_problem
+from ivgr_dist.data.schema import column_problem, is_binary
 from ivgr_dist.data.sources import ImageError, image_source, probe_image
 from ivgr_dist.types import Prompt
 
@@ -133,7 +133,7 @@ def _present(col) -> np.ndarray:
         return out & np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     if pa.types.is_null(t):
         return np.zeros(len(col), dtype=bool)
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+    if is_binary(t):
         ok = pc.greater(pc.binary_length(col), 0)
     else:
         ok = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)

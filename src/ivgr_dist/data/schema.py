@@ -24,7 +24,7 @@ column                 types
 
 from __future__ import annotations
 
-__all__ = ["EXPECTED", "column_problem"]
+__all__ = ["EXPECTED", "column_problem", "is_binary"]
 
 EXPECTED = {
     "problem": "text (string)",
@@ -49,7 +49,8 @@ def _text(t) -> bool:
     return pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _binary(t) -> bool:
+def is_binary(t) -> bool:
+    """An Arrow binary type (any width or layout)."""
     import pyarrow as pa
 
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
@@ -75,14 +76,14 @@ def _image(t) -> bool:
     """One image: path text, bytes, or a {bytes, path} struct."""
     import pyarrow as pa
 
-    if _text(t) or _binary(t):
+    if _text(t) or is_binary(t):
         return True
     if not pa.types.is_struct(t):
         return False
     names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
     if not names.keys() & {"bytes", "path"}:
         return False
-    ok_bytes = "bytes" not in names or _binary(names["bytes"]) or pa.types.is_null(names["bytes"])
+    ok_bytes = "bytes" not in names or is_binary(names["bytes"]) or pa.types.is_null(names["bytes"])
     ok_path = "path" not in names or _text(names["path"])
     return ok_bytes and ok_path
 
