@@ -328,15 +328,43 @@ def dcp_save(state: dict, path: str | Path) -> None:
         raise OSError(f"DCP cannot write {path}: {_dcp_failure(exc)}") from exc
 
 
+STORAGE_ERRNOS = frozenset(
+    {errno.EIO, errno.ESTALE, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTDOWN,
+     errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.ENOLINK}
+)  # fmt: skip
+"""Read errors that blame the storage (a network file system's hiccup, permissions), not the checkpoint's bytes."""
+
+
+def _errors(exc: BaseException):
+    """``exc``, the per-rank errors a DCP ``CheckpointException`` carries, and what each was raised from."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [err for err, _trace in getattr(e, "failures", {}).values()]
+        todo += [e.__cause__, e.__context__]
+
+
 def dcp_load(state: dict, path: str | Path) -> None:
-    """``torch.distributed.checkpoint.load`` into ``state`` (collective); any read error (a truncated shard, a
-    missing file, bad metadata) raises :class:`CorruptCheckpoint`."""
+    """``torch.distributed.checkpoint.load`` into ``state`` (collective). A read error that blames the storage
+    (:data:`STORAGE_ERRNOS`: EIO, ESTALE, EACCES, ... on a network file system) raises ``StorageError``, which
+    stops the run with the checkpoint left as it is (a transient fault must not mark a good checkpoint corrupt);
+    any other error (a truncated shard, a missing file, bad metadata) raises :class:`CorruptCheckpoint`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as exc:
+        fault = next((e for e in _errors(exc) if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS), None)
+        if fault is not None:
+            raise StorageError(
+                f"cannot read checkpoint {path}: {_short(fault)}; a storage fault, not a corrupt checkpoint: it is "
+                "left as it is; resume once the storage answers"
+            ) from exc
         raise CorruptCheckpoint(f"DCP cannot load {path}: {_dcp_failure(exc)}") from exc
 
 

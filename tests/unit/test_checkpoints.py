@@ -154,6 +154,28 @@ def test_no_checkpoint_loads_or_another_error_stops_and_renames_nothing(tmp_path
     assert _names(tmp_path) == ["step_000001", "step_000002"]
 
 
+def test_a_storage_fault_while_loading_stops_and_marks_nothing_corrupt(tmp_path, monkeypatch):
+    """EIO / ESTALE from a network file system while a shard is read: the run stops naming the checkpoint, which
+    stays as it is (renamed .corrupt and skipped, a good checkpoint would be lost to a transient fault)."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from ivgr_dist.storage import StorageError
+
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+
+    def stale(*args, **kwargs):
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+    monkeypatch.setattr(dcp_fs.FileSystemReader, "read_data", stale)
+    with pytest.raises(StorageError, match=r"cannot read checkpoint .*step_000002.*a storage fault"):
+        checkpoints.resume(tmp_path, _loader([]))
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["step_000001", "step_000002"]
+    loaded = []
+    assert checkpoints.resume(tmp_path, _loader(loaded)).step == 2 and loaded == [(2, 2.0)]
+
+
 @pytest.mark.parametrize("where", ["learner", "state"])
 def test_a_save_that_runs_out_of_space_leaves_the_previous_checkpoint(tmp_path, monkeypatch, where):
     import torch.distributed.checkpoint.filesystem as dcp_fs
