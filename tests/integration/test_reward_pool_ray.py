@@ -350,11 +350,11 @@ def test_a_404_from_the_judge_fails_at_start_from_the_workers(ray_cluster):
 
 
 def _checkpoint(root, step: int, scorer_state: dict) -> None:
-    """What Trainer.save leaves for the scorer: trainer_state.json (key ``scorer``) and COMPLETE."""
-    path = root / "checkpoints" / f"step_{step:06d}"
-    path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"step": step, "weight_version": step, "scorer": scorer_state}))
-    (path / "COMPLETE").write_text("0")
+    """A checkpoint as Trainer.save writes it (``checkpoints.save``), the learner's part an empty directory."""
+    from ivgr_dist import checkpoints
+
+    state = {"step": step, "weight_version": step, "sampler": {}, "scorer": scorer_state}
+    checkpoints.save(root, step, lambda path: path.mkdir(), state, keep=0)
 
 
 def test_a_lost_reference_cache_is_restored_from_the_last_checkpoint(ray_cluster, tmp_path):

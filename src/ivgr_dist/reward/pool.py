@@ -173,7 +173,6 @@ class RewardPool(StreamScorer):
         self.judge_fleet = fleet  # one fleet of judge engines for every worker (closed with the pool)
         self.namespace = namespace or f"ivgr-{uuid.uuid4().hex[:12]}"
         self.output_dir = output_dir
-        self.cache_restores = 0
         self._restores_unreported = 0
         # the producer thread (scoring) and the trainer (a save) may both find the cache lost: one restore
         self._restore_lock = threading.Lock()
@@ -230,13 +229,17 @@ class RewardPool(StreamScorer):
         for ref in ready:  # every answer is taken: an error left unread would be printed again at exit
             try:
                 ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
+            except ray.exceptions.RayError as exc:  # the check raised, or the worker died during it
                 errors.append(exc)
         if errors:
-            cause = errors[0].cause
+            err = errors[0]
+            cause = getattr(err, "cause", None)
             if isinstance(cause, JudgeUnavailable):
                 raise JudgeUnavailable(str(cause)) from None
-            raise errors[0]
+            detail = (str(cause or err).strip().splitlines() or [""])[-1][:300]
+            raise JudgeUnavailable(
+                f"a reward worker failed the judge's start-up check ({type(err).__name__}): {detail}"
+            ) from None
         if late:
             raise JudgeUnavailable(
                 f"{len(late)} reward worker(s) did not finish the judge's start-up check within {deadline:.0f} s "
@@ -285,7 +288,11 @@ class RewardPool(StreamScorer):
             value = ray.get(ref, timeout=self.rpc_timeout_s)
         except ray.exceptions.RayTaskError as exc:  # the task ran and raised: a worker error
             if isinstance(exc.cause, CacheLost):  # restore the cache, then score the group again
-                self._restore_cache(exc.cause)
+                try:
+                    self._restore_cache(exc.cause)
+                except Exception as err:  # noqa: BLE001 - never raise into the producer: rules-only
+                    log.error("reference cache could not be restored (%s); scoring the group rules-only", err)
+                    return "fallback", None
                 return "retry", None
             log.warning("reward worker %d failed a group (%s); scoring it rules-only", slot, exc)
             return "fallback", None
@@ -389,7 +396,6 @@ class RewardPool(StreamScorer):
                 pass
             state, source = self._saved_references()
             self.cache = get_reference_cache(self.namespace, node_id=self._driver_node, state=state)
-            self.cache_restores += 1
             self._restores_unreported += 1
         log.warning(
             "reference cache actor lost (%s); recreated and restored from %s (%d references); updates since then "
@@ -504,7 +510,7 @@ def _start_fleet(fleet, judge_cfg: JudgeConfig) -> None:
         cause = getattr(exc, "cause", None) or exc
         raise JudgeUnavailable(
             f"reward.judge.backend=engine: the judge engines for reward.judge.model={judge_cfg.model!r} did not "
-            f"start: {str(cause).splitlines()[-1][:300]}"
+            f"start: {(str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]}"
         ) from None
 
 
