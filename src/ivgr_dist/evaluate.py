@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ivgr_dist.config import Config, ConfigError, JudgeConfig
+from ivgr_dist.config import Config, ConfigError, JudgeConfig, RewardConfig
 from ivgr_dist.reward.scorer import InProcessScorer
 from ivgr_dist.types import Rollout
 
@@ -178,9 +178,16 @@ class EvalScorer(InProcessScorer):
     scores 0 (``reward.judge.on_failure`` is set to ``zero``): the tables average over every record, and masking
     is about training's advantages."""
 
-    def __init__(self, algo, judge_cfg: JudgeConfig | None = None, judge=None, recipe_exact: bool = False):
+    def __init__(
+        self,
+        algo,
+        judge_cfg: JudgeConfig | None = None,
+        judge=None,
+        recipe_exact: bool = False,
+        rule_timeout_s: float = RewardConfig.rule_timeout_s,
+    ):
         cfg = replace(judge_cfg or JudgeConfig(), on_failure="zero")
-        super().__init__(algo, cfg, judge=judge, recipe_exact=recipe_exact)
+        super().__init__(algo, cfg, judge=judge, recipe_exact=recipe_exact, rule_timeout_s=rule_timeout_s)
 
     def _offer_reference(self, record_key: int, candidate) -> bool:
         return False
@@ -276,8 +283,15 @@ def run_eval(
         use_gpus = cluster_has_gpus()
         # No weight sync in eval; the engines still need a weight-transfer backend name (collective engines
         # wait for a group the driver never forms, which is fine: they only generate).
+        # the judge first: one that cannot work (JudgeUnavailable) stops the eval before its engines start
+        scorer = EvalScorer(
+            cfg.algorithm,
+            cfg.reward.judge,
+            recipe_exact=cfg.reward.recipe_exact,
+            rule_timeout_s=cfg.reward.rule_timeout_s,
+        )
+        scorer.check_judge()
         pool = RolloutPool(cfg.model, cfg.rollout, engine_backend(cfg.sync.backend, use_gpus), use_gpus)
-        scorer = EvalScorer(cfg.algorithm, cfg.reward.judge, recipe_exact=cfg.reward.recipe_exact)
         stats = PoolStats()
         table = EvalTable()
         seed = pool.sampling_seed()

@@ -72,6 +72,26 @@ def test_the_in_driver_scorer_fails_at_start_on_an_unreachable_judge():
     assert time.monotonic() - t0 < 5  # not timeout_s * (max_retries + 1)
 
 
+def test_the_eval_scorer_checks_its_judge_at_start():
+    """``ivgr-dist eval`` checks the judge before its engines start (``run_eval``): an unreachable judge is one line
+    in seconds, not a table whose judged answers all scored 0."""
+    from ivgr_dist.evaluate import EvalScorer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    judge = JudgeConfig(backend="openai", urls=[url], timeout_s=30.0, max_retries=3)
+    scorer = EvalScorer(AlgorithmConfig(), judge, rule_timeout_s=3.0)
+    try:
+        assert scorer.rule_pool.timeout_s == 3.0  # reward.rule_timeout_s reaches eval
+        t0 = time.monotonic()
+        with pytest.raises(JudgeUnavailable, match=f"judge {url} is unreachable"):
+            scorer.check_judge()
+        assert time.monotonic() - t0 < 5
+    finally:
+        scorer.close()
+
+
 # ------------------------------------------------------------------------- the trainer, with stand-ins
 
 

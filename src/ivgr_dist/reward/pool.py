@@ -39,7 +39,6 @@ OpenAI judge's test request from every reward worker, the judge engines' start) 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -47,7 +46,7 @@ import uuid
 from typing import Any
 
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
-from ivgr_dist.reward.judge import JudgeUnavailable
+from ivgr_dist.reward.judge import JudgeUnavailable, check_judge
 from ivgr_dist.reward.reference import Reference
 from ivgr_dist.reward.reference_cache import CACHE_NAME, CacheLost, get_reference_cache
 from ivgr_dist.reward.rule_pool import RulePool
@@ -471,8 +470,7 @@ def make_scorer(
                 algo, reward_cfg.judge, judge, reward_cfg.recipe_exact, rule_timeout_s=reward_cfg.rule_timeout_s
             )
             scorer.judge_fleet = fleet
-            deadline = reward_cfg.judge.timeout_s + 30.0
-            asyncio.run_coroutine_threadsafe(check_judge(judge, None), scorer._loop).result(timeout=deadline)
+            scorer.check_judge()
         else:
             scorer = RewardPool(reward_cfg, algo, namespace=namespace, fleet=fleet, output_dir=output_dir)
             scorer.check_judge()
@@ -483,13 +481,6 @@ def make_scorer(
         else:
             close_fleet(fleet)
         raise
-
-
-async def check_judge(judge, driver_has_key: bool | None) -> None:
-    """The judge's start-up check, where it has one (the OpenAI judge; the rule judge has nothing to check)."""
-    check = getattr(judge, "check", None)
-    if check is not None:
-        await check(driver_has_key)
 
 
 def driver_has_key(judge_cfg: JudgeConfig) -> bool | None:

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward import rules
-from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, make_judge
+from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, check_judge, make_judge
 from ivgr_dist.reward.reference import Reference, ReferenceTable, select_candidate
 from ivgr_dist.reward.rule_pool import RulePool
 from ivgr_dist.types import Prompt, Rollout
@@ -526,6 +526,11 @@ class InProcessScorer(StreamScorer):
         self._thread = threading.Thread(target=self._loop.run_forever, name="ivgr-reward-loop", daemon=True)
         self._thread.start()
         self.judge = judge if judge is not None else make_judge(self.judge_cfg)
+
+    def check_judge(self) -> None:
+        """The judge's start-up check, run on the scorer's loop (``JudgeUnavailable`` when it cannot work)."""
+        coro = check_judge(self.judge)
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=self.judge_cfg.timeout_s + 30.0)
 
     def _submit(self, job: GroupJob) -> cf.Future:
         ref = self.references.get(job.record_key) if job.stream == "textual" else None

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["JUDGE_BACKENDS", "Judge", "JudgeRequest", "JudgeResult", "JudgeUnavailable", "make_judge"]
+__all__ = ["check_judge", "JUDGE_BACKENDS", "Judge", "JudgeRequest", "JudgeResult", "JudgeUnavailable", "make_judge"]
 
 
 @dataclass
@@ -99,3 +99,11 @@ def make_judge(cfg, fleet=None) -> Judge:
 
         return EngineJudge(cfg, fleet=fleet)
     raise ValueError(f"reward.judge.backend={cfg.backend!r}: unknown judge; valid: {list(JUDGE_BACKENDS)}")
+
+
+async def check_judge(judge, driver_has_key: bool | None = None) -> None:
+    """The judge's start-up check, where it has one (the OpenAI judge: one request per endpoint; the rule judge has
+    nothing to check); raises :class:`JudgeUnavailable`. ``driver_has_key``: see ``OpenAIJudge.check``."""
+    check = getattr(judge, "check", None)
+    if check is not None:
+        await check(driver_has_key)
