@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ivgr_dist.quote import short_text
 from ivgr_dist.storage import StorageError
 
 __all__ = [
@@ -65,7 +66,6 @@ REQUIRED_KEYS = ("step", "weight_version", "sampler", "scorer")
 """What ``Trainer.maybe_resume`` reads from ``trainer_state.json``; a state without one of them does not load."""
 _NAME = re.compile(r"step_(\d+)$")
 _GARBAGE = re.compile(r"step_\d+\.(tmp|trash)$")
-_SHORT = 200
 
 
 class CheckpointError(StorageError):
@@ -87,11 +87,6 @@ class Checkpoint:
     def step(self) -> int:
         """The RL step it was written after."""
         return int(self.state["step"])
-
-
-def _short(text: object) -> str:
-    text = str(text)
-    return text if len(text) <= _SHORT else text[:_SHORT] + f"... ({len(text)} chars)"
 
 
 def _name(step: int) -> str:
@@ -186,7 +181,7 @@ def _remove(path: Path) -> None:
     try:
         shutil.rmtree(path)
     except OSError as exc:
-        log.warning("could not remove %s (%s); remove it by hand", path, _short(exc))
+        log.warning("could not remove %s (%s); remove it by hand", path, short_text(exc))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -218,20 +213,20 @@ def read_state(path: Path, step: int | None = None) -> dict:
     except FileNotFoundError:
         raise CorruptCheckpoint(f"{STATE_FILE} is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpoint(f"{STATE_FILE} cannot be read: {_short(exc)}") from exc
+        raise CorruptCheckpoint(f"{STATE_FILE} cannot be read: {short_text(exc)}") from exc
     if not text.strip():
         raise CorruptCheckpoint(f"{STATE_FILE} is empty")
     try:
         state = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CorruptCheckpoint(f"{STATE_FILE} is not JSON ({exc}): {_short(repr(text))}") from None
+        raise CorruptCheckpoint(f"{STATE_FILE} is not JSON ({exc}): {short_text(repr(text))}") from None
     if not isinstance(state, dict):
         raise CorruptCheckpoint(f"{STATE_FILE} holds {type(state).__name__}, not an object")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CorruptCheckpoint(f"{STATE_FILE} lacks {missing} (needs {list(REQUIRED_KEYS)})")
     if not isinstance(state["step"], int) or (step is not None and state["step"] != step):
-        raise CorruptCheckpoint(f"{STATE_FILE} says step={_short(repr(state['step']))}, the directory step {step}")
+        raise CorruptCheckpoint(f"{STATE_FILE} says step={short_text(repr(state['step']))}, the directory step {step}")
     return state
 
 
@@ -254,9 +249,9 @@ def _corruption(exc: BaseException | None) -> str | None:
             return None
         cause = getattr(exc, "cause", None)
         if isinstance(cause, CorruptCheckpoint):
-            return _short(cause)
+            return short_text(cause)
         if isinstance(exc, CorruptCheckpoint):
-            return _short(exc)
+            return short_text(exc)
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -311,8 +306,8 @@ def _quarantine(path: Path) -> None:
 def _dcp_failure(exc: BaseException) -> str:
     """The first rank's error of a DCP ``CheckpointException`` (its str is every rank's whole traceback)."""
     for error, _trace in getattr(exc, "failures", {}).values():
-        return _short(f"{type(error).__name__}: {error}")
-    return _short(exc)
+        return short_text(f"{type(error).__name__}: {error}")
+    return short_text(exc)
 
 
 def dcp_save(state: dict, path: str | Path) -> None:
@@ -362,7 +357,7 @@ def dcp_load(state: dict, path: str | Path) -> None:
         fault = next((e for e in _errors(exc) if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS), None)
         if fault is not None:
             raise StorageError(
-                f"cannot read checkpoint {path}: {_short(fault)}; a storage fault, not a corrupt checkpoint: it is "
+                f"cannot read checkpoint {path}: {short_text(fault)}; a storage fault, not a corrupt checkpoint: it is "
                 "left as it is; resume once the storage answers"
             ) from exc
         raise CorruptCheckpoint(f"DCP cannot load {path}: {_dcp_failure(exc)}") from exc
@@ -409,7 +404,7 @@ def save(output_dir: str | Path, step: int, write_learner: Callable[[Path], None
             raise
         previous = [p for s, p in _complete(root) if s < step]
         raise CheckpointError(
-            f"checkpoint after step {step} not written: {tmp}: {_short(exc)}; the older checkpoints are untouched "
+            f"checkpoint after step {step} not written: {tmp}: {short_text(exc)}; the older checkpoints are untouched "
             f"(newest: {previous[-1] if previous else 'none'})"
         ) from exc
     log.info("checkpoint written to %s", final)
@@ -431,7 +426,7 @@ def prune(root: Path, step: int, keep: int) -> None:
             _remove(trash)
             os.rename(p, trash)
         except OSError as exc:  # the run goes on; the next save tries again
-            log.warning("could not remove old checkpoint %s: %s", p, _short(exc))
+            log.warning("could not remove old checkpoint %s: %s", p, short_text(exc))
             continue
         _remove(trash)
 
@@ -466,7 +461,7 @@ def move_run_aside(output_dir: str | Path, keep: Iterable[str | Path] = ()) -> P
             os.rename(p, aside / p.name)
         except OSError as exc:
             raise CheckpointError(
-                f"--overwrite: cannot move {p} to {aside}: {_short(exc)}; what was moved is in {aside}; move the "
+                f"--overwrite: cannot move {p} to {aside}: {short_text(exc)}; what was moved is in {aside}; move the "
                 "rest yourself or set trainer.output_dir to a new directory"
             ) from exc
     fsync_dir(aside)

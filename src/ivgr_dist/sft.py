@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ivgr_dist.config import Config
-from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.targets import infer_stream, templated_response
 from ivgr_dist.learner.step_data import StepBatch
+from ivgr_dist.quote import short_repr
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.dataset import DataError, RecordTable
 from ivgr_dist.data.prompts import PromptBuilder
-from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.sources import ImageError
+from ivgr_dist.quote import short_repr
 
 BOX = [10.0, 12.0, 40.0, 50.0]
 STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

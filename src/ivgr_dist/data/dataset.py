@@ -60,9 +60,9 @@ import numpy as np
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, smart_resize
 from ivgr_dist.data.prompts import PromptBuilder, instances_list
-from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.schema import column_problem, is_binary
 from ivgr_dist.data.sources import ImageError, image_source, probe_image
+from ivgr_dist.quote import short_repr
 from ivgr_dist.types import Prompt
 
 __all__ = ["BAD_ROW_REASONS", "DataError", "RecordTable", "read_parquet"]

@@ -19,8 +19,8 @@ from typing import Any
 
 from ivgr_dist.config import DataConfig
 from ivgr_dist.data.image import FACTOR, box_in_model_space, resize_image, smart_resize
-from ivgr_dist.data.quote import short_repr, short_text
 from ivgr_dist.data.sources import ImageError, image_list, open_image
+from ivgr_dist.quote import short_repr, short_text
 from ivgr_dist.types import STREAMS, Prompt
 
 __all__ = [

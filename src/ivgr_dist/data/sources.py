@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ivgr_dist.data.quote import short_repr, short_text
+from ivgr_dist.quote import short_repr, short_text
 
 __all__ = ["ImageError", "image_list", "image_source", "open_image", "probe_image", "resolve_path"]
 

@@ -32,8 +32,8 @@ Two sources, chosen by ``sft.response_column``:
 
 from __future__ import annotations
 
-from ivgr_dist.data.quote import short_repr
 from ivgr_dist.data.synthetic import DATASOURCE_SEARCH
+from ivgr_dist.quote import short_repr
 from ivgr_dist.types import Prompt
 
 __all__ = ["infer_stream", "region_words", "templated_response"]

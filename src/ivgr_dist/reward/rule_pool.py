@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
+from ivgr_dist.quote import short_repr
 from ivgr_dist.reward.rules import MAX_ANSWER_CHARS
 
 __all__ = ["PROCESSES", "START_TIMEOUT_S", "RulePool"]
@@ -66,10 +67,6 @@ _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from ivgr_dist.reward.rule_pool import _child_main; _child_main(*map(int, sys.argv[2:]))"
 )
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -215,8 +212,8 @@ class RulePool:
                 "math-verify %s on prediction %s (ground truth %s); the process is killed and replaced, the "
                 "rollout scored by reward.judge.on_failure (reward/rule_timeouts)",
                 how,
-                _short(pred),
-                _short(gt),
+                short_repr(pred, 60),
+                short_repr(gt, 60),
             )
             self._discard(child)
             with self._cond:
