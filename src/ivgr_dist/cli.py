@@ -165,6 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do
         print(summarize(cfg, []))
         return 0
+    from ivgr_dist.metrics import require_loggers
+
+    require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails here, before anything starts
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     from ivgr_dist.reward.pool import make_scorer

@@ -956,7 +956,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints to keep (the newest ones; a 7B checkpoint with optimizer state is ~100 GB); 0 keeps all."""
     resume: bool = True
-    """Continue from the newest complete checkpoint in output_dir/checkpoints when there is one."""
+    """Continue from the newest checkpoint in output_dir/checkpoints that is complete and loads (a corrupt newer
+    one is reported, renamed ``step_N.corrupt`` and the previous one used). false in an output_dir that holds
+    checkpoints is refused at start: ``ivgr-dist train --overwrite`` moves the earlier run aside, or choose another
+    output_dir."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     """Where each step's metrics go, the same record to each: ``jsonl`` (output_dir/metrics.jsonl, and the sample
     log output_dir/samples.jsonl), ``tensorboard`` (event files in output_dir/tensorboard), ``wandb`` (Weights &

@@ -57,7 +57,7 @@ class Trainer:
         from ivgr_dist.sync.verify import WeightVerifier
 
         self.cfg = cfg
-        require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails here, before any actor starts
+        require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails before the roles start
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))

@@ -122,6 +122,9 @@ def test_kuberay_template_turns_on_token_auth_and_outlasts_the_jobs_stop_grace()
     pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
     for pod in pods:
         assert pod["terminationGracePeriodSeconds"] > grace
+        (container,) = pod["containers"]
+        hook = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+        assert "ray job stop --address" in hook and job["spec"]["jobId"] in hook  # the job checkpoints first
 
 
 def test_pyproject_requires_a_ray_with_token_authentication():

@@ -355,7 +355,9 @@ class StreamScorer:
         self.recipe_exact = bool(recipe_exact)  # reward.recipe_exact, passed to every score_job
         # math-verify of the driver's own scoring (in-process scorer, rules-only fallbacks); processes start on use
         self.rule_pool = RulePool(rule_timeout_s, max_chars=algo.max_answer_chars)
-        # A group's judge questions run concurrently; past this the driver scores it rules-only.
+        # A group's judge questions run concurrently; past this the executor is asked to let go of it (``_abandon``:
+        # the pool replaces a worker that no longer answers and scores the group again) or the driver scores it
+        # rules-only.
         self.group_deadline_s = max(120.0, 4.0 * judge_cfg.timeout_s * (judge_cfg.max_retries + 1))
         self._counts: dict[str, float] = defaultdict(float)
         self._latencies: list[float] = []

@@ -68,8 +68,9 @@ class JudgeResult:
 
 
 class JudgeUnavailable(RuntimeError):
-    """The judge cannot work at all (found at start, or by the failure-rate stop): the run stops with this
-    message (one line, naming the URL, status, config key or environment variable; never the key)."""
+    """The judge cannot work at all, found at start (``make_scorer``, ``ivgr-dist eval``): the run stops with this
+    message (one line, naming the URL, status, config key or environment variable; never the key). A judge that
+    fails during a run is the failure-rate stop's (``reward.judge.monitor``), which checkpoints first."""
 
 
 class Judge(Protocol):

@@ -474,13 +474,17 @@ async def _post_capped(client, url: str, body: dict, headers: dict, limit: int =
     async with client.stream("POST", url, json=body, headers={**headers, "Accept-Encoding": "identity"}) as r:
         declared = r.headers.get("content-length", "")
         if r.status_code == 200 and declared.isdigit() and int(declared) > limit:
-            raise CallError(f"reply of {int(declared)} bytes from {url} is over the {limit}-byte cap")
+            raise CallError(
+                f"reply of {int(declared)} bytes from {url} is over the {limit}-byte cap", kind="reply over cap"
+            )
         chunks, size = [], 0
         async for chunk in r.aiter_bytes():
             size += len(chunk)
             if size > limit:
                 if r.status_code == 200:
-                    raise CallError(f"reply from {url} passed the {limit}-byte cap; stopped reading")
+                    raise CallError(
+                        f"reply from {url} passed the {limit}-byte cap; stopped reading", kind="reply over cap"
+                    )
                 break
             chunks.append(chunk)
         kept = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in _BODY_HEADERS]
