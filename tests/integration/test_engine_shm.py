@@ -12,83 +12,49 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("how", ["dropped", "crashed_then_dropped", "stuck_at_shutdown"])
-def test_an_engine_that_goes_leaves_no_shared_memory_segments(tiny_model_dir, how):
-    """``crashed_then_dropped``: the EngineCore was SIGKILLed before the pool dropped the engine (a crash, an OOM
-    kill): its maps are gone by then, so the segments the engine recorded at start are the ones unlinked.
-    ``stuck_at_shutdown``: the engine's processes are stopped (SIGSTOP) when the pool shuts down, so vLLM's
-    shutdown SIGKILLs them after its grace period (as a core too slow to exit on a loaded machine), before they
-    could unlink their queues (it left one in a CI run)."""
+def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
+    """Three engines of one pool, three ways to go (one pool start instead of three):
+
+    - ``dropped``: the pool drops it (``kill_engine``);
+    - ``crashed_then_dropped``: the EngineCore was SIGKILLed before the pool dropped the engine (a crash, an OOM
+      kill): its maps are gone by then, so the segments the engine recorded at start are the ones unlinked;
+    - ``stuck_at_shutdown``: the engine's processes are stopped (SIGSTOP) when the pool shuts down, so vLLM's
+      shutdown SIGKILLs them after its grace period (as a core too slow to exit on a loaded machine), before they
+      could unlink their queues (it left one in a CI run)."""
     import ray
 
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.pool import RolloutPool
     from ivgr_dist.shm_segments import SHM_ROOT, mapped_segments
 
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=1"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool, procs = None, []
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=3"])
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    pool, procs, segments = None, {}, {}
     try:
         pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False, start_timeout_s=300)
-        procs = ray.get(pool.actors[0].engine_processes.remote(), timeout=60)
-        segments = mapped_segments(p["pid"] for p in procs)
-        assert any(name.startswith("psm_") for name in segments), (procs, segments)  # vLLM's message queues
-        if how == "crashed_then_dropped":
-            for p in procs:
-                os.kill(p["pid"], signal.SIGKILL)
-        if how == "stuck_at_shutdown":
-            for p in procs:
-                if "resource_tracker" not in p["cmdline"]:
-                    os.kill(p["pid"], signal.SIGSTOP)
-            pool.shutdown()
-        else:
-            pool.drop(0, "dropped by the test")
-        left = sorted(set(segments) & set(os.listdir(SHM_ROOT)))
-        assert not left, f"the killed engine's processes left {left} in {SHM_ROOT}"
+        for i, how in enumerate(("dropped", "crashed_then_dropped", "stuck_at_shutdown")):
+            procs[how] = ray.get(pool.actors[i].engine_processes.remote(), timeout=60)
+            segments[how] = mapped_segments(p["pid"] for p in procs[how])
+            assert any(name.startswith("psm_") for name in segments[how]), (how, procs[how], segments[how])
+        pool.drop(0, "dropped by the test")
+        for p in procs["crashed_then_dropped"]:
+            os.kill(p["pid"], signal.SIGKILL)
+        pool.drop(1, "dropped by the test")
+        for p in procs["stuck_at_shutdown"]:
+            if "resource_tracker" not in p["cmdline"]:
+                os.kill(p["pid"], signal.SIGSTOP)
+        pool.shutdown()
+        left = {how: sorted(set(seg) & set(os.listdir(SHM_ROOT))) for how, seg in segments.items()}
+        assert not any(left.values()), f"engines' processes left segments in {SHM_ROOT}: {left}"
     finally:
         if pool is not None:
             pool.shutdown()
-        for p in procs:  # a stopped process that nothing killed must not outlive the test
+        for p in (p for ps in procs.values() for p in ps):  # a stopped process that nothing killed must not outlive
             try:
                 os.kill(p["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
         ray.shutdown()
-
-
-def test_a_bare_vllm_engine_slow_to_exit_leaves_no_shared_memory(tiny_model_dir):
-    """``shutdown_llm`` (the rollout benchmark's and the tests' way to close a bare ``vllm.LLM``): the engine's
-    processes are stopped (SIGSTOP) as it shuts down, so vLLM SIGKILLs the EngineCore after its 5 s grace before
-    it unlinks its message queues, as a core too slow to exit on a loaded machine (``test_tiny_model``'s engine
-    left ``psm_412e6656`` in a clean-clone run of the README's test command). Plain
-    ``llm.llm_engine.engine_core.shutdown()`` leaves them."""
-    import psutil
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    from ivgr_dist.shm_segments import SHM_ROOT, child_segments, shutdown_llm
-
-    llm = LLM(model=str(tiny_model_dir), enforce_eager=True, max_model_len=1024, limit_mm_per_prompt={"image": 1})
-    # the engine's processes (not multiprocessing's resource tracker, which unlinks its semaphores at exit)
-    procs = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
-    try:
-        segments = child_segments()
-        assert any(name.startswith("psm_") for name in segments), segments  # the core <-> worker queues
-        assert {p.name() for p in procs} >= {"VLLM::EngineCore", "VLLM::Worker"}, [p.name() for p in procs]
-        for p in procs:
-            p.suspend()
-        removed = shutdown_llm(llm, timeout_s=2)  # the stopped processes do not exit by themselves
-        left = sorted(set(segments) & set(os.listdir(SHM_ROOT)))
-        assert not left, f"the engine left {left} in {SHM_ROOT}"
-        assert removed, "nothing was left to remove: the test did not exercise the clean-up"
-        assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        for p in procs:  # a stopped process that nothing killed must not outlive the test
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
 
 
 NODE_SCRIPT = """
