@@ -101,7 +101,7 @@ def producer_wait(path: Path, cfg: DataConfig, builder, workers: int, prefetch: 
             batch = prod.get(step)
             waits.append(batch.metrics["time/prompts_wait_s"])
             time.sleep(step_s)  # the learner trains; the driver waits on its ranks
-            prod.trained(step, step, batch)
+            prod.trained(step, 0, batch)  # the stand-in engines never take a new version: no record goes stale
     finally:
         prod.close()
     return statistics.mean(waits[1:]), waits[0]
