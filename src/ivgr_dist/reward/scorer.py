@@ -453,18 +453,20 @@ class StreamScorer:
     def _fallback(self, job: GroupJob) -> GroupResult:
         """Rules-only score in the driver (this thread); math-verify still runs in the bounded ``rule_pool``."""
         ref = self._reference(job.record_key) if job.stream == "textual" else None
+        return asyncio.run(self._score_job(job, FallbackJudge(), ref))
+
+    def _score_job(self, job: GroupJob, judge, reference: Reference | None):
+        """:func:`score_job` of ``job`` with this scorer's settings (a coroutine)."""
         cfg = self.judge_cfg
-        return asyncio.run(
-            score_job(
-                job,
-                FallbackJudge(),
-                self.algo,
-                cfg.fallback_consistency,
-                ref,
-                self.recipe_exact,
-                on_failure=cfg.on_failure,
-                rule_pool=self.rule_pool,
-            )  # fmt: skip
+        return score_job(
+            job,
+            judge,
+            self.algo,
+            cfg.fallback_consistency,
+            reference,
+            self.recipe_exact,
+            on_failure=cfg.on_failure,
+            rule_pool=self.rule_pool,
         )
 
     def _track(self, handle) -> str:
@@ -536,18 +538,7 @@ class InProcessScorer(StreamScorer):
 
     def _submit(self, job: GroupJob) -> cf.Future:
         ref = self.references.get(job.record_key) if job.stream == "textual" else None
-        cfg = self.judge_cfg
-        coro = score_job(
-            job,
-            self.judge,
-            self.algo,
-            cfg.fallback_consistency,
-            ref,
-            self.recipe_exact,
-            on_failure=cfg.on_failure,
-            rule_pool=self.rule_pool,
-        )
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return asyncio.run_coroutine_threadsafe(self._score_job(job, self.judge, ref), self._loop)
 
     def _wait(self, handles: list, timeout: float) -> list:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
