@@ -109,8 +109,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """Supervised warm start on the learner group; writes a model directory (see ivgr_dist.sft)."""
+    from ivgr_dist.runtime import init_ray, seed_everything
     from ivgr_dist.sft import run_sft
-    from ivgr_dist.trainer import init_ray, seed_everything
 
     cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
@@ -158,8 +158,9 @@ def _fresh_start(cfg, overwrite: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
+    from ivgr_dist.runtime import init_ray, seed_everything
     from ivgr_dist.sft import run_sft, sft_config_for_rl
-    from ivgr_dist.trainer import Trainer, init_ray, seed_everything, summarize
+    from ivgr_dist.trainer import Trainer, summarize
 
     cfg = _run_config(args, before_logs=lambda c: _fresh_start(c, args.overwrite))
     if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do

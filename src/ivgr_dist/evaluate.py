@@ -255,7 +255,7 @@ def run_eval(
     import ray
 
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.trainer import cluster_has_gpus, init_ray
+    from ivgr_dist.runtime import cluster_has_gpus, init_ray
 
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: must be one of {list(MODES)}")

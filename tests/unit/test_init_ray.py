@@ -1,4 +1,4 @@
-"""``trainer.init_ray`` starts a local cluster once more when Ray's raylet gave up at start-up (an overloaded
+"""``runtime.init_ray`` starts a local cluster once more when Ray's raylet gave up at start-up (an overloaded
 machine), and only then. ``ray.init`` is replaced: Ray cannot be made to time out on demand."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ivgr_dist.config import load_config
-from ivgr_dist.trainer import init_ray
+from ivgr_dist.runtime import init_ray
 
 TIMEOUT = Exception(
     "The current node timed out during startup. This could happen because some of the raylet failed to startup "

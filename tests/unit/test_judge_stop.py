@@ -199,7 +199,7 @@ def test_train_exits_1_with_one_line_when_the_judge_stopped_it(tmp_path, monkeyp
         def close(self):
             pass
 
-    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
     monkeypatch.setattr("ivgr_dist.trainer.Trainer", StoppedByJudge)
     monkeypatch.setattr("ivgr_dist.report.write_report", lambda out: out)
     argv = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=false", "reward.num_workers=0"]

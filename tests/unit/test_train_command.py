@@ -23,7 +23,7 @@ def no_start(monkeypatch):
 
         return fn
 
-    monkeypatch.setattr("ivgr_dist.trainer.init_ray", refuse("init_ray"))
+    monkeypatch.setattr("ivgr_dist.runtime.init_ray", refuse("init_ray"))
     monkeypatch.setattr("ivgr_dist.sft.run_sft", refuse("run_sft"))
 
 
@@ -85,7 +85,7 @@ def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monk
 
     from ivgr_dist.cli import _parser, main
 
-    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
 
     def no_trainer(cfg, scorer=None):
         raise _Started("Trainer")
@@ -119,7 +119,7 @@ def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
         calls.append((overwrite, command))
         raise _Started("run_sft")
 
-    monkeypatch.setattr("ivgr_dist.trainer.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
     monkeypatch.setattr("ivgr_dist.sft.run_sft", run_sft)
     base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true", "reward.num_workers=0"]
     for argv in (base, [base[0], "--overwrite-sft", *base[1:]]):

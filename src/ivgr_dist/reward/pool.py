@@ -47,6 +47,7 @@ from typing import Any
 
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
 from ivgr_dist.reward.judge import JudgeUnavailable, check_judge
+from ivgr_dist.reward.judge.fleet import close_fleet, create_fleet
 from ivgr_dist.reward.reference import Reference
 from ivgr_dist.reward.reference_cache import CACHE_NAME, CacheLost, get_reference_cache
 from ivgr_dist.reward.rule_pool import RulePool
@@ -458,8 +459,6 @@ def make_scorer(
     fleet, scorer = None, None
     try:
         if reward_cfg.judge.backend == "engine":  # one shared fleet of judge engines, not one per worker
-            from ivgr_dist.reward.judge.fleet import create_fleet
-
             fleet = create_fleet(reward_cfg.judge)
             _start_fleet(fleet, reward_cfg.judge)
         if reward_cfg.num_workers == 0:
@@ -503,16 +502,3 @@ def _start_fleet(fleet, judge_cfg: JudgeConfig) -> None:
             f"reward.judge.backend=engine: the judge engines for reward.judge.model={judge_cfg.model!r} did not "
             f"start: {(str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]}"
         ) from None
-
-
-def close_fleet(fleet) -> None:
-    """Stop the shared judge engines (best effort, bounded) and the fleet actor."""
-    if fleet is None:
-        return
-    import ray
-
-    try:
-        ray.get(fleet.close.remote(), timeout=60)
-    except Exception as exc:  # noqa: BLE001 - teardown
-        log.debug("closing the judge fleet: %s", exc)
-    ray.kill(fleet)

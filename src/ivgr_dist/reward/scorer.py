@@ -581,7 +581,7 @@ class InProcessScorer(StreamScorer):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if getattr(self, "judge_fleet", None) is not None:  # make_scorer's shared judge engines
-            from ivgr_dist.reward.pool import close_fleet
+            from ivgr_dist.reward.judge.fleet import close_fleet
 
             close_fleet(self.judge_fleet)
             self.judge_fleet = None

@@ -50,18 +50,11 @@ from typing import Any
 from ivgr_dist.config import ModelConfig, RolloutConfig
 from ivgr_dist.logs import actor_env
 from ivgr_dist.placement import EnginePlacement, PlacementError, await_actor_starts, shortfall
+from ivgr_dist.rollout.errors import engine_dead
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
-
-
-def engine_dead(exc: BaseException) -> bool:
-    """Whether a failed ``generate_group`` call means its engine is gone: vLLM raises ``EngineDeadError``
-    for every request once its EngineCore process has died (crash, OOM kill), while the actor lives on.
-    Matched by name: importing vLLM in the driver only for the class costs seconds."""
-    kinds = [*type(exc).__mro__, *type(getattr(exc, "cause", None)).__mro__]
-    return any(k.__name__ == "EngineDeadError" for k in kinds)
 
 
 def group_seed(seed: int, uid: str) -> int:

@@ -45,7 +45,7 @@ def call_engines(
     ``timeout_s`` has passed."""
     import ray
 
-    from ivgr_dist.rollout.pool import engine_dead
+    from ivgr_dist.rollout.errors import engine_dead
 
     refs = {getattr(rollouts.actors[e], method).remote(*a): e for e, a in args.items()}
     pending = list(refs)

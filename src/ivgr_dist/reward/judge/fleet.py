@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JudgeFleet", "create_fleet"]
+__all__ = ["JudgeFleet", "close_fleet", "create_fleet"]
 
 
 class JudgeFleet:
@@ -234,3 +234,16 @@ def create_fleet(cfg):
     env = actor_env("judge-fleet")
     options = {"runtime_env": {"env_vars": env}} if env else {}
     return ray.remote(num_cpus=0, max_concurrency=4096)(JudgeFleet).options(**options).remote(cfg)
+
+
+def close_fleet(fleet) -> None:
+    """Stop the shared judge engines (best effort, bounded) and the fleet actor."""
+    if fleet is None:
+        return
+    import ray
+
+    try:
+        ray.get(fleet.close.remote(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - teardown
+        log.debug("closing the judge fleet: %s", exc)
+    ray.kill(fleet)

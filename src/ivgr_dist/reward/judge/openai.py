@@ -64,7 +64,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ivgr_dist.reward.judge import JudgeRequest, JudgeResult, JudgeUnavailable
+from ivgr_dist.reward.judge.base import JudgeRequest, JudgeResult, JudgeUnavailable
 from ivgr_dist.reward.judge.prompts import build_messages, parser_for
 
 __all__ = ["Balancer", "CallError", "OpenAIJudge", "max_backoff_s", "request_deadline_s", "run_request"]

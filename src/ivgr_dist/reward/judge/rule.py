@@ -33,7 +33,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from ivgr_dist.reward.judge import JudgeRequest, JudgeResult
+from ivgr_dist.reward.judge.base import JudgeRequest, JudgeResult
 
 __all__ = ["RuleJudge", "consistency_score", "equivalence_score", "extract_facts"]
 
