@@ -12,6 +12,18 @@ step's batch when the step asks for it (generation and learning alternate, on-po
 with ``k >= 1`` it produces up to ``k + 1`` batches ahead in a thread while the learner trains, and the
 weight push lands in running generations. The loop below is the same for both.
 
+Roles are injected: ``Trainer(cfg, data, rollouts, learners, scorer, sync, ...)`` starts nothing and calls
+no Ray API itself, so the loop runs over in-process fakes (tests/unit/test_trainer_loop.py);
+:meth:`Trainer.from_config` builds and starts the real roles (and shuts them down again when a later
+start-up step fails).
+
+Healing the rollout fleet (replacing lost engines, starting joining ones and pushing them the current
+weights) must not overlap the learner's work or another push. The trainer holds a lock (``_busy``) from a
+step's learner passes through its push, step-boundary healing and weight check; the one idle hook it hands the
+producer (``_on_idle``, called by generation while it waits on the engines) heals only when it gets that lock
+without waiting. Synchronous: generation runs in the trainer's thread and the lock is free, so it heals there;
+asynchronous: the producer's thread heals while the trainer waits for a batch, and skips while it trains.
+
 Off-policy correction: the learner's log-probs at the start of a step are the PROXIMAL policy (the PPO
 ratio's denominator); each token is weighted by min(proximal / behaviour, ``algorithm.tis_cap``), the
 behaviour being the engine's sampled log-probs (``ivgr_dist.learner.grpo.truncated_is_weights``).
