@@ -129,6 +129,9 @@ class FakePool:
     def set_target(self, n: int) -> None:
         self.target = n
 
+    def start_health_checks(self) -> None:
+        pass
+
     def fleet_metrics(self) -> dict[str, float]:
         return {
             "rollout/engines_live": float(len(self.serving)),

@@ -145,3 +145,62 @@ def test_a_fleet_that_cannot_be_replaced_fails_the_run_with_the_pool_error(tmp_p
         t.train()
     t.close()
     assert [r["step"] for r in _rows(tmp_path)] == [1]  # step 2 failed at its step boundary, before its record
+
+
+@pytest.mark.parametrize("failing", ["learner group", "weight sync setup", "resume"])
+def test_from_config_shuts_down_what_it_started_when_a_later_step_fails(tmp_path, monkeypatch, failing):
+    """``Trainer.from_config`` with its role constructors replaced by fakes that log their shutdown: whatever
+    fails after a role started, every role started so far is shut down (newest first) and the error raised."""
+    import ivgr_dist.trainer as trainer_module
+    from ivgr_dist import control
+    from ivgr_dist.trainer import Trainer
+    from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, FakeSync
+
+    closed: list[str] = []
+
+    def logs(obj, method: str, name: str, fail: bool = False):
+        def close(*args):
+            if fail:
+                raise RuntimeError(f"{name} failed")
+            closed.append(name)
+
+        setattr(obj, method, close)
+        return obj
+
+    def pool(*args, **kwargs):
+        assert kwargs["storage_check"] is not None  # a constructor keyword, not an attribute set afterwards
+        return logs(FakePool(), "shutdown", "rollout pool")
+
+    def learners(*args, **kwargs):
+        if failing == "learner group":
+            raise RuntimeError("learner group failed")
+        return logs(FakeLearners(), "shutdown", "learner group")
+
+    monkeypatch.setattr(trainer_module, "cluster_has_gpus", lambda: False)
+    monkeypatch.setattr(trainer_module, "_write_nodes", lambda path, probed: None)
+    monkeypatch.setattr(trainer_module, "_cluster_line", lambda: "cluster: fake")
+    monkeypatch.setattr("ivgr_dist.data.pipeline.build_pipeline", lambda *a, **k: FakeData())
+    sync = logs(FakeSync(), "close", "weight sync")
+    if failing == "weight sync setup":
+        logs(sync, "setup", "weight sync setup", fail=True)
+    sync.engine_backend = "ivgr_shm"
+    monkeypatch.setattr("ivgr_dist.sync.make_weight_sync", lambda *a, **k: sync)
+    monkeypatch.setattr("ivgr_dist.rollout.pool.RolloutPool", pool)
+    monkeypatch.setattr("ivgr_dist.learner.group.LearnerGroup", learners)
+    monkeypatch.setattr(control, "create", lambda out, n: object())
+    monkeypatch.setattr(control.Mailbox, "close", lambda self: closed.append("control"))
+    if failing == "resume":
+
+        def resume(self):
+            raise RuntimeError("resume failed")
+
+        monkeypatch.setattr(Trainer, "maybe_resume", resume)
+    scorer = logs(FakeScorer(), "close", "scorer")
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
+        Trainer.from_config(fake_config(tmp_path), scorer=scorer)
+    expected = {
+        "learner group": ["rollout pool", "weight sync", "scorer"],
+        "weight sync setup": ["learner group", "rollout pool", "weight sync", "scorer"],
+        "resume": ["control", "learner group", "rollout pool", "weight sync", "scorer"],
+    }[failing]
+    assert closed == expected
