@@ -179,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cfg.sft.enabled:
             run_sft(cfg, overwrite=args.overwrite_sft, command="train")
             cfg = sft_config_for_rl(cfg)
-        trainer = Trainer(cfg, scorer=scorer)
+        trainer = Trainer.from_config(cfg, scorer=scorer)
     except BaseException:
         scorer.close()
         raise

@@ -7,7 +7,8 @@ joins the same Ray cluster (``--address``, else ``RAY_ADDRESS``, else the local 
 asks for a new engine target; the trainer reads it at its next step boundary and the rollout pool grows or
 shrinks there (``RolloutPool.set_target`` / ``heal``). ``ivgr-dist stop`` asks the trainer to end after its
 current step with a checkpoint (a clean, resumable stop). The actor also keeps the fleet's last reported
-state, which ``ivgr-dist scale`` prints.
+state, which ``ivgr-dist scale`` prints. The trainer talks to it through a :class:`Mailbox` (plain calls with a
+deadline; the unit tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -54,6 +55,31 @@ class FleetControl:
 
     def status(self) -> dict[str, Any]:
         return {"run": self.run, "pending_request": self.requested, **self.state}
+
+
+class Mailbox:
+    """The trainer's side of a :class:`FleetControl` actor: each call waits at most ``timeout_s``."""
+
+    def __init__(self, actor, timeout_s: float = 10.0):
+        self.actor, self.timeout_s = actor, timeout_s
+
+    def take_request(self) -> int | None:
+        import ray
+
+        return ray.get(self.actor.take_request.remote(), timeout=self.timeout_s)
+
+    def stop_requested(self) -> bool:
+        import ray
+
+        return bool(ray.get(self.actor.stop_requested.remote(), timeout=self.timeout_s))
+
+    def report(self, state: dict[str, Any]) -> None:
+        self.actor.report.remote(state)  # not awaited: the step does not wait for the mailbox
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 def actor_name(output_dir: str | Path) -> str:

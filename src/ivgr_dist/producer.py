@@ -24,6 +24,12 @@ and trains, a helper thread prepares batch ``s + 1``, so image decoding is off t
 With ``k >= 1`` a batch is prepared ahead only once it is admitted: records requeued meanwhile still go into the
 next batch drawn.
 
+Idle hook: ``on_idle`` goes into every generation, in both modes, and generation calls it while it waits on the
+engines (no group finished for a while, or no engine serving). The trainer's hook heals the rollout fleet when its
+learner group is idle and nothing pushes weights, and returns at once otherwise; so with ``k = 0`` healing happens
+in the trainer's thread during generation, with ``k >= 1`` in the producer's thread while the trainer waits for a
+batch (never during an update). Which thread calls it does not matter.
+
 Unreadable images: a record whose image does not decode when its prompt is built is dropped by the record
 table (all its streams; counted in ``data/bad_rows/<reason>``, named in a warning) and excluded from later draws
 (``PairSampler.exclude``, part of the sampler state); the batch goes on without it (``data/dropped_records``), and
@@ -104,13 +110,17 @@ class BatchProducer:
         trace=None,
         seed_for: Callable[[int], int | None] | None = None,
         prefetch: bool = True,
+        on_idle: Callable[[], object] | None = None,
     ):
         """``data``: the train ``DataPipeline``; ``rollouts``: the ``RolloutPool``; ``scorer``: a ``StreamScorer``;
         ``seed_for(step)``: the sampling seed of a step (``RolloutPool.sampling_seed``); ``trace``: a
-        ``metrics.Tracer`` or None; ``prefetch``: prepare the next batch's prompts while this one generates."""
+        ``metrics.Tracer`` or None (generation and scoring record spans in it); ``prefetch``: prepare the next
+        batch's prompts while this one generates; ``on_idle``: passed to every ``rollouts.generate``, which calls
+        it while it waits on the engines (the trainer heals the fleet there; see "Idle hook" above)."""
         self.data, self.rollouts, self.scorer = data, rollouts, scorer
         self.k = max_staleness
         self.trace = trace
+        self.on_idle = on_idle
         self.seed_for = seed_for or rollouts.sampling_seed
         self._cond = threading.Condition()
         self._ready: dict[int, Batch] = {}
@@ -138,10 +148,8 @@ class BatchProducer:
             self._thread = threading.Thread(target=self._run, name="batch-producer", daemon=True)
             self._thread.start()
 
-    def get(self, step: int, while_waiting: Callable[[], object] | None = None) -> Batch:
-        """Step ``step``'s batch (blocks until it is produced); stale records are dropped and requeued.
-        ``while_waiting``: called every second or so while the batch is not ready (ahead-of-time production:
-        the trainer heals the rollout fleet then, its learner group being idle)."""
+    def get(self, step: int) -> Batch:
+        """Step ``step``'s batch (blocks until it is produced); stale records are dropped and requeued."""
         if self._thread is None:
             batch = self._produce(step)
         else:
@@ -154,12 +162,6 @@ class BatchProducer:
                     if not self._thread.is_alive():
                         raise ProducerError(f"the producer thread stopped before step {step}'s batch")
                     self._cond.wait(timeout=1.0)
-                    if while_waiting is not None and step not in self._ready:
-                        self._cond.release()
-                        try:
-                            while_waiting()
-                        finally:
-                            self._cond.acquire()
                 batch = self._ready.pop(step)
         stale = stale_records(batch.groups, self._version, self.k)
         if stale:
@@ -302,8 +304,10 @@ class BatchProducer:
         stats = PoolStats()
         timing = {"generate": 0.0}
         t0 = time.perf_counter()
-        generated = self.rollouts.generate(prompts, stats=stats, seed=self.seed_for(step), trace=self.trace)
-        groups = list(self.scorer.score_stream(_timed(generated, timing, t0), prompts, step))
+        generated = self.rollouts.generate(
+            prompts, stats=stats, seed=self.seed_for(step), trace=self.trace, on_idle=self.on_idle
+        )
+        groups = list(self.scorer.score_stream(_timed(generated, timing, t0), prompts, step, trace=self.trace))
         # Back to batch order: which groups share a mini-batch must not depend on which finished first.
         position = {p.uid: i for i, p in enumerate(prompts)}
         groups.sort(key=lambda g: position[g[0].prompt.uid])

@@ -12,6 +12,18 @@ step's batch when the step asks for it (generation and learning alternate, on-po
 with ``k >= 1`` it produces up to ``k + 1`` batches ahead in a thread while the learner trains, and the
 weight push lands in running generations. The loop below is the same for both.
 
+Roles are injected: ``Trainer(cfg, data, rollouts, learners, scorer, sync, ...)`` starts nothing and calls
+no Ray API itself, so the loop runs over in-process fakes (tests/unit/test_trainer_loop.py);
+:meth:`Trainer.from_config` builds and starts the real roles (and shuts them down again when a later
+start-up step fails).
+
+Healing the rollout fleet (replacing lost engines, starting joining ones and pushing them the current
+weights) must not overlap the learner's work or another push. The trainer holds a lock (``_busy``) from a
+step's learner passes through its push, step-boundary healing and weight check; the one idle hook it hands the
+producer (``_on_idle``, called by generation while it waits on the engines) heals only when it gets that lock
+without waiting. Synchronous: generation runs in the trainer's thread and the lock is free, so it heals there;
+asynchronous: the producer's thread heals while the trainer waits for a batch, and skips while it trains.
+
 Off-policy correction: the learner's log-probs at the start of a step are the PROXIMAL policy (the PPO
 ratio's denominator); each token is weighted by min(proximal / behaviour, ``algorithm.tis_cap``), the
 behaviour being the engine's sampled log-probs (``ivgr_dist.learner.grpo.truncated_is_weights``).
@@ -20,6 +32,7 @@ behaviour being the engine's sampled log-probs (``ivgr_dist.learner.grpo.truncat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -29,7 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivgr_dist import checkpoints, control
 from ivgr_dist.config import Config, to_yaml
+from ivgr_dist.interrupts import Interrupted, graceful, signal_name
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
@@ -38,83 +53,62 @@ from ivgr_dist.reward.judge.monitor import JudgeFailureMonitor
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.runtime import cluster_has_gpus
 from ivgr_dist.samples import sample_records
+from ivgr_dist.storage import StorageProbe
+from ivgr_dist.sync.verify import WeightVerifier
 from ivgr_dist.types import Rollout
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, scorer=None):
-        """``scorer``: one ``make_scorer`` already built and checked (``ivgr-dist train`` builds it before the warm
-        start); the trainer owns it from here. None: built here, first."""
-        from ivgr_dist.data.pipeline import build_pipeline
-        from ivgr_dist.learner.group import LearnerGroup
-        from ivgr_dist.reward.pool import make_scorer
-        from ivgr_dist.rollout.pool import RolloutPool
-        from ivgr_dist.storage import StorageProbe
-        from ivgr_dist.sync import make_weight_sync
-        from ivgr_dist.sync.verify import WeightVerifier
+    """The RL loop over its roles. The constructor starts nothing: it takes roles already built and started
+    (:meth:`from_config` builds the real ones on Ray; the unit tests pass in-process fakes) and, with
+    ``trainer.resume``, continues from the newest checkpoint (the engines are given its weights)."""
 
+    def __init__(
+        self,
+        cfg: Config,
+        data,
+        rollouts,
+        learners,
+        scorer,
+        sync,
+        *,
+        tracer: Tracer | None = None,
+        control=None,
+        judge_monitor: JudgeFailureMonitor | None = None,
+        verifier=None,
+        cluster: str = "in-process roles",
+        weight_sync: str | None = None,
+    ):
+        """``data``: the train ``DataPipeline``; ``rollouts``: a ``RolloutPool``; ``learners``: a ``LearnerGroup``;
+        ``scorer``: a ``StreamScorer``; ``sync``: a ``WeightSync`` already set up between the two. The trainer
+        owns them from here (:meth:`close`). ``tracer``: a ``metrics.Tracer`` (``trainer.trace``) or None;
+        ``control``: the run's ``control.Mailbox`` (``ivgr-dist scale`` / ``stop``) or None;
+        ``judge_monitor``, ``verifier``: built from ``cfg`` when None; ``cluster``, ``weight_sync``: the
+        start-up summary's cluster line and weight-sync backend name."""
         self.cfg = cfg
-        require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails before the roles start
+        self.data, self.rollouts, self.learners, self.scorer, self.sync = data, rollouts, learners, scorer, sync
         self.out = Path(cfg.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(to_yaml(cfg))
-        # The scorer first: it is cheap, and its judge check (make_scorer) stops a run whose judge cannot work
-        # before the engines and the learner start. reward.num_workers=0: in the driver.
-        self.scorer = scorer if scorer is not None else make_scorer(cfg.reward, cfg.algorithm, output_dir=self.out)
-        self.judge_monitor = JudgeFailureMonitor(cfg.reward.judge.max_failure_rate, cfg.reward.judge.failure_window)
+        self.tracer, self.control = tracer, control
+        self.cluster, self.weight_sync = cluster, weight_sync or cfg.sync.backend
+        self.judge_monitor = judge_monitor or JudgeFailureMonitor(
+            cfg.reward.judge.max_failure_rate, cfg.reward.judge.failure_window
+        )
         self.judge_stop: str | None = None
         """Why the judge's failure rate stopped :meth:`train` (after the step's checkpoint), or None."""
-        try:
-            self.use_gpus = use_gpus = cluster_has_gpus()
-            self.data = build_pipeline(
-                cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt
-            )
-            self.sync = make_weight_sync(
-                cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
-            )
-            storage = StorageProbe(self.out, cfg.model.path)  # every engine's and rank's node must see both
-            try:
-                self.rollouts = RolloutPool(
-                    cfg.model,
-                    cfg.rollout,
-                    self.sync.engine_backend,
-                    use_gpus,
-                    storage=storage,
-                    inflight_updates=cfg.trainer.max_staleness > 0,
-                )
-                try:
-                    self.learners = LearnerGroup(
-                        cfg.model, cfg.learner, cfg.algorithm, self.total_updates(), storage=storage
-                    )
-                except BaseException:
-                    self.rollouts.shutdown()
-                    raise
-            finally:
-                storage.close()
-        except BaseException:
-            self.scorer.close()
-            raise
-        _write_nodes(self.out / "nodes.json", storage.checked)
-        self.sync.setup(self.learners, self.rollouts)
-        # the self-healing, elastic fleet: replacements and joins happen in this thread, where the learner
-        # group is idle (step boundaries, waits for a batch); see RolloutPool.heal
-        self.rollouts.healer = self._heal
-        self.rollouts.heal_thread = threading.current_thread()
-        self.rollouts.storage_check = self._check_storage
-        self.rollouts.start_health_checks()
-        self.control = self._control_actor()
+        self.verifier = verifier or WeightVerifier(cfg.sync.verify_tolerance)
         self._step_in_progress = 0
         self._stop_requested = False
         self.stop_signal: int | None = None
         """SIGINT or SIGTERM received during :meth:`train`: it stops after the current step, with a checkpoint."""
         self.last_checkpoint: Path | None = None
-        self.verifier = WeightVerifier(cfg.sync.verify_tolerance)
-        self.tracer = Tracer(self.out / "trace.json") if cfg.trainer.trace else None
-        self.scorer.trace = self.tracer
-        # max_staleness 0: each batch is produced when its step asks for it; k >= 1: ahead, in a thread
-        self.producer = BatchProducer(self.data, self.rollouts, self.scorer, cfg.trainer.max_staleness, self.tracer)
+        self._busy = threading.Lock()
+        """Held while the learner group works or weights are pushed: the fleet heals only when it is free."""
+        # max_staleness 0: each batch is produced when its step asks for it; k >= 1: ahead, in a thread. Either
+        # way generation calls on_idle while it waits on the engines.
+        self.producer = BatchProducer(data, rollouts, scorer, cfg.trainer.max_staleness, tracer, on_idle=self._on_idle)
         self.step, self.version = 0, 0
         if cfg.trainer.resume:
             self.maybe_resume()
@@ -128,20 +122,87 @@ class Trainer:
         )
         log.info("%s", self.startup_summary())
 
+    @classmethod
+    def from_config(cls, cfg: Config, scorer=None) -> Trainer:
+        """Build and start the roles on Ray: the scorer, the data pipeline, the weight sync, the rollout pool,
+        the learner group (in that order), then the trainer over them. ``scorer``: one ``make_scorer`` already
+        built and checked (``ivgr-dist train`` builds it before the warm start); owned from here. None: built
+        here, first. A failure at any point shuts down what was started (the scorer included), then raises."""
+        from ivgr_dist.data.pipeline import build_pipeline
+        from ivgr_dist.learner.group import LearnerGroup
+        from ivgr_dist.reward.pool import make_scorer
+        from ivgr_dist.rollout.pool import RolloutPool
+        from ivgr_dist.sync import make_weight_sync, resolve_backend
+
+        try:
+            require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails before the roles start
+            out = Path(cfg.trainer.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        except BaseException:
+            if scorer is not None:
+                scorer.close()
+            raise
+        with contextlib.ExitStack() as started:  # what is started, shut down in reverse order on a failure
+            # The scorer first: it is cheap, and its judge check (make_scorer) stops a run whose judge cannot work
+            # before the engines and the learner start. reward.num_workers=0: in the driver.
+            if scorer is None:
+                scorer = make_scorer(cfg.reward, cfg.algorithm, output_dir=out)
+            started.callback(scorer.close)
+            use_gpus = cluster_has_gpus()
+            data = build_pipeline(cfg.model, cfg.data, "train", max_images=cfg.rollout.engine.max_images_per_prompt)
+            sync = make_weight_sync(
+                cfg.sync.backend, use_gpus, cfg.sync.bucket_mb << 20, cfg.model.dtype, cfg.sync.timeout_s
+            )
+            started.callback(sync.close)
+            storage = StorageProbe(out, cfg.model.path)  # every engine's and rank's node must see both
+            try:
+                rollouts = RolloutPool(
+                    cfg.model,
+                    cfg.rollout,
+                    sync.engine_backend,
+                    use_gpus,
+                    storage=storage,
+                    inflight_updates=cfg.trainer.max_staleness > 0,
+                    storage_check=functools.partial(_check_storage, out, cfg.model.path),
+                )
+                started.callback(rollouts.shutdown)
+                learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_updates(cfg), storage=storage)
+                started.callback(learners.shutdown)
+            finally:
+                storage.close()
+            _write_nodes(out / "nodes.json", storage.checked)
+            sync.setup(learners, rollouts)
+            rollouts.start_health_checks()
+            try:
+                mailbox = control.Mailbox(control.create(out, rollouts.max_engines))
+                started.callback(mailbox.close)
+            except RuntimeError as exc:
+                log.warning("%s; `ivgr-dist scale` cannot reach this run", exc)
+                mailbox = None
+            trainer = cls(
+                cfg,
+                data,
+                rollouts,
+                learners,
+                scorer,
+                sync,
+                tracer=Tracer(out / "trace.json") if cfg.trainer.trace else None,
+                control=mailbox,
+                cluster=_cluster_line(),
+                weight_sync=resolve_backend(cfg.sync.backend, use_gpus),
+            )
+            started.pop_all()  # the trainer owns them now (close)
+        return trainer
+
     def startup_summary(self) -> str:
         """What the run holds and where its outputs go (the console's start-up lines)."""
-        import ray
-
-        from ivgr_dist.sync import resolve_backend
-
-        res = ray.cluster_resources()
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         cfg = self.cfg
         judge = cfg.reward.judge.backend
         lines = [
-            f"cluster: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs",
+            self.cluster,
             f"rollout: {len(self.rollouts.serving)} of {self.rollouts.target} engine(s) serving, tensor_parallel_size "
-            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {resolve_backend(cfg.sync.backend, self.use_gpus)}",
+            f"{cfg.rollout.tensor_parallel_size}, {cfg.rollout.n} samples per prompt; weight sync {self.weight_sync}",
             f"learner: {len(self.learners.actors)} FSDP2 rank(s); reward: {cfg.reward.num_workers} worker(s), judge "
             f"{judge}",
             f"steps {self.step + 1}-{cfg.trainer.max_steps}"
@@ -156,10 +217,6 @@ class Trainer:
         ]
         return "\n  ".join(["run:", *lines])
 
-    def total_updates(self) -> int:
-        per_step = -(-self.cfg.data.rollout_batch_size // self.cfg.learner.global_batch_size)
-        return max(1, self.cfg.trainer.max_steps * per_step * self.cfg.learner.ppo_epochs)
-
     # ---------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
@@ -168,8 +225,6 @@ class Trainer:
         with its checkpoint; after a signal or a judge stop the policy is not exported (a preempted job's grace
         period goes to the checkpoint) and :attr:`stop_signal` says which signal came."""
         from tqdm import tqdm
-
-        from ivgr_dist.interrupts import graceful, signal_name
 
         records = []
         bar = tqdm(range(self.step + 1, self.cfg.trainer.max_steps + 1), desc="rl steps", unit="step")
@@ -205,7 +260,6 @@ class Trainer:
 
     def _on_signal(self, signum: int) -> None:
         """First SIGINT/SIGTERM: finish the current step, checkpoint it, stop. Second: stop now."""
-        from ivgr_dist.interrupts import Interrupted, signal_name
 
         if self.stop_signal is not None:
             raise Interrupted(signum)
@@ -235,37 +289,23 @@ class Trainer:
         with timer("step"), span("trainer", f"step {step}"):
             self._step_in_progress = step
             with timer("wait"), span("trainer", "wait for batch"):  # synchronous: generation and rewards now
-                batch = self.producer.get(step, while_waiting=self._heal)
+                batch = self.producer.get(step)  # generation heals the fleet while it waits (_on_idle)
             rollouts = batch.rollouts
             self._assign_advantages(rollouts)
             sample_every, per_stream = cfg.trainer.log_samples_every, cfg.trainer.log_samples_per_stream
             samples = sample_records(rollouts, step, per_stream) if sample_every and step % sample_every == 0 else []
-            with timer("learner"):
-                T = cfg.rollout.temperature or 1.0
-                with timer("learner_input"), span("learner", "load batch"):  # images once per record; placed once
-                    data = StepBatch.from_rollouts(rollouts)
-                    updates = self._mini_batches(len(data))
-                    placed = self.learners.load_batch(data, updates)
-                with span("learner", "old log-probs"):
-                    old = self.learners.compute_logprobs("policy", T)  # the proximal policy
-                if cfg.algorithm.kl_coef > 0:
-                    with span("learner", "reference log-probs"):
-                        self.learners.compute_logprobs("reference", T)
-                with span("learner", "updates"):
-                    train = self._update(len(updates), T)
-            versions = _version_metrics(rollouts, self.version)  # against the policy just updated
-            mismatch = _mismatch(rollouts, old, self.version)
-            with timer("sync"), span("sync", f"push version {self.version + 1}"):
-                self.version += 1
-                sync = self.push_weights(step)
-            self.producer.trained(step, self.version, batch)
-            with timer("fleet"), span("trainer", "fleet"):  # step boundary: scale requests, replacements
-                fleet = self._fleet_step()
-            self.verifier.choose_probe(rollouts)
-            every = cfg.sync.verify_every
-            verify = (
-                self.verifier.check(self.learners, self.rollouts, self.version) if every and step % every == 0 else {}
-            )
+            with self._busy:  # learner passes, weight pushes, step-boundary healing: no idle healing meanwhile
+                with timer("learner"):
+                    placed, old, train = self._learn(rollouts, timer)
+                versions = _version_metrics(rollouts, self.version)  # against the policy just updated
+                mismatch = _mismatch(rollouts, old, self.version)
+                with timer("sync"), span("sync", f"push version {self.version + 1}"):
+                    self.version += 1
+                    sync = self.push_weights(step)
+                self.producer.trained(step, self.version, batch)
+                with timer("fleet"), span("trainer", "fleet"):  # step boundary: scale requests, replacements
+                    fleet = self._fleet_step()
+                verify = self._verify(step, rollouts)
         gen = batch.metrics["time/generate_s"]
         metrics = {
             "weight_version": self.version,
@@ -290,6 +330,30 @@ class Trainer:
         if verify and (error := self.verifier.error()) is not None:
             raise error  # logged first, so metrics.jsonl shows sync/verified = 0 at this step
         return record
+
+    def _verify(self, step: int, rollouts: list[Rollout]) -> dict[str, float]:
+        """Every ``sync.verify_every`` steps: do the engines compute with the learner's weights (``sync.verify``)?"""
+        self.verifier.choose_probe(rollouts)
+        every = self.cfg.sync.verify_every
+        return self.verifier.check(self.learners, self.rollouts, self.version) if every and step % every == 0 else {}
+
+    def _learn(self, rollouts: list[Rollout], timer: Timer) -> tuple[dict, list, dict[str, float]]:
+        """The learner's part of a step: place the batch, the old (proximal) and reference log-probs, the updates.
+        Returns the placement's metrics, the old log-probs and the updates' metrics."""
+        cfg, span = self.cfg, self._span
+        T = cfg.rollout.temperature or 1.0
+        with timer("learner_input"), span("learner", "load batch"):  # images once per record; placed once
+            data = StepBatch.from_rollouts(rollouts)
+            updates = self._mini_batches(len(data))
+            placed = self.learners.load_batch(data, updates)
+        with span("learner", "old log-probs"):
+            old = self.learners.compute_logprobs("policy", T)  # the proximal policy
+        if cfg.algorithm.kl_coef > 0:
+            with span("learner", "reference log-probs"):
+                self.learners.compute_logprobs("reference", T)
+        with span("learner", "updates"):
+            train = self._update(len(updates), T)
+        return placed, old, train
 
     def _span(self, track: str, name: str):
         """A trace span (``trainer.trace``), or nothing."""
@@ -340,9 +404,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the fleet
 
+    def _on_idle(self) -> None:
+        """The producer's idle hook, called while generation waits on the engines (in the trainer's thread when
+        synchronous, in the producer's when asynchronous): heal the fleet now if the learner group is idle and
+        nothing pushes weights (:attr:`_busy` is free), else leave it to the next wait or step boundary."""
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            self._heal()
+        finally:
+            self._busy.release()
+
     def _heal(self) -> None:
         """Replace lost engines, start pending ones, retire extra ones (RolloutPool.heal); a joining engine gets
-        the current weights before it takes work (at version 0 it loaded them itself from model.path)."""
+        the current weights before it takes work (at version 0 it loaded them itself from model.path). Only with
+        :attr:`_busy` held (the step boundary, or :meth:`_on_idle`)."""
 
         def push(engines: list[int]) -> None:
             if self.version > 0:
@@ -352,47 +428,25 @@ class Trainer:
 
     def _fleet_step(self) -> dict[str, float]:
         """At a step boundary: apply a target from ``ivgr-dist scale``, heal, report the fleet."""
-        import ray
-
         if self.control is not None:
             try:
-                wanted = ray.get(self.control.take_request.remote(), timeout=10)
+                wanted = self.control.take_request()
             except Exception as exc:  # noqa: BLE001 - the mailbox is a convenience; training goes on without it
                 log.warning("fleet control actor unreachable: %s", exc)
                 wanted = None
             if wanted is not None:
                 self.rollouts.set_target(wanted)
             try:
-                self._stop_requested = bool(ray.get(self.control.stop_requested.remote(), timeout=10))
+                self._stop_requested = bool(self.control.stop_requested())
             except Exception:  # noqa: BLE001 - see above
                 pass
         self._heal()
         out = self.rollouts.fleet_metrics()
         if self.control is not None:
-            self.control.report.remote(
-                {"step": self._step_in_progress, **{k.split("/", 1)[1]: v for k, v in out.items()}}
-            )
+            self.control.report({"step": self._step_in_progress, **{k.split("/", 1)[1]: v for k, v in out.items()}})
         # ranks started again because their worker died before the actor ran (LearnerGroup._await_actors)
         out["learner/failed_starts"] = float(getattr(self.learners, "failed_starts", 0))
         return out
-
-    def _check_storage(self, targets) -> None:
-        from ivgr_dist.storage import StorageProbe
-
-        probe = StorageProbe(self.out, self.cfg.model.path)
-        try:
-            probe.probe(targets)
-        finally:
-            probe.close()
-
-    def _control_actor(self):
-        from ivgr_dist import control
-
-        try:
-            return control.create(self.out, self.rollouts.max_engines)
-        except RuntimeError as exc:
-            log.warning("%s; `ivgr-dist scale` cannot reach this run", exc)
-            return None
 
     def _mini_batches(self, n: int) -> list[list[int]]:
         """Sample indices of each update: consecutive runs of global_batch_size groups (batch order)."""
@@ -424,7 +478,6 @@ class Trainer:
         """Learner (sharded: model, optimizer, scheduler) + driver state, written to ``step_N.tmp`` and renamed to
         ``step_N`` once complete and durable (``checkpoints.save``); the learner part counts only once the driver
         sees every shard each rank confirmed (on shared storage, or the run stops here)."""
-        from ivgr_dist import checkpoints
 
         def write_learner(path: Path) -> None:
             checkpoints.check_shards(path, self.learners.save_checkpoint(str(path)))
@@ -443,7 +496,6 @@ class Trainer:
     def maybe_resume(self) -> None:
         """Continue from the newest checkpoint that loads (``checkpoints.resume``: a corrupt newer one is reported
         and skipped)."""
-        from ivgr_dist import checkpoints
 
         def load(found: checkpoints.Checkpoint) -> None:
             self.learners.load_checkpoint(str(found.path / "learner"))
@@ -454,22 +506,26 @@ class Trainer:
         if found is None:
             return
         self.step, self.version = found.step, found.state["weight_version"]
-        self.push_weights(self.step)  # engines start from the base weights
+        with self._busy:
+            self.push_weights(self.step)  # engines start from the base weights
         log.info("resumed from %s (step %d, weight version %d)", found.path, self.step, self.version)
 
     def close(self) -> None:
-        if getattr(self, "control", None) is not None:
-            import ray
-
-            ray.kill(self.control)
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
+        if self.control is not None:
+            self.control.close()
+        self.metrics.close()
         if self.tracer is not None:
             self.tracer.write()
         self.scorer.close()
         self.sync.close()
         self.rollouts.shutdown()
         self.learners.shutdown()
+
+
+def total_updates(cfg: Config) -> int:
+    """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+    per_step = -(-cfg.data.rollout_batch_size // cfg.learner.global_batch_size)
+    return max(1, cfg.trainer.max_steps * per_step * cfg.learner.ppo_epochs)
 
 
 def rollout_advantages(rollouts: list[Rollout], eps: float) -> list[float]:
@@ -495,6 +551,24 @@ def _overhead(seconds: dict[str, float], generate: float) -> dict[str, float]:
     compute = exposed + seconds["learner"] - seconds["learner_input"] + seconds["sync"]
     overhead = max(0.0, seconds["step"] - compute)
     return {"time/overhead_s": overhead, "time/overhead_frac": overhead / max(seconds["step"], 1e-9)}
+
+
+def _check_storage(out: Path, model_path: str, targets) -> None:
+    """The shared-storage check of engines placed after the start (``RolloutPool``'s ``storage_check``)."""
+    probe = StorageProbe(out, model_path)
+    try:
+        probe.probe(targets)
+    finally:
+        probe.close()
+
+
+def _cluster_line() -> str:
+    """The start-up summary's line about the Ray cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return f"cluster: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
 
 
 def _write_nodes(path: Path, probed: list[dict]) -> None:
@@ -578,8 +652,6 @@ def window_means(records: list[dict], key: str, window: int) -> tuple[float, flo
 def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
     """Final summary: rewards of the first vs the last steps (window means), where metrics, checkpoints
     and the exported policy are."""
-    from ivgr_dist.checkpoints import latest_checkpoint
-
     out = Path(cfg.trainer.output_dir)
     lines = [f"ivgr-dist train: {len(records)} steps this run; metrics: {out / 'metrics.jsonl'}"]
     if not records:
@@ -608,7 +680,7 @@ def summarize(cfg: Config, records: list[dict], window: int = 5) -> str:
             f"  weight version {records[-1]['weight_version']:.0f}; engines verified against the learner on "
             f"{sum(v == 1.0 for v in verified)} of {len(verified)} checks"
         )
-    newest = latest_checkpoint(out)
+    newest = checkpoints.latest_checkpoint(out)
     lines.append(f"  latest checkpoint: {newest.path if newest is not None else 'none'}")
     if (out / "model" / "config.json").is_file():
         lines.append(f"  policy (Hugging Face format): {out / 'model'}")

@@ -134,13 +134,11 @@ def _pool(cfg):
 
 
 class _Healer:
-    """The trainer's side of healing: pushes the current version to joining engines, records the calls."""
+    """The trainer's side of healing (generation's ``on_idle``): pushes the current version to joining engines,
+    records the calls."""
 
     def __init__(self, pool, version: int = 3):
-        import threading
-
         self.pool, self.version, self.pushes = pool, version, []
-        pool.healer, pool.heal_thread = self, threading.current_thread()
 
     def push(self, engines):
         import ray
@@ -178,10 +176,10 @@ def test_a_dead_engine_is_replaced_with_the_current_weights_and_no_group_is_lost
     healer = _Healer(pool)
     try:
         prompts = _prompts(16)
-        gen = pool.generate(prompts)
+        gen = pool.generate(prompts, on_idle=healer)
         groups = [next(gen)]
         ray.kill(pool.actors[0], no_restart=True)  # the actor (its node) is gone mid-batch
-        groups += list(gen)  # the trainer's thread: generate heals while it waits
+        groups += list(gen)  # generate heals (on_idle) while it waits
         assert Counter(g[0].prompt.uid for g in groups) == Counter(p.uid for p in prompts)  # none lost or twice
         _heal_until(pool, healer, lambda: len(pool.serving) == 2)
         new = [e for e in pool.serving if e >= 2]
@@ -192,7 +190,7 @@ def test_a_dead_engine_is_replaced_with_the_current_weights_and_no_group_is_lost
         assert pool.failures and pool.failures[0].startswith("engine 0: ")
         # the replacement takes work; a core that dies answers EngineDeadError and is replaced the same way
         ray.get(pool.actors[1].die_core.remote())
-        groups = list(pool.generate(prompts))
+        groups = list(pool.generate(prompts, on_idle=healer))
         assert Counter(g[0].prompt.uid for g in groups) == Counter(p.uid for p in prompts)
         _heal_until(pool, healer, lambda: len(pool.serving) == 2)
         assert sorted(pool.serving) == [2, 3] and pool.counters["restarts"] == 2
@@ -211,7 +209,7 @@ def test_a_hung_engine_is_found_by_the_probe_and_its_groups_finish_elsewhere(ray
         prompts = _prompts(12)
         ray.get(pool.actors[1].hang.remote())  # a stopped core: the actor answers, the core does not
         t0 = time.monotonic()
-        groups = list(pool.generate(prompts))
+        groups = list(pool.generate(prompts, on_idle=healer))
         assert Counter(g[0].prompt.uid for g in groups) == Counter(p.uid for p in prompts)
         h = cfg.rollout.health
         assert pool.counters["unhealthy"] == 1 and 1 not in pool.alive
@@ -259,7 +257,7 @@ def test_the_fleet_grows_when_room_appears_and_follows_its_target(ray_cluster):
         ray.kill(pool.actors[0], no_restart=True)
         with pytest.raises(RolloutError, match=r"only 0 rollout engine\(s\) live, below rollout.min_engines=1: "
                            r"rollout.max_restarts=0 replacements used"):  # fmt: skip
-            list(pool.generate(_prompts(2)))
+            list(pool.generate(_prompts(2), on_idle=healer))
     finally:
         pool.shutdown()
 

@@ -45,11 +45,11 @@ def test_inside_graceful_the_first_signal_is_a_request_and_handlers_come_back():
         _deliver(signal.SIGINT)
 
 
-def test_trainer_stops_after_the_step_on_the_first_signal_and_at_once_on_the_second(capsys):
-    from ivgr_dist.trainer import Trainer
+def test_trainer_stops_after_the_step_on_the_first_signal_and_at_once_on_the_second(tmp_path, capsys):
+    from support.fake_roles import fake_config, fake_trainer
 
-    trainer = object.__new__(Trainer)  # only the signal bookkeeping: no roles
-    trainer.stop_signal, trainer._step_in_progress, trainer.step = None, 7, 6
+    trainer = fake_trainer(fake_config(tmp_path))  # in-process stand-ins for its roles
+    trainer._step_in_progress, trainer.step = 7, 6  # inside step 7
     trainer._on_signal(signal.SIGINT)
     assert trainer.stop_signal == signal.SIGINT
     assert "SIGINT received: stopping after step 7 with its checkpoint" in capsys.readouterr().err

@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from ivgr_dist.checkpoints import latest_checkpoint
-from ivgr_dist.config import AlgorithmConfig, ConfigError, JudgeConfig, RewardConfig, load_config
+from ivgr_dist.config import AlgorithmConfig, ConfigError, JudgeConfig, RewardConfig
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.judge.monitor import JudgeFailureMonitor
+from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, FakeSync, fake_config
 
 
 def _step(asked: float, failed: float) -> dict:
@@ -95,25 +95,32 @@ def test_the_eval_scorer_checks_its_judge_at_start():
 # ------------------------------------------------------------------------- the trainer, with stand-ins
 
 
-class _Learners:
-    """Writes one shard per save, as a rank confirms it."""
+class _Learners(FakeLearners):
+    """Counts its saves (each writes one shard, as a rank confirms it)."""
 
-    def __init__(self):
-        self.saves = 0
+    saves = 0
 
     def save_checkpoint(self, path: str) -> list[dict]:
-        from pathlib import Path
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "shard.pt").write_bytes(b"x" * 8)
         self.saves += 1
-        return [{"rank": 0, "node": "local-node", "files": {"shard.pt": 8}}]
+        return super().save_checkpoint(path)
 
 
-class _Scorer:
-    def __init__(self, fail_state: bool = False):
-        self.last_judge_error: str | None = None
-        self.fail_state = fail_state
+class _Scorer(FakeScorer):
+    """Each step asks the judge 10 questions, ``failures[step - 1]`` of which fail."""
+
+    def __init__(self, failures: list[float], fail_state: bool = False):
+        super().__init__()
+        self.failures, self.fail_state = failures, fail_state
+        self.step = 0
+
+    def score_stream(self, groups, prompts, step, trace=None):
+        self.step = step
+        if self.failures[step - 1]:
+            self.last_judge_error = "ConnectError"
+        yield from super().score_stream(groups, prompts, step, trace)
+
+    def metrics(self) -> dict[str, float]:
+        return _step(10, self.failures[self.step - 1])
 
     def state_dict(self) -> dict:
         if self.fail_state:
@@ -121,32 +128,14 @@ class _Scorer:
         return {"references": {"version": 1, "entries": [[3, {"think": "t"}]]}}
 
 
-def _trainer(tmp_path, judge_failures: list[float], **overrides):
-    """A Trainer whose cluster parts are stand-ins: each step asks the judge 10 questions, ``judge_failures[i]``
-    of which fail at step i + 1."""
+def _trainer(tmp_path, judge_failures: list[float], fail_state: bool = False, **overrides):
+    """A Trainer over in-process stand-ins (tests/support/fake_roles.py) whose judge fails
+    ``judge_failures[i]`` of 10 requests at step i + 1."""
     from ivgr_dist.trainer import Trainer
 
-    over = [f"trainer.output_dir={tmp_path}", "trainer.max_steps=10", "trainer.save_every=0"]
-    cfg = load_config(None, over + [f"{k}={v}" for k, v in overrides.items()])
-    t = Trainer.__new__(Trainer)
-    t.cfg, t.out, t.step, t.version = cfg, tmp_path, 0, 0
-    t.learners, t.scorer = _Learners(), _Scorer()
-    t.producer = SimpleNamespace(start=lambda *a: None, close=lambda: None, resume_state=lambda step: {"sampler": {}})
-    t._stop_requested, t.stop_signal, t.last_checkpoint, t.judge_stop = False, None, None, None
-    t.judge_monitor = JudgeFailureMonitor(cfg.reward.judge.max_failure_rate, cfg.reward.judge.failure_window)
-
-    def rl_step(step: int) -> dict:
-        t.version = step
-        failed = judge_failures[step - 1]
-        if failed:
-            t.scorer.last_judge_error = "ConnectError"
-        return {"step": step, "time/step_s": 0.1, "weight_version": step, **_step(10, failed)}
-
-    def no_export():
-        raise AssertionError("a run stopped by its judge exports no policy")
-
-    t.rl_step, t.export_model = rl_step, no_export
-    return t
+    cfg = fake_config(tmp_path, **{"trainer.max_steps": 10, "trainer.save_every": 0, **overrides})
+    learners = _Learners()
+    return Trainer(cfg, FakeData(), FakePool(), learners, _Scorer(judge_failures, fail_state), FakeSync())
 
 
 def test_a_judge_failing_mid_run_stops_it_after_the_window_with_a_checkpoint(tmp_path, caplog):
@@ -166,18 +155,17 @@ def test_a_judge_failing_mid_run_stops_it_after_the_window_with_a_checkpoint(tmp
     assert any(r.levelno == logging.ERROR and "stopped after step 4" in r.getMessage() for r in caplog.records)
     summary = summarize(trainer.cfg, records)
     assert "judge: 40 requests, 20 failed (50.0%)" in summary
+    assert trainer.learners.exported == []  # a run stopped by its judge exports no policy
 
 
 def test_a_healthy_judge_runs_to_the_end(tmp_path):
     trainer = _trainer(tmp_path, [0, 1, 0, 0, 0, 0, 0, 0, 0, 2], **{"trainer.max_steps": 10})
-    trainer.export_model = lambda: None
     assert len(trainer.train()) == 10 and trainer.judge_stop is None and latest_checkpoint(tmp_path).step == 10
 
 
 def test_the_scorer_state_is_taken_before_the_shards(tmp_path):
     """A reference cache that cannot be read fails the save BEFORE the learner writes its shards (not after)."""
-    trainer = _trainer(tmp_path, [0])
-    trainer.scorer = _Scorer(fail_state=True)
+    trainer = _trainer(tmp_path, [0], fail_state=True)
     with pytest.raises(RuntimeError, match="reference cache lost"):
         trainer.save(1)
     assert trainer.learners.saves == 0 and latest_checkpoint(tmp_path) is None
@@ -187,6 +175,10 @@ def test_train_exits_1_with_one_line_when_the_judge_stopped_it(tmp_path, monkeyp
     from ivgr_dist.cli import main
 
     class StoppedByJudge:
+        @classmethod
+        def from_config(cls, cfg, scorer=None):
+            return cls(cfg, scorer)
+
         def __init__(self, cfg, scorer=None):
             scorer.close()
             self.step, self.stop_signal = 0, None

@@ -55,7 +55,7 @@ class Pool:
     def sampling_seed(self, step):
         return None
 
-    def generate(self, prompts, stats=None, seed=None, trace=None):
+    def generate(self, prompts, stats=None, seed=None, trace=None, on_idle=None):
         self.gate.wait(5)
         if self.fail:
             raise RuntimeError("engine exploded")
@@ -66,7 +66,7 @@ class Pool:
 
 
 class Scorer:
-    def score_stream(self, groups, prompts, step):
+    def score_stream(self, groups, prompts, step, trace=None):
         yield from groups
 
     def metrics(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monk
     def no_trainer(cfg, scorer=None):
         raise _Started("Trainer")
 
-    monkeypatch.setattr("ivgr_dist.trainer.Trainer", no_trainer)
+    monkeypatch.setattr("ivgr_dist.trainer.Trainer", SimpleNamespace(from_config=no_trainer))
     (tmp_path / "run" / "sft_model").mkdir(parents=True)
     (tmp_path / "run" / "sft_model" / "config.json").write_text("{}")
     # reward.num_workers=0: `train` builds its scorer (and checks the judge) before the warm start; in the driver

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ivgr_dist.config import load_config
-from ivgr_dist.trainer import summarize, window_means
+from ivgr_dist.trainer import Trainer, summarize, window_means
+from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, fake_config
 
 
 def _records(values):
@@ -49,58 +50,53 @@ class _Sync:
         return {"time/sync_s": 0.1}
 
 
-class _Pool:
-    def __init__(self, n):
-        self.alive, self.dropped = list(range(n)), []
+@pytest.fixture
+def _trainer(tmp_path):
+    """A Trainer over stand-ins (tests/support/fake_roles.py) with this weight sync and pool, at version 7."""
 
-    def drop(self, engine, reason):
-        self.alive.remove(engine)
-        self.dropped.append((engine, reason))
+    def make(sync, pool):
+        trainer = Trainer(fake_config(tmp_path), FakeData(), pool, FakeLearners(), FakeScorer(), sync)
+        trainer.version = 7
+        return trainer
 
-
-def _trainer(sync, pool):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(sync=sync, rollouts=pool, learners=None, version=7)
+    return make
 
 
-def test_a_failed_push_drops_the_named_engines_and_pushes_again():
+def test_a_failed_push_drops_the_named_engines_and_pushes_again(_trainer):
     from ivgr_dist.sync.fanout import SyncError
-    from ivgr_dist.trainer import Trainer
 
     err = SyncError("engine 1 died", 7, failed_engines=[1], errors={1: "EngineDeadError: gone"})
-    sync, pool = _Sync([err, None]), _Pool(3)
-    out = Trainer.push_weights(_trainer(sync, pool), step=4)
+    sync, pool = _Sync([err, None]), FakePool(3)
+    out = _trainer(sync, pool).push_weights(step=4)
     assert sync.calls == [(7, [0, 1, 2]), (7, [0, 2])]
     assert pool.dropped == [(1, "step 4, push to version 7: EngineDeadError: gone")]
     assert out["sync/failed_pushes"] == 1.0 and out["sync/dropped_engines"] == 1.0
     # a second failure stops the run, naming the step
-    sync, pool = _Sync([err, SyncError("engine 0 hung", 7, [0])]), _Pool(3)
+    sync, pool = _Sync([err, SyncError("engine 0 hung", 7, [0])]), FakePool(3)
     with pytest.raises(SyncError, match=r"^step 4: engine 0 hung"):
-        Trainer.push_weights(_trainer(sync, pool), step=4)
+        _trainer(sync, pool).push_weights(step=4)
     # a clean push adds nothing
-    assert Trainer.push_weights(_trainer(_Sync([None]), _Pool(2)), step=1) == {"time/sync_s": 0.1}
+    assert _trainer(_Sync([None]), FakePool(2)).push_weights(step=1) == {"time/sync_s": 0.1}
 
 
-def test_a_push_that_loses_every_engine_is_counted_not_fatal():
+def test_a_push_that_loses_every_engine_is_counted_not_fatal(_trainer):
     """Every engine lost at once (a crash and a hang found together): nothing to push to; the learner keeps the
     version and the replacements get it when they join (the run must not stop here)."""
     from ivgr_dist.sync.fanout import SyncError
-    from ivgr_dist.trainer import Trainer
 
     err = SyncError("both gone", 7, failed_engines=[0, 1], errors={0: "ActorDiedError", 1: "EngineDeadError"})
-    sync, pool = _Sync([err]), _Pool(2)
-    out = Trainer.push_weights(_trainer(sync, pool), step=3)
+    sync, pool = _Sync([err]), FakePool(2)
+    out = _trainer(sync, pool).push_weights(step=3)
     assert sync.calls == [(7, [0, 1])]  # no second push to an empty fleet
     assert [e for e, _ in pool.dropped] == [0, 1]
     assert out == {"sync/skipped_pushes": 1.0, "sync/failed_pushes": 1.0, "sync/dropped_engines": 2.0}
     # the health monitor dropped them all before the push: nothing is called
-    sync, pool = _Sync([]), _Pool(0)
-    assert Trainer.push_weights(_trainer(sync, pool), step=3) == {"sync/skipped_pushes": 1.0}
+    sync, pool = _Sync([]), FakePool(0)
+    assert _trainer(sync, pool).push_weights(step=3) == {"sync/skipped_pushes": 1.0}
     assert sync.calls == []
     # engines joining (the heal's push) are pushed to as before
-    sync, pool = _Sync([None]), _Pool(2)
-    assert Trainer.push_weights(_trainer(sync, pool), step=3, engines=[1]) == {"time/sync_s": 0.1}
+    sync, pool = _Sync([None]), FakePool(2)
+    assert _trainer(sync, pool).push_weights(step=3, engines=[1]) == {"time/sync_s": 0.1}
 
 
 def test_the_weight_check_claims_nothing_without_a_live_engine():

@@ -68,9 +68,10 @@ class Scorer(Protocol):
     """What the driver needs from reward computation (in-process, or a pool of Ray actors)."""
 
     def score_stream(
-        self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int
+        self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int, trace=None
     ) -> Iterator[list[Rollout]]:
-        """Consume the groups of ``prompts`` as they finish; yield them scored (``rewards``, ``reward`` set)."""
+        """Consume the groups of ``prompts`` as they finish; yield them scored (``rewards``, ``reward`` set).
+        ``trace``: a ``metrics.Tracer`` (``trainer.trace``) where each group's scoring becomes a span, or None."""
         ...
 
     def metrics(self) -> dict[str, float]: ...
@@ -339,8 +340,6 @@ class StreamScorer:
 
     max_attempts = 3
     """Times a group is submitted before the driver scores it rules-only."""
-    trace = None
-    """A ``metrics.Tracer`` (set by the batch producer with ``trainer.trace``): each group's scoring is a span."""
     last_judge_error: str | None = None
     """The kind of the last failed judge request scored (``GroupResult.judge_error``), for the failure-rate stop."""
 
@@ -388,9 +387,11 @@ class StreamScorer:
 
     # the stream ---------------------------------------------------------------------------------
     def score_stream(
-        self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int
+        self, groups: Iterable[list[Rollout]], prompts: Sequence[Prompt], step: int, trace=None
     ) -> Iterator[list[Rollout]]:
-        """Submit each group as it arrives; B waits for its A of this batch; yield groups as they are scored."""
+        """Submit each group as it arrives; B waits for its A of this batch; yield groups as they are scored.
+        ``trace``: see :class:`Scorer`."""
+        self._trace = trace
         self._due = {p.original_idx for p in prompts if p.stream == "grounded"}  # grounded not yet scored
         self._arrived: set[int] = set()
         self._waiting: dict[int, list[list[Rollout]]] = defaultdict(list)
@@ -474,8 +475,8 @@ class StreamScorer:
         return "reward (driver)"
 
     def _finish(self, entry: _Entry, result: GroupResult) -> Iterator[list[Rollout]]:
-        if self.trace is not None:
-            self.trace.span(entry.track, entry.job.key, entry.submitted, time.perf_counter())
+        if self._trace is not None:
+            self._trace.span(entry.track, entry.job.key, entry.submitted, time.perf_counter())
         apply_result(entry.group, result)
         if result.judge_error:
             self.last_judge_error = result.judge_error

