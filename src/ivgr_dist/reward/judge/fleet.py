@@ -84,6 +84,7 @@ class JudgeFleet:
         self.heal_error: str | None = None  # the fleet cannot recover: below one engine, none can start
         self._lock: asyncio.Lock | None = None
         self._healer: asyncio.Task | None = None
+        self._healing: asyncio.Lock | None = None  # held while a heal runs in its thread (close waits for it)
 
     # ------------------------------------------------------------------------------------ engines
 
@@ -107,6 +108,7 @@ class JudgeFleet:
                     log.error("judge fleet: no engine started: %s", exc)
                     raise RuntimeError(f"no judge engine started: {why}") from None
                 self.fleet.start_health_checks()
+                self._healing = asyncio.Lock()
                 self._healer = asyncio.get_running_loop().create_task(self._heal_loop())
                 log.info("judge fleet: %d of %d engines serving", len(self.fleet.serving), self.cfg.num_engines)
         return await self.stats()
@@ -131,7 +133,8 @@ class JudgeFleet:
         while True:
             await asyncio.sleep(HEAL_INTERVAL_S)
             try:
-                await asyncio.to_thread(self.fleet.heal)
+                async with self._healing:
+                    await asyncio.to_thread(self.fleet.heal)
                 self.heal_error = None
             except Exception as exc:  # noqa: BLE001 - below one engine and none can start: requests fail at once
                 if self.heal_error != str(exc):
@@ -189,7 +192,8 @@ class JudgeFleet:
 
     async def close(self) -> None:
         if self._healer is not None:
-            self._healer.cancel()
+            async with self._healing:  # a heal already in its thread finishes first: it may be starting engines
+                self._healer.cancel()
         if self.fleet is not None:
             await asyncio.to_thread(self.fleet.shutdown, 30.0)
 
