@@ -45,7 +45,8 @@ from ivgr_dist.config import ModelConfig, RolloutConfig
 from ivgr_dist.logs import actor_env
 from ivgr_dist.placement import EnginePlacement
 from ivgr_dist.rollout.errors import engine_dead
-from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec, HealthMonitor
+from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
+from ivgr_dist.rollout.health import HealthMonitor
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.types import Prompt, Rollout
 

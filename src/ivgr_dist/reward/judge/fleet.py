@@ -19,7 +19,8 @@ serves every judge request, while the fleet blocks (``ray.wait``/``ray.get`` wit
 start, up to 10 s to kill an engine). So each fleet call that can block runs in a worker thread
 (``asyncio.to_thread``): the start, :meth:`EngineFleet.drop` after a failed request, :meth:`EngineFleet.heal` every
 ``HEAL_INTERVAL_S`` (a task on the loop: replacements need no caller) and the shutdown. The health probes run in
-the fleet's own monitor thread, as for the rollout pool. The loop only reads ``serving`` and ``actors``.
+the fleet's own monitor thread (``rollout.health.HealthMonitor``), as for the rollout pool. The loop only reads
+``serving`` and ``actors``.
 """
 
 from __future__ import annotations
