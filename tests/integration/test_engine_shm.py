@@ -60,7 +60,7 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
 NODE_SCRIPT = """
 import json, os, time
 import ray
-from ivgr_dist.rollout.pool import unlink_engine_segments
+from ivgr_dist.rollout.fleet import unlink_engine_segments
 
 ray.init(log_to_driver=False)
 

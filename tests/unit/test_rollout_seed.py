@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_a_seed_without_seed_groups_is_refused_before_any_engine_sees_it():
 
     pool = RolloutPool.__new__(RolloutPool)  # no Ray, no engines: the check comes first
     pool.cfg = dataclasses.replace(load_config(None, []).rollout, seed_groups=False)
-    pool.alive = []
+    pool.fleet = SimpleNamespace(alive=[], serving=[])  # its engines (an EngineFleet): none
     with pytest.raises(ValueError, match=r"generate\(seed=3\) needs rollout.seed_groups=true"):
         next(pool.generate([], seed=3))
     assert list(pool.generate([])) == []  # unseeded and empty: nothing to do, no error

@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
+from ivgr_dist.rollout.errors import EngineDeadError
 from ivgr_dist.rollout.worker_ext import QUALNAME as WORKER_EXTENSION
 from ivgr_dist.types import Prompt, Rollout
 
@@ -312,8 +313,8 @@ class RolloutWorker:
         front of a dead or hung core fails it. Raises when the core is gone or does not answer in ``timeout_s``."""
         if self.engine is None:
             raise RuntimeError(f"rollout engine {self.index} is not started")
-        if self.engine.errored:
-            raise RuntimeError(f"rollout engine {self.index}: its vLLM EngineCore is dead")
+        if self.engine.errored:  # a class the health monitor reads as death (rollout.errors.engine_dead)
+            raise EngineDeadError(f"rollout engine {self.index}: its vLLM EngineCore is dead")
         t0 = time.perf_counter()
         try:
             pids = await asyncio.wait_for(self.engine.collective_rpc("ivgr_ping"), timeout_s)

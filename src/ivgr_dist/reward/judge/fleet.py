@@ -4,12 +4,23 @@ Without it each reward worker started its own engines (``reward.num_workers x ju
 actors). The fleet is a Ray actor (async, no resources of its own) created once by ``make_scorer``; reward
 workers and the driver's scorer hold its handle and call :meth:`JudgeFleet.generate`. It owns
 ``reward.judge.num_engines`` engines (``RolloutWorker`` actors serving ``reward.judge.model`` with the engine
-arguments of ``reward.judge.engine``), each in its own placement group, and keeps them healthy the way the
-rollout pool does: every ``reward.judge.health.interval_s`` each engine answers a probe through its
-EngineCore (``RolloutWorker.probe``); ``health.failures`` failures in a row, or a dead actor or core, and
-the engine is killed (its vLLM processes too), its group released and a replacement started (at most
-``reward.judge.max_restarts``). A request on an engine that fails raises; the judge's retry loop
-(``run_request``) sends it again, to a live engine.
+arguments of ``reward.judge.engine``) as an :class:`~ivgr_dist.rollout.fleet.EngineFleet`, the class that holds
+the rollout pool's engines: each engine in its own placement group (``reward.judge.resources``), probed every
+``reward.judge.health.interval_s`` through its EngineCore; ``health.failures`` failures in a row, or a dead actor
+or core, and the engine is killed (its vLLM processes and their shared memory too), its group released and a
+replacement started (at most ``reward.judge.max_restarts``, with a back-off of ``RESTART_BACKOFF_S``, doubling,
+after a replacement that failed to start). What stays here is dispatch: a request goes to the serving engine
+with the fewest requests in flight. A request on an engine that fails raises; an engine whose actor died
+(``RayActorError``) or whose core died (``EngineDeadError``, read by :func:`~ivgr_dist.rollout.errors.engine_dead`)
+is dropped first; the judge's retry loop (``run_request``) sends the request again, to a live engine.
+
+How an async actor drives the synchronous fleet: every method of this actor runs on one event loop, which also
+serves every judge request, while the fleet blocks (``ray.wait``/``ray.get`` with timeouts: minutes for the first
+start, up to 10 s to kill an engine). So each fleet call that can block runs in a worker thread
+(``asyncio.to_thread``): the start, :meth:`EngineFleet.drop` after a failed request, :meth:`EngineFleet.heal` every
+``HEAL_INTERVAL_S`` (a task on the loop: replacements need no caller) and the shutdown. The health probes run in
+the fleet's own monitor thread (``rollout.health.HealthMonitor``), as for the rollout pool. The loop only reads
+``serving`` and ``actors``.
 """
 
 from __future__ import annotations
@@ -19,33 +30,62 @@ import logging
 import time
 from typing import Any
 
+from ivgr_dist.logs import actor_env, redirect_actor_output
+from ivgr_dist.placement import EnginePlacement
+from ivgr_dist.reward.judge.engine import judge_engine_setup
+from ivgr_dist.rollout.errors import engine_dead
+from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
+from ivgr_dist.rollout.worker import RolloutWorker
+
 log = logging.getLogger(__name__)
 
 __all__ = ["JudgeFleet", "close_fleet", "create_fleet"]
+
+HEAL_INTERVAL_S = 1.0
+"""How often the fleet is brought back to ``reward.judge.num_engines`` (a heal with nothing to do costs nothing)."""
+RESTART_BACKOFF_S = 5.0
+"""Wait before replacing again after a replacement failed to start (doubles each time; ``rollout.restart_backoff_s``
+has the same default)."""
+
+
+def judge_fleet_spec(cfg, use_gpus: bool, start_timeout_s: float) -> FleetSpec:
+    """The engine fleet of ``reward.judge`` (``cfg``): one engine serving suffices, a placement group may wait as
+    long as a start."""
+    return FleetSpec(
+        name="judge fleet",
+        what="judge engine",
+        tag="judge engine",
+        section="reward.judge",
+        keys=("max_restarts",),
+        fewer="reward.judge.num_engines",
+        num_engines=cfg.num_engines,
+        use_gpus=use_gpus,
+        start_timeout_s=start_timeout_s,
+        min_engines=1,
+        max_restarts=cfg.max_restarts,
+        restart_backoff_s=RESTART_BACKOFF_S,
+        placement_timeout_s=start_timeout_s,
+        resources=dict(cfg.resources),
+        health=cfg.health,
+    )
 
 
 class JudgeFleet:
     """The judge engines (see the module docstring); methods are awaited by many callers at once."""
 
     def __init__(self, cfg, use_gpus: bool | None = None, start_timeout_s: float = 600.0):
-        from ivgr_dist.logs import redirect_actor_output
-
         redirect_actor_output("judge-fleet")
         self.cfg = cfg
         self.use_gpus = use_gpus
         self.start_timeout_s = start_timeout_s
-        self.actors: dict[int, Any] = {}
-        self.placements: dict[int, Any] = {}
+        self.fleet: EngineFleet | None = None
         self.in_flight: dict[int, int] = {}
-        self.serving: list[int] = []
-        self.fails: dict[int, int] = {}
-        self.failures: list[str] = []
-        self.counters = {"restarts": 0, "unhealthy": 0, "failed_starts": 0, "requests": 0}
-        self._next = 0
+        self.requests = 0
+        self.start_failures: list[str] = []  # why a start failed (the fleet of that start is gone)
+        self.heal_error: str | None = None  # the fleet cannot recover: below one engine, none can start
         self._lock: asyncio.Lock | None = None
-        self._started = False
-        self._health: asyncio.Task | None = None
-        self._replacing: set[asyncio.Task] = set()
+        self._healer: asyncio.Task | None = None
+        self._healing: asyncio.Lock | None = None  # held while a heal runs in its thread (close waits for it)
 
     # ------------------------------------------------------------------------------------ engines
 
@@ -54,182 +94,114 @@ class JudgeFleet:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if not self._started:
+            if self.fleet is None:
                 import ray
 
                 if self.use_gpus is None:
                     self.use_gpus = ray.cluster_resources().get("GPU", 0) > 0
-                ids = [self._next + i for i in range(self.cfg.num_engines)]
-                self._next += len(ids)
-                results = await asyncio.gather(*(self._start_engine(i) for i in ids), return_exceptions=True)
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if not self.serving:
-                    cause = getattr(errors[0], "cause", None) or errors[0]  # a RayTaskError's own exception
-                    why = (str(cause).strip().splitlines() or [""])[-1][:300]
-                    raise RuntimeError(f"no judge engine started: {type(cause).__name__}: {why}")
-                self._started = True
-                self._health = asyncio.get_running_loop().create_task(self._health_loop())
-                log.info("judge fleet: %d of %d engines serving", len(self.serving), self.cfg.num_engines)
+                spec = judge_fleet_spec(self.cfg, bool(self.use_gpus), self.start_timeout_s)
+                try:
+                    self.fleet = await asyncio.to_thread(EngineFleet, spec, self._launch, RuntimeError, None, log)
+                except Exception as exc:
+                    cause = getattr(exc, "cause", None) or exc  # a RayTaskError's own exception
+                    why = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1][:300]}"
+                    self.start_failures.append(f"failed to start: {why}")
+                    log.error("judge fleet: no engine started: %s", exc)
+                    raise RuntimeError(f"no judge engine started: {why}") from None
+                self.fleet.start_health_checks()
+                self._healing = asyncio.Lock()
+                self._healer = asyncio.get_running_loop().create_task(self._heal_loop())
+                log.info("judge fleet: %d of %d engines serving", len(self.fleet.serving), self.cfg.num_engines)
         return await self.stats()
 
-    async def _start_engine(self, i: int) -> None:
+    def _launch(self, i: int, placement: EnginePlacement) -> Any:
+        """Judge engine ``i``'s actor in its placement group (the fleet calls its ``start``)."""
         import ray
 
-        from ivgr_dist.logs import actor_env
-        from ivgr_dist.placement import EnginePlacement
-        from ivgr_dist.reward.judge.engine import judge_engine_setup
-        from ivgr_dist.rollout.worker import RolloutWorker
-
-        placement = EnginePlacement.request(i, 1, bool(self.use_gpus), dict(self.cfg.resources) or None)
-        self.placements[i] = placement
-        try:
-            await asyncio.wait_for(placement.ready_ref(), timeout=self.start_timeout_s)
-            model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.cfg.engine, bool(self.use_gpus))
-            actor = (
-                ray.remote(RolloutWorker)
-                .options(
-                    **placement.actor_options(),
-                    max_concurrency=1024,
-                    runtime_env={"env_vars": {**env, **actor_env(f"judge-{i}")}},
-                )
-                .remote(model_cfg, rollout_cfg, i, "ivgr_shm")
+        model_cfg, rollout_cfg, env = judge_engine_setup(self.cfg, self.cfg.engine, bool(self.use_gpus))
+        return (
+            ray.remote(RolloutWorker)
+            .options(
+                **placement.actor_options(),
+                max_concurrency=1024,
+                runtime_env={"env_vars": {**env, **placement.env(), **actor_env(f"judge-{i}")}},
             )
-            self.actors[i] = actor
-            info = await asyncio.wait_for(actor.start.remote(), timeout=self.start_timeout_s)
-        except BaseException as exc:
-            self.counters["failed_starts"] += 1
-            self.failures.append(f"judge engine {i}: failed to start: {type(exc).__name__}: {str(exc)[:200]}")
-            log.error("judge engine %d failed to start: %s", i, exc)
-            await self._kill(i)
-            raise
-        self.in_flight[i] = 0
-        self.serving.append(i)
-        log.info("judge engine %d serving (started in %.1fs)", i, info.get("start_s", 0.0))
+            .remote(model_cfg, rollout_cfg, i, "ivgr_shm")
+        )
 
-    async def _kill(self, i: int) -> None:
-        import ray
-
-        actor = self.actors.pop(i, None)
-        if actor is not None:
-            try:  # its vLLM processes first: a stopped EngineCore would outlive the actor
-                await asyncio.wait_for(actor.kill_engine.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - dead or hung actor: the kill below
-                pass
-            ray.kill(actor, no_restart=True)
-        placement = self.placements.pop(i, None)
-        if placement is not None:
-            placement.release()
-
-    async def _lose(self, i: int, reason: str, unhealthy: bool = False) -> None:
-        """Take engine ``i`` out (no new requests), kill it, start a replacement (bounded)."""
-        if i not in self.serving:
-            return
-        self.serving.remove(i)
-        self.failures.append(f"judge engine {i}: {reason}")
-        if unhealthy:
-            self.counters["unhealthy"] += 1
-        log.error("judge engine %d %s; %d serving", i, reason, len(self.serving))
-        await self._kill(i)
-        if self.counters["restarts"] >= self.cfg.max_restarts:
-            log.error("judge fleet: reward.judge.max_restarts=%d used; not replacing", self.cfg.max_restarts)
-            return
-        self.counters["restarts"] += 1
-        new = self._next
-        self._next += 1
-        task = asyncio.get_running_loop().create_task(self._start_engine(new))
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in _start_engine
-
-    async def _health_loop(self) -> None:
-        h = self.cfg.health
-        if not h.enabled:
-            return
+    async def _heal_loop(self) -> None:
+        """Replace engines the fleet lost (health probes, failed requests), in a worker thread."""
         while True:
-            await asyncio.sleep(h.interval_s)
-            engines = list(self.serving)
-
-            async def probe(i: int) -> tuple[int, str | None, bool]:
-                try:
-                    await asyncio.wait_for(self.actors[i].probe.remote(h.timeout_s), timeout=h.timeout_s + 2)
-                    return i, None, False
-                except asyncio.TimeoutError:
-                    return i, f"no answer to the health probe within {h.timeout_s:g}s", False
-                except Exception as exc:  # noqa: BLE001 - a dead actor or core fails at once
-                    cause = getattr(exc, "cause", None) or exc
-                    dead = "dead" in str(cause).lower() or "ActorDied" in type(exc).__name__
-                    return i, f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}", dead
-
-            for i, reason, fatal in await asyncio.gather(*(probe(i) for i in engines)):
-                if reason is None:
-                    self.fails.pop(i, None)
-                    continue
-                self.fails[i] = self.fails.get(i, 0) + 1
-                log.warning("judge engine %d: health probe failed (%d/%d): %s", i, self.fails[i], h.failures, reason)
-                if fatal or self.fails[i] >= h.failures:
-                    self.fails.pop(i, None)
-                    await self._lose(i, f"unhealthy: {reason}", unhealthy=True)
+            await asyncio.sleep(HEAL_INTERVAL_S)
+            try:
+                async with self._healing:
+                    await asyncio.to_thread(self.fleet.heal)
+                self.heal_error = None
+            except Exception as exc:  # noqa: BLE001 - below one engine and none can start: requests fail at once
+                if self.heal_error != str(exc):
+                    log.error("judge fleet: %s", exc)
+                self.heal_error = str(exc)
 
     # ----------------------------------------------------------------------------------- requests
 
     async def generate(self, prompt, n: int, temperature: float, max_tokens: int) -> list[str]:
         """The judge's answers (``n`` samples) to one rendered prompt, from the least loaded engine. Raises when
-        that engine fails (it is replaced; the caller's retry goes to another one) or none serves (for up to
-        the start timeout, while replacements start)."""
+        that engine fails (a dead one is dropped and replaced; the caller's retry goes to another one) or none
+        serves (at once when none can start any more, else after waiting up to the start timeout)."""
         import ray
 
-        if not self._started:
+        if self.fleet is None:
             await self.start()
+        fleet = self.fleet
         deadline = time.monotonic() + self.start_timeout_s
-        while not self.serving:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no judge engine serving; failures: {'; '.join(self.failures[-3:])}")
+        while not fleet.serving:
+            if self.heal_error is not None or time.monotonic() > deadline:
+                why = self.heal_error or f"failures: {'; '.join(fleet.failures[-3:]) or 'none recorded'}"
+                raise RuntimeError(f"no judge engine serving; {why}")
             await asyncio.sleep(0.5)
-        i = min(self.serving, key=lambda e: self.in_flight.get(e, 0))
+        i = min(fleet.serving, key=lambda e: self.in_flight.get(e, 0))
         self.in_flight[i] = self.in_flight.get(i, 0) + 1
-        self.counters["requests"] += 1
+        self.requests += 1
         try:
-            ref = self.actors[i].generate_group.remote(prompt, n=n, temperature=temperature, max_tokens=max_tokens)
+            ref = fleet.actors[i].generate_group.remote(prompt, n=n, temperature=temperature, max_tokens=max_tokens)
             try:
                 rollouts = await ref
             except asyncio.CancelledError:  # the caller's deadline: stop the engine's work too
                 ray.cancel(ref)
                 raise
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(exc, ray.exceptions.RayActorError) or type(cause).__name__ == "EngineDeadError":
-                await self._lose(
-                    i, f"{type(cause or exc).__name__}: {(str(cause or exc).splitlines() or [''])[0][:200]}"
-                )
-            raise RuntimeError(f"judge engine {i}: {type(cause or exc).__name__}: {str(cause or exc)[:300]}") from None
+            cause = getattr(exc, "cause", None)  # a task error's own exception (EngineDeadError), not Ray's wrapper
+            what = cause if isinstance(cause, BaseException) else exc
+            if isinstance(exc, ray.exceptions.RayActorError) or engine_dead(exc):
+                first = (str(what).splitlines() or [""])[0][:200]
+                await asyncio.to_thread(fleet.drop, i, f"{type(what).__name__}: {first}")
+            raise RuntimeError(f"judge engine {i}: {type(what).__name__}: {str(what)[:300]}") from None
         finally:
-            if i in self.in_flight:
-                self.in_flight[i] -= 1
+            self.in_flight[i] -= 1
         return [r.response_text for r in rollouts]
 
     async def stats(self) -> dict:
+        fleet = self.fleet
+        counters = fleet.counters if fleet is not None else {}
         return {
-            "engines_live": len(self.serving),
+            "engines_live": len(fleet.serving) if fleet is not None else 0,
             "engines_target": self.cfg.num_engines,
-            **{f"engine_{k}": v for k, v in self.counters.items()},
-            "failures": list(self.failures[-5:]),
+            **{f"engine_{k}": counters.get(k, 0) for k in ("restarts", "unhealthy", "failed_starts")},
+            "engine_requests": self.requests,
+            "failures": list(((fleet.failures if fleet is not None else []) + self.start_failures)[-5:]),
         }
 
     async def close(self) -> None:
-        if self._health is not None:
-            self._health.cancel()
-        for task in list(self._replacing):
-            task.cancel()
-        for i in list(self.actors):
-            await self._kill(i)
-        self.serving = []
+        if self._healer is not None:
+            async with self._healing:  # a heal already in its thread finishes first: it may be starting engines
+                self._healer.cancel()
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.shutdown, 30.0)
 
 
 def create_fleet(cfg):
     """The shared judge fleet actor (no resources of its own; it lives as long as its creator)."""
     import ray
-
-    from ivgr_dist.logs import actor_env
 
     env = actor_env("judge-fleet")
     options = {"runtime_env": {"env_vars": env}} if env else {}
