@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ivgr_dist._ext_fix import install as _install_ext_fix
 
-_install_ext_fix()  # before anything imports transformers / vLLM (no-op where the .pth already ran)
+_install_ext_fix()  # before anything imports transformers / vLLM; this process's multiprocessing children inherit it
 
 log = logging.getLogger("ivgr_dist")
 

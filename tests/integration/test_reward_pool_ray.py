@@ -18,6 +18,7 @@ from ivgr_dist.reward.bench import synthetic_batch
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.pool import RewardPool, RewardWorker, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
+from ivgr_dist.runtime import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 
@@ -30,7 +31,7 @@ OK = "<score>1.0</score> <verdict>yes</verdict>"
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 

@@ -18,8 +18,8 @@ def test_sft_trains_writes_a_loadable_model_and_is_reused(tiny_model_dir, tmp_pa
     from ivgr_dist.data.synthetic import make_synthetic
     from ivgr_dist.evaluate import run_eval
     from ivgr_dist.metrics import read_metrics
-    from ivgr_dist.sft import run_sft, sft_config_for_rl
     from ivgr_dist.runtime import init_ray
+    from ivgr_dist.sft import run_sft, sft_config_for_rl
 
     make_synthetic(tmp_path / "data", SyntheticConfig(), num_records=24)
     data = tmp_path / "data"
