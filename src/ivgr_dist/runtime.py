@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,8 +41,6 @@ def worker_runtime_env() -> dict:
     (``ivgr_dist._ext_fix``). Under ``ray job submit`` Ray merges it with the job's own runtime env and refuses a
     field both set, so it is left out where the job already names a setup hook (``cluster/runtime_env.yaml`` names
     this one); a different hook is the job's choice, with a warning."""
-    import json
-
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     # the field, or the variable Ray turns it into (its setup_hook module)
     hook = job.get("worker_process_setup_hook") or (job.get("env_vars") or {}).get(

@@ -31,8 +31,9 @@ def bare_python(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("bare") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     (site,) = (venv / "lib").glob("python*/site-packages")
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    (site / "this_env.pth").write_text("".join(f"{p}\n" for p in paths))  # path lines only: nothing runs
+    # this environment's package directories (its own, and any it names on path lines), as path lines only
+    paths = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))]
+    (site / "this_env.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(paths)))
     return venv / "bin" / "python"
 
 
