@@ -99,6 +99,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    from ivgr_dist._ext_fix import install
+
+    install()  # before vLLM imports transformers here (the CPU stack's torchvision; see ivgr_dist._ext_fix)
     from ivgr_dist.config import load_config
     from ivgr_dist.data.pipeline import build_pipeline
 
