@@ -1066,7 +1066,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
-            layers.append(_scalars_to_lists(_refuse_removed(OmegaConf.load(path), f" (in {path})"), f" (in {path})"))
+            where = f" (in {path})"
+            layers.append(_scalars_to_lists(_refuse_removed(OmegaConf.load(path), where), where))
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
