@@ -55,7 +55,7 @@ def run(workdir: Path, k: int, args) -> dict:
         "sft.enabled=false",
         f"trainer.max_steps={args.steps}",
         "trainer.save_every=0",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
         "trainer.trace=true",
         f"trainer.max_staleness={k}",
         f"trainer.output_dir={out}",

@@ -56,7 +56,7 @@ def run(workdir: Path, name: str, args, kill_at: int | None) -> dict:
         "sft.enabled=false",
         f"trainer.max_steps={args.steps}",
         "trainer.save_every=0",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
         f"trainer.output_dir={out}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -252,7 +252,9 @@ def main() -> None:
 
     workdir = Path(args.workdir).resolve()
     cfg, rollouts = make_rollouts(workdir, args.side, args.prompts, args.n, args.response)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     try:
         t0 = time.perf_counter()
         batch = StepBatch.from_rollouts(rollouts)

@@ -61,8 +61,13 @@ def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, flo
     import ray
 
     from ivgr_dist.rollout.pool import PoolStats, RolloutPool
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_engines), include_dashboard=False)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_engines),
+        include_dashboard=False,
+        runtime_env=worker_runtime_env(),
+    )
     rollouts = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False)
     best = {"unseeded": 0.0, "seeded": 0.0}
     try:
@@ -94,6 +99,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    from ivgr_dist._ext_fix import install
+
+    install()  # before vLLM imports transformers here (the CPU stack's torchvision; see ivgr_dist._ext_fix)
     from ivgr_dist.config import load_config
     from ivgr_dist.data.pipeline import build_pipeline
 

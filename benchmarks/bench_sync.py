@@ -131,7 +131,14 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     approx_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) // 2  # fp32 files -> bf16
     bandwidth_before = copy_bandwidth(approx_bytes)  # before the cluster starts (others may share the machine)
-    ray.init(num_cpus=max(4, args.engines + args.ranks), include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(
+        num_cpus=max(4, args.engines + args.ranks),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=worker_runtime_env(),
+    )
     learners = rollouts = None
     try:
         t0 = time.perf_counter()

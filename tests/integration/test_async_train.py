@@ -28,7 +28,7 @@ def _train(tmp_path, tiny_model_dir, *extra: str) -> subprocess.CompletedProcess
         "sft.enabled=false",
         f"trainer.output_dir={tmp_path / 'run'}",
         "trainer.max_staleness=1",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
         "trainer.trace=true",
         *extra,
     ]

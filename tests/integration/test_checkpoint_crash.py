@@ -65,7 +65,7 @@ def _overrides(tmp: Path, model: Path) -> list[str]:
         f"trainer.output_dir={tmp}/run",
         "trainer.max_steps=2",
         "trainer.save_every=1",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
 
 

@@ -25,10 +25,11 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
 
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.pool import RolloutPool
+    from ivgr_dist.runtime import worker_runtime_env
     from ivgr_dist.shm_segments import SHM_ROOT, mapped_segments
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=3"])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool, procs, segments = None, {}, {}
     try:
         pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False, start_timeout_s=300)

@@ -171,7 +171,7 @@ def fleet_run(tmp_path_factory, tiny_model_dir):
             f"trainer.output_dir={out}",
             f"trainer.max_steps={STEPS}",
             "trainer.save_every=0",
-            "trainer.tensorboard=false",
+            "trainer.loggers=[jsonl]",
         ]
         env = {**cluster.env, "RAY_ADDRESS": cluster.gcs}
         chaos = Chaos(cluster, out)

@@ -32,7 +32,7 @@ def _overrides(tmp: Path, model: Path) -> list[str]:
         f"trainer.output_dir={tmp}/run",
         "trainer.max_steps=6",
         "trainer.save_every=0",  # only the signal's checkpoint (and the last step's)
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
 
 

@@ -15,6 +15,7 @@ from ivgr_dist.config import EngineConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
 from ivgr_dist.reward.judge.engine import EngineJudge
 from ivgr_dist.reward.judge.openai import request_deadline_s
+from ivgr_dist.runtime import worker_runtime_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ SAMPLES = 4
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     try:
         yield
     finally:

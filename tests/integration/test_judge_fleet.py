@@ -15,6 +15,7 @@ import pytest
 
 from ivgr_dist.config import EngineConfig, HealthConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
+from ivgr_dist.runtime import worker_runtime_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2-4 min: three judge engine starts
 
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2-4 min: three judg
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     try:
         yield ray
     finally:

@@ -27,6 +27,13 @@ from ivgr_dist.reward.judge.prompts import RUBRIC
 from support.fault_server import Fault, FaultServer
 
 SECRET = "sk-test-0123456789abcdef"
+# vLLM's OpenAI-compatible server with the import fix (README, "The CPU stack"): run as a module from ``-c``, so its
+# engine processes, spawned, get the fix from the process config before they import anything (``-m`` would have
+# them import the server module, transformers included, first)
+VLLM_SERVER = (
+    "import runpy, ivgr_dist._ext_fix as fix; fix.install(); "
+    "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__')"
+)
 
 
 def _cfg(urls, **kw) -> JudgeConfig:
@@ -289,7 +296,7 @@ def vllm_server(tiny_model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir)]
+    cmd = [sys.executable, "-c", VLLM_SERVER, "--model", str(tiny_model_dir)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "judge", "--enforce-eager"]
     cmd += ["--gpu-memory-utilization", "0.2", "--max-model-len", "1024"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")

@@ -52,7 +52,7 @@ def _train(tmp_path, seed: int, staleness: int) -> subprocess.CompletedProcess:
         f"sft.seed={seed}",
         f"rollout.engine.seed={seed}",
         f"trainer.seed={seed}",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
     return run_train(overrides, timeout=1200)
 

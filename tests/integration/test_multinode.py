@@ -74,7 +74,7 @@ def _overrides(shared: Path, model: Path, steps: int, output_dir: str | None = N
         f"trainer.output_dir={output_dir or shared / 'run'}",
         f"trainer.max_steps={steps}",
         "trainer.save_every=1",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
 
 

@@ -114,7 +114,11 @@ def fake_gpu_cluster():
 
     # The stand-ins live in this test module, which Ray's workers cannot import: ship them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(
+        num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env()
+    )
     yield ray
     ray.shutdown()
 

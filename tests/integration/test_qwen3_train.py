@@ -40,7 +40,7 @@ def test_qwen3_vl_tp2_trains_three_steps_with_engine_parity(tmp_path):
         "data.rollout_batch_size=16",
         "rollout.max_response_length=48",
         f"trainer.output_dir={tmp_path}/run",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of its own
     proc = subprocess.run(args, capture_output=True, text=True, timeout=840, cwd=tmp_path, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,19 +10,26 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from ivgr_dist.checkpoints import latest_checkpoint
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
-from ivgr_dist.reward.bench import synthetic_batch
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.pool import RewardPool, RewardWorker, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
+from ivgr_dist.runtime import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_reward.py"
+_spec = importlib.util.spec_from_file_location("bench_reward", BENCH)
+bench_reward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_reward)
+synthetic_batch = bench_reward.synthetic_batch  # the benchmark's rollouts: every reward path runs
 
 OK = "<score>1.0</score> <verdict>yes</verdict>"
 
@@ -30,7 +38,7 @@ OK = "<score>1.0</score> <verdict>yes</verdict>"
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -151,10 +159,9 @@ def test_killed_worker_groups_are_rescored(ray_cluster):
     assert m["judge/failures"] == 0
 
 
-def test_bench_cli_prints_no_missing_rewards(ray_cluster):
+def test_bench_script_prints_no_missing_rewards(ray_cluster):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "ivgr_dist.cli", "bench", "reward", "--records", "32", "--schedule", "both",
-           "--generation-s", "1"]  # fmt: skip
+    cmd = [sys.executable, str(BENCH), "--records", "32", "--schedule", "both", "--generation-s", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -30,7 +30,7 @@ def test_sft_trains_writes_a_loadable_model_and_is_reused(tiny_model_dir, tmp_pa
             f"data.train_files=[{data / 'train.parquet'}]",
             f"data.val_files=[{data / 'val.parquet'}]",
             f"trainer.output_dir={tmp_path / 'run'}",
-            "trainer.tensorboard=false",
+            "trainer.loggers=[jsonl]",
             "sft.steps=12",
             "sft.batch_size=4",
             "sft.lr=2e-3",

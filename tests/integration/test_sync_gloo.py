@@ -66,7 +66,9 @@ def stack(cfg):
     from ivgr_dist.sync.verify import WeightVerifier
 
     prompts = build_pipeline(cfg.model, cfg.data).next_prompts()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_collective", use_gpus=False, start_timeout_s=300)
     learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_steps=4, timeout_s=300)
     verifier = WeightVerifier(cfg.sync.verify_tolerance)

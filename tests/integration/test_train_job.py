@@ -43,7 +43,7 @@ def _overrides(tmp: Path, model: Path, steps: int) -> list[str]:
         f"trainer.output_dir={tmp}/run",
         f"trainer.max_steps={steps}",
         "trainer.save_every=1",
-        "trainer.tensorboard=false",
+        "trainer.loggers=[jsonl]",
     ]
 
 

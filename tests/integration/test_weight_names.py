@@ -16,7 +16,9 @@ TIMEOUT_S = 300
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 

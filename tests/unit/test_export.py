@@ -91,7 +91,7 @@ def test_the_warm_start_is_exported_in_the_engines_dtype(tiny_model_dir, tmp_pat
             f"data.train_files=[{tmp_path / 'data' / 'train.parquet'}]",
             f"data.val_files=[{tmp_path / 'data' / 'val.parquet'}]",
             f"trainer.output_dir={tmp_path / 'run'}",
-            "trainer.tensorboard=false",
+            "trainer.loggers=[jsonl]",
             "sft.steps=1",
             "sft.batch_size=2",
         ],

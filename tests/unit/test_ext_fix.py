@@ -1,4 +1,5 @@
-"""The torchvision / torchaudio / torchcodec import fix (src/ivgr_dist/_ext_fix.py)."""
+"""The torchvision / torchaudio / torchcodec import fix (src/ivgr_dist/_ext_fix.py); where it is installed:
+tests/integration/test_ext_fix_processes.py."""
 
 from __future__ import annotations
 
@@ -17,25 +18,15 @@ def _run(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_installed_pth_reaches_a_fresh_interpreter():
-    # No explicit install() call: the .pth shipped in the wheel must have put the finder in place.
-    out = _run(
-        """
-        import json, sys
-        print(json.dumps({"finder": any(type(f).__name__ == "_ExtFixFinder" for f in sys.meta_path)}))
-        """
-    )
-    assert out["finder"], "ivgr_dist_ext_fix.pth is not installed in this environment (pip install -e .)"
-
-
 def test_transformers_qwen_processor_and_vllm_multimodal_import():
     out = _run(
         """
         import json
+        import ivgr_dist._ext_fix as fix
+        fix.install()  # as the project's processes do when they start (tests/integration/test_ext_fix_processes.py)
         import torchvision, torchaudio
         from transformers import Qwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: F401
         import transformers.audio_utils  # imports torchaudio when installed
-        import ivgr_dist._ext_fix as fix
         try:
             import vllm.multimodal  # imports torchcodec optionally
             vllm_ok = True
@@ -51,6 +42,8 @@ def test_torchcodec_failure_becomes_import_error_never_oserror():
     out = _run(
         """
         import json
+        import ivgr_dist._ext_fix as fix
+        fix.install()
         try:
             import torchcodec  # noqa: F401
             result = "ok"

@@ -260,8 +260,16 @@ def test_loggers_config_defaults_and_overrides():
     assert load_config(None, ["trainer.loggers=[jsonl,wandb]"]).trainer.loggers == ["jsonl", "wandb"]
     assert load_config(None, ["trainer.wandb_tags=ablation"]).trainer.wandb_tags == ["ablation"]
     assert load_config(None, ["data.streams=grounded"]).data.streams == ["grounded"]
-    # the older switch still turns TensorBoard off
-    assert load_config(None, ["trainer.tensorboard=false"]).trainer.active_loggers == ["jsonl"]
+    assert load_config(None, ["trainer.loggers=[jsonl]"]).trainer.active_loggers == ["jsonl"]  # no TensorBoard
+
+
+def test_the_removed_tensorboard_switch_is_refused_naming_its_replacement(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.tensorboard: removed; set trainer.loggers.*loggers=\[jsonl\]"):
+        load_config(None, ["trainer.tensorboard=false"])
+    path = tmp_path / "old.yaml"
+    path.write_text("trainer:\n  tensorboard: true\n")
+    with pytest.raises(ConfigError, match=rf"trainer.tensorboard: removed; .* \(in {path}\)$"):
+        load_config(path)
 
 
 def test_scalar_for_a_list_in_yaml_is_a_list_of_one(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ivgr_dist.config import AlgorithmConfig
-from ivgr_dist.reward.scorer import RuleScorer
+from ivgr_dist.reward.scorer import InProcessScorer
 from ivgr_dist.samples import sample_records
 from ivgr_dist.types import Prompt, Rollout
 
@@ -110,7 +110,7 @@ GOOD_A = "<think>the red circle <box>[10,10,50,50]</box> is red</think><answer>r
 
 
 def test_scorer_keeps_the_reference_each_textual_rollout_was_judged_against():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     try:
         a, b = _prompt(1, "grounded"), _prompt(1, "textual")
         c = _prompt(2, "textual")  # no grounded partner: no reference, consistency 0

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ivgr_dist.config import AlgorithmConfig
-from ivgr_dist.reward.scorer import RuleScorer, job_from_group
+from ivgr_dist.reward.scorer import InProcessScorer, job_from_group
 from ivgr_dist.reward.summary import reward_metrics
 from ivgr_dist.types import Prompt, Rollout
 
@@ -36,7 +36,7 @@ WRONG_A = "<think>hmm</think><answer>blue</answer>"
 
 
 def test_grounded_rewards_and_reference_update():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     p = _prompt(7, "grounded")
     [scored] = list(scorer.score_stream([_group(p, [GOOD_A, HALF_A, WRONG_A, "garbage"])], [p], step=1))
     r = {x.sample_idx: x for x in scored}
@@ -51,7 +51,7 @@ def test_grounded_rewards_and_reference_update():
 
 
 def test_textual_waits_for_its_grounded_partner_in_the_same_batch():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     a, b, s = _prompt(1, "grounded"), _prompt(1, "textual"), _prompt(2, "single", answer="17", qtype="math")
     b_texts = ["<think>the red circle is red</think><answer>red</answer>", "<think>x</think><answer>blue</answer>"]
     groups = [_group(b, b_texts), _group(s, ["<think>10+7</think><answer>17</answer>"]), _group(a, [GOOD_A])]
@@ -65,7 +65,7 @@ def test_textual_waits_for_its_grounded_partner_in_the_same_batch():
 
 
 def test_textual_without_reference_gets_zero_consistency_and_is_counted():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     a, b = _prompt(4, "grounded"), _prompt(4, "textual")
     groups = [_group(a, [WRONG_A]), _group(b, ["<think>red</think><answer>red</answer>"])]
     out = list(scorer.score_stream(groups, [a, b], step=1))
@@ -75,7 +75,7 @@ def test_textual_without_reference_gets_zero_consistency_and_is_counted():
 
 
 def test_lost_partner_still_scored_and_counted():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     a, b = _prompt(5, "grounded"), _prompt(5, "textual")
     out = list(scorer.score_stream([_group(b, ["<think>a</think><answer>red</answer>"])], [a, b], step=1))
     assert len(out) == 1 and out[0][0].rewards["accuracy"] == 1.0
@@ -83,10 +83,10 @@ def test_lost_partner_still_scored_and_counted():
 
 
 def test_reference_state_round_trips_through_json():
-    scorer = RuleScorer(AlgorithmConfig())
+    scorer = InProcessScorer(AlgorithmConfig())
     p = _prompt(9, "grounded")
     list(scorer.score_stream([_group(p, [GOOD_A])], [p], step=2))
-    restored = RuleScorer(AlgorithmConfig())
+    restored = InProcessScorer(AlgorithmConfig())
     restored.load_state_dict(json.loads(json.dumps(scorer.state_dict())))
     assert restored.references.get(9) == scorer.references.get(9)
 
@@ -95,7 +95,7 @@ def test_reward_metrics_per_stream():
     a, s = _prompt(1, "grounded"), _prompt(2, "single")
     ra = _group(a, [GOOD_A, WRONG_A])
     rs = _group(s, ["x"])
-    list(RuleScorer(AlgorithmConfig()).score_stream([ra], [a], 0))
+    list(InProcessScorer(AlgorithmConfig()).score_stream([ra], [a], 0))
     for r in rs:
         r.rewards, r.reward = {"format": 0.0, "accuracy": 1.0}, 1.5
     m = reward_metrics(ra + rs)
@@ -124,7 +124,7 @@ def test_recipe_exact_box_rules_reach_the_rewards(recipe_exact):
     #   default: A ~ A (IoU 1 > 0.9) -> box_valid 0; reward 3.0.
     # DECIMAL_A: recipe: "[10.0,10,50,50]" is not four integers -> box_valid 0, box_iou 0; reward 2.0.
     #   default: valid, equal to the target -> box_valid 1, box_iou 1; reward 4.0.
-    scorer = RuleScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
+    scorer = InProcessScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
     p = _prompt(11, "grounded")
     [scored] = list(scorer.score_stream([_group(p, [UNORDERED_DUP_A, DECIMAL_A])], [p], step=1))
     dup, dec = scored
@@ -145,7 +145,7 @@ def test_recipe_exact_box_rules_reach_the_rewards(recipe_exact):
 def test_recipe_exact_reference_may_have_a_blank_think(recipe_exact):
     # BLANK_THINK_A: accuracy 1, box_iou 1.0 >= 0.3, think text "". The recipe's rule (accuracy 1 and box_iou >= 0.3)
     # makes it the reference; by default a blank think does not qualify and the record has no reference.
-    scorer = RuleScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
+    scorer = InProcessScorer(AlgorithmConfig(), recipe_exact=recipe_exact)
     p = _prompt(12, "grounded")
     [scored] = list(scorer.score_stream([_group(p, [BLANK_THINK_A])], [p], step=1))
     assert scored[0].rewards == {"format": 0.0, "accuracy": 1.0, "box_valid": 1.0, "box_iou": 1.0}
@@ -160,7 +160,7 @@ def test_recipe_exact_reference_may_have_a_blank_think(recipe_exact):
 def test_the_answer_length_bound_is_the_config_key_both_ways(limit):
     """``algorithm.max_answer_chars`` is THE bound (it was min(key, 1000): raising it did nothing): an exact
     answer of ``limit`` characters scores 1, one character more scores 0 without a judge (math included)."""
-    scorer = RuleScorer(AlgorithmConfig(max_answer_chars=limit))
+    scorer = InProcessScorer(AlgorithmConfig(max_answer_chars=limit))
     ok, long = "7" * limit, "7" * (limit + 1)
     for answer in (ok, long):
         for qtype in ("exact", "math"):

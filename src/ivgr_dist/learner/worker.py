@@ -62,6 +62,7 @@ from ivgr_dist.learner.batch import (
 )
 from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logits, token_mean, truncated_is_weights
 from ivgr_dist.learner.step_data import StepBatch
+from ivgr_dist.learner.update_metrics import UpdateSums, loss_metrics
 from ivgr_dist.models.naming import checkpoint_names
 
 __all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
@@ -105,18 +106,6 @@ def resolve_attn_implementation(choice: str, cuda: bool) -> str:
     if choice not in ("sdpa", "flash_attention_2"):
         raise ValueError(f"learner.attn_implementation={choice!r}: must be auto, sdpa or flash_attention_2")
     return choice
-
-
-def _tis_metrics(tot: dict[str, float]) -> dict[str, float]:
-    """``offpolicy/*`` from the global sums of the truncated importance weights (none when the correction is off)."""
-    n = tot["w_n"]
-    if n <= 0:
-        return {}
-    return {
-        "offpolicy/is_weight_mean": tot["w"] / n,
-        "offpolicy/is_clip_frac": tot["w_capped"] / n,
-        "offpolicy/ess": tot["w"] ** 2 / (n * tot["w2"]) if tot["w2"] > 0 else 0.0,
-    }
 
 
 def pick_master_address() -> tuple[str, int]:
@@ -468,25 +457,8 @@ class LearnerWorker:
         batches = self._plan(samples)
         n_dummy = sum(idx is None for idx in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        # Per-rank sums, kept on the device (no host sync per micro-batch): the losses (already divided
-        # by denom), token-weighted fractions, tokens; then slots and real tokens (host ints).
-        keys = [
-            "pg",
-            "kl",
-            "total",
-            "clip",
-            "clip_high",
-            "clip_low",
-            "approx_kl",
-            "tokens",
-            "w",
-            "w2",
-            "w_capped",
-            "w_n",
-        ]
         cap = self.algo_cfg.tis_cap
-        acc = torch.zeros(len(keys), dtype=torch.float64, device=self._device)
-        slots = real = 0
+        sums = UpdateSums(self._device)  # on the device: no host sync per micro-batch
         t0 = time.perf_counter()
         for idx in batches:
             mb = [samples[i] for i in idx] if idx is not None else [self._dummy_sample()]
@@ -519,17 +491,11 @@ class LearnerWorker:
                     **self.loss_cfg.loss_kwargs(),
                 )
                 if weights is not None:
-                    w = weights[mask]
-                    count = torch.tensor(float(w.numel()), device=w.device)
-                    acc[-4:] += torch.stack([w.sum(), w.square().sum(), (w >= cap).sum().float(), count]).double()
+                    sums.add_is_weights(weights[mask], cap)
             loss.backward()
-            n = mask.sum()
-            kl = m.get("kl_loss", torch.zeros((), device=self._device))
-            fractions = [m[k] * n for k in ("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "approx_kl")]
-            acc[:8] += torch.stack([m["pg_loss"], kl, m["loss"], *fractions, n]).double()
+            sums.add_losses(m, mask.sum())
             if idx is not None:
-                slots += fields["slots"]
-                real += fields["real"]
+                sums.add(slots=fields["slots"], real=fields["real"])
         if self._device.type == "cuda":
             torch.cuda.synchronize()
         fb_time = time.perf_counter() - t0
@@ -543,11 +509,8 @@ class LearnerWorker:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        values = self._all_reduce([*acc.tolist(), slots, real])
-        tot = dict(zip([*keys, "slots", "real"], values, strict=True))
+        tot = sums.all_reduce(dist.all_reduce)
         fb_time, n_dummy = self._all_reduce([fb_time, n_dummy], dist.ReduceOp.MAX)
-        tokens = max(tot["tokens"], 1.0)
-        w = self.world_size
         common = {
             "grad_norm": grad_norm,
             "lr": lr,
@@ -558,19 +521,7 @@ class LearnerWorker:
             "learner/skipped_step": float(skipped),
             "time/learner_forward_backward_s": fb_time,
         }
-        if sft:
-            return {"loss/nll": tot["total"] / w, **common}
-        return {
-            "loss/policy": tot["pg"] / w,
-            "loss/kl": tot["kl"] / w,
-            "loss/total": tot["total"] / w,
-            "clip/frac": tot["clip"] / tokens,
-            "clip/frac_high": tot["clip_high"] / tokens,
-            "clip/frac_low": tot["clip_low"] / tokens,
-            "policy/approx_kl": tot["approx_kl"] / tokens,
-            **_tis_metrics(tot),
-            **common,
-        }
+        return {**loss_metrics(tot, self.world_size, sft), **common}
 
     def _clip_grad_norm(self) -> float:
         """Global L2 norm of the gradients before clipping; clips to ``grad_clip`` when it is > 0."""

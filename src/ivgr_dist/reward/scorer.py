@@ -586,7 +586,3 @@ class InProcessScorer(StreamScorer):
 
             close_fleet(self.judge_fleet)
             self.judge_fleet = None
-
-
-RuleScorer = InProcessScorer
-"""Former name of the in-process scorer (its consistency is now the judge's, ``rule`` by default)."""
