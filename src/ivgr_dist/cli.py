@@ -168,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from ivgr_dist.metrics import require_loggers
 
-    require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails here, before anything starts
+    require_loggers(cfg.trainer.loggers)  # a missing wandb fails here, before anything starts
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
     from ivgr_dist.reward.pool import make_scorer

@@ -1011,11 +1011,6 @@ class TrainerConfig:
             "must be >= 1",
         )
 
-    @property
-    def active_loggers(self) -> list[str]:
-        """``loggers`` (the name the trainer and the train command still read; drop it once they read ``loggers``)."""
-        return list(self.loggers)
-
 
 @dataclass(frozen=True)
 class Config:

@@ -116,7 +116,7 @@ class Trainer:
         # after the resume step is known: the logs continue from it (later records, about to be redone, dropped)
         self.metrics = MetricsLogger(
             self.out,
-            cfg.trainer.active_loggers,
+            cfg.trainer.loggers,
             resume_step=self.step if cfg.trainer.resume else None,
             wandb=wandb_options(cfg),
         )
@@ -135,7 +135,7 @@ class Trainer:
         from ivgr_dist.sync import make_weight_sync, resolve_backend
 
         try:
-            require_loggers(cfg.trainer.active_loggers)  # a missing wandb fails before the roles start
+            require_loggers(cfg.trainer.loggers)  # a missing wandb fails before the roles start
             out = Path(cfg.trainer.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
@@ -210,10 +210,10 @@ class Trainer:
             + f"; outputs in {self.out}: metrics.jsonl, checkpoints/, logs/ (engines, learners, Ray, vLLM)"
             + (
                 f"; tensorboard --logdir {self.out / 'tensorboard'}"
-                if "tensorboard" in cfg.trainer.active_loggers
+                if "tensorboard" in cfg.trainer.loggers
                 else ""
             )
-            + ("; W&B: project " + cfg.trainer.wandb_project if "wandb" in cfg.trainer.active_loggers else ""),
+            + ("; W&B: project " + cfg.trainer.wandb_project if "wandb" in cfg.trainer.loggers else ""),
         ]
         return "\n  ".join(["run:", *lines])
 

@@ -253,14 +253,14 @@ def test_wandb_missing_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_loggers_config_defaults_and_overrides():
     t = load_config(None).trainer
-    assert t.loggers == ["jsonl", "tensorboard"] and t.active_loggers == ["jsonl", "tensorboard"]
+    assert t.loggers == ["jsonl", "tensorboard"]
     assert (t.wandb_project, t.wandb_run_name, t.wandb_entity, t.wandb_tags) == ("ivgr-dist", None, None, [])
     assert (t.log_samples_every, t.log_samples_per_stream) == (5, 2)
     assert load_config(None, ["trainer.loggers=wandb"]).trainer.loggers == ["wandb"]  # one name: a list of one
     assert load_config(None, ["trainer.loggers=[jsonl,wandb]"]).trainer.loggers == ["jsonl", "wandb"]
     assert load_config(None, ["trainer.wandb_tags=ablation"]).trainer.wandb_tags == ["ablation"]
     assert load_config(None, ["data.streams=grounded"]).data.streams == ["grounded"]
-    assert load_config(None, ["trainer.loggers=[jsonl]"]).trainer.active_loggers == ["jsonl"]  # no TensorBoard
+    assert load_config(None, ["trainer.loggers=[jsonl]"]).trainer.loggers == ["jsonl"]  # no TensorBoard
 
 
 def test_the_removed_tensorboard_switch_is_refused_naming_its_replacement(tmp_path):
