@@ -208,11 +208,7 @@ class Trainer:
             f"steps {self.step + 1}-{cfg.trainer.max_steps}"
             + (f" (resumed at step {self.step})" if self.step else "")
             + f"; outputs in {self.out}: metrics.jsonl, checkpoints/, logs/ (engines, learners, Ray, vLLM)"
-            + (
-                f"; tensorboard --logdir {self.out / 'tensorboard'}"
-                if "tensorboard" in cfg.trainer.loggers
-                else ""
-            )
+            + (f"; tensorboard --logdir {self.out / 'tensorboard'}" if "tensorboard" in cfg.trainer.loggers else "")
             + ("; W&B: project " + cfg.trainer.wandb_project if "wandb" in cfg.trainer.loggers else ""),
         ]
         return "\n  ".join(["run:", *lines])
