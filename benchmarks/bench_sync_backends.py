@@ -101,7 +101,7 @@ def main() -> None:
         learners = LearnerGroup(
             model_cfg, LearnerConfig(num_ranks=args.ranks, cpus_per_rank=0), AlgorithmConfig(kl_coef=0.0), 1, 600
         )
-        metas = [TensorMeta(*m) for m in learners.weight_metadata("bfloat16")]
+        metas = [TensorMeta(*m) for m in ray.get(learners.actors[0].weight_metadata.remote("bfloat16"))]
         for name, backend, make in (
             ("shm", "ivgr_shm", lambda: ShmWeightSync(bucket_bytes=bucket_bytes, dtype="bfloat16")),
             ("gloo", "ivgr_collective", lambda: CollectiveWeightSync("gloo", bucket_bytes, "bfloat16", timeout_s=300)),

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ivgr_dist.sync.collective import (
-    Sender,
     TensorMeta,
     bucket_layout,
     open_group,
     pack,
     plan_buckets,
     rank_offsets,
+    send_buckets,
     unpack,
 )
 
@@ -119,7 +119,6 @@ def test_gloo_broadcast_reaches_every_receiver_and_a_dropout_fails_the_sender_af
         p.start()
     try:
         group = open_group("127.0.0.1", port, 0, world, "gloo", timeout_s=20)
-        sender = Sender(group, "gloo", torch.device("cpu"))
         drained = []
 
         def pairs():
@@ -130,13 +129,13 @@ def test_gloo_broadcast_reaches_every_receiver_and_a_dropout_fails_the_sender_af
         metas = _metas(SIZES)
         assert len(plan_buckets(metas, 16_000)) == 3
         if not drop:
-            out = sender.send(pairs(), metas, 16_000)
+            out = send_buckets(group, "cpu", pairs(), metas, 16_000)
             assert out["bytes"] == sum(m.nbytes for m in metas) and out["buckets"] == 3
             results = sorted(q.get(timeout=60) for _ in range(world - 1))
             assert results == [(1, "ok", True), (2, "ok", True), (3, "ok", True)]
         else:
             with pytest.raises(RuntimeError, match=r"broadcast failed after \d+ of 46080 bytes"):
-                sender.send(pairs(), metas, 16_000)
+                send_buckets(group, "cpu", pairs(), metas, 16_000)
         assert drained == [m.name for m in metas]  # iterated to the end either way (the learners' gathers)
     finally:
         for p in procs:
