@@ -6,15 +6,19 @@ and the device of the buffers.
 
 The transfer group is its own torch process group, outside vLLM's and the learners' default groups: learner
 rank 0 is rank 0 and hosts the rendezvous store; engine ``i``'s TP workers hold ranks
-``offset_i .. offset_i + tp - 1`` with ``offset_0 = 1``, so the group has ``1 + sum(tp)`` ranks. Per push:
+``offset_i .. offset_i + tp - 1`` with ``offset_0 = 1``, so the group has ``1 + sum(tp)`` ranks. The driver
+(:class:`CollectiveWeightSync`) forms it by sending the learner ranks a plan with a ``rendezvous``
+(:class:`CollectiveSender`: rank 0 hosts and joins; it answers with the update's checkpoint names, wire
+dtypes and global shapes, nothing gathered) while every engine joins (``RolloutWorker.wt_init``). Per push:
 
-1. the driver gives every engine the update description: checkpoint names, wire dtypes and global shapes
-   (from learner rank 0, without gathering) and the bucket size; both sides cut the same buckets from it
-   (:func:`plan_buckets`) and lay each out the same way (:func:`bucket_layout`: 16-byte aligned);
+1. the driver gives every engine the update description: those names, dtypes and shapes and the bucket
+   size; both sides cut the same buckets from it (:func:`plan_buckets`) and lay each out the same way
+   (:func:`bucket_layout`: 16-byte aligned);
 2. every engine enters vLLM's weight-transfer lifecycle (``start_weight_update`` -> ``update_weights`` ->
-   ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket;
-3. every learner rank iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among the
-   learners only), rank 0 packs each complete bucket into one buffer and broadcasts it.
+   ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket
+   (:func:`receive_buckets`);
+3. every learner rank's sender iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among
+   the learners only), rank 0 packs each complete bucket into one buffer and broadcasts it (:func:`send_buckets`).
 
 Deadlines and failures: the group's operations time out after ``sync.timeout_s``; the driver waits for
 the whole push until the same deadline plus a short grace. After the first failed broadcast, learner rank 0
