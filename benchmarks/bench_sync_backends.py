@@ -85,7 +85,8 @@ def main() -> None:
     from ivgr_dist.config import AlgorithmConfig, EngineConfig, LearnerConfig, ModelConfig, RolloutConfig
     from ivgr_dist.learner.group import LearnerGroup
     from ivgr_dist.rollout.pool import RolloutPool
-    from ivgr_dist.sync.collective import CollectiveWeightSync, TensorMeta, bucket_layout, plan_buckets
+    from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, plan_buckets
+    from ivgr_dist.sync.collective import CollectiveWeightSync
     from ivgr_dist.sync.shm import ShmWeightSync
 
     model_dir = build_model(

@@ -1,4 +1,4 @@
-"""The collective weight-sync wire format and its gloo group, without vLLM: bucket plans, packing, rank layout,
+"""The collective weight-sync wire format (sync/buckets.py) and its gloo group, without vLLM: bucket plans, packing, rank layout,
 and a real gloo broadcast between processes (a sender, receivers, and a receiver that drops out)."""
 
 from __future__ import annotations
@@ -9,16 +9,8 @@ import socket
 import pytest
 import torch
 
-from ivgr_dist.sync.collective import (
-    TensorMeta,
-    bucket_layout,
-    open_group,
-    pack,
-    plan_buckets,
-    rank_offsets,
-    send_buckets,
-    unpack,
-)
+from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, pack, plan_buckets, unpack
+from ivgr_dist.sync.collective import open_group, rank_offsets, send_buckets
 
 
 def _metas(sizes: list[int], dtype: str = "float32") -> list[TensorMeta]:

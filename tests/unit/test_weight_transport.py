@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ivgr_dist.sync import BACKENDS, make_sender, make_weight_sync
-from ivgr_dist.sync.collective import CollectiveSender, TensorMeta, receive_buckets
+from ivgr_dist.sync.buckets import TensorMeta
+from ivgr_dist.sync.collective import CollectiveSender, receive_buckets
 from ivgr_dist.sync.shm import ShmSender, merge_rank_buckets, read_sharded_bucket
 
 

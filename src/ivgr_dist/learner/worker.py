@@ -66,6 +66,7 @@ from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.models.naming import checkpoint_names
 from ivgr_dist.sync import make_sender
 from ivgr_dist.sync.base import WeightSender
+from ivgr_dist.sync.buckets import TensorMeta, plan_buckets
 
 __all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
 
@@ -634,10 +635,8 @@ class LearnerWorker:
         return out
 
     def iter_full_state(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> Iterator[list]:
-        """:meth:`iter_full_tensors` in buckets of about ``bucket_bytes`` (``ivgr_dist.sync.collective.plan_buckets``'s
+        """:meth:`iter_full_tensors` in buckets of about ``bucket_bytes`` (``ivgr_dist.sync.buckets.plan_buckets``'s
         cut, from global sizes: every rank cuts the same buckets); other ranks' buckets are empty lists."""
-        from ivgr_dist.sync.collective import TensorMeta, plan_buckets
-
         wire = str(dtype).removeprefix("torch.") if dtype is not None else None
         metas = [TensorMeta(n, d, s) for n, d, s in self.weight_metadata(wire)]
         tensors = self.iter_full_tensors(dtype)

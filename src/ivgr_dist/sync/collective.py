@@ -12,8 +12,8 @@ rank 0 is rank 0 and hosts the rendezvous store; engine ``i``'s TP workers hold 
 dtypes and global shapes, nothing gathered) while every engine joins (``RolloutWorker.wt_init``). Per push:
 
 1. the driver gives every engine the update description: those names, dtypes and shapes and the bucket
-   size; both sides cut the same buckets from it (:func:`plan_buckets`) and lay each out the same way
-   (:func:`bucket_layout`: 16-byte aligned);
+   size; both sides cut the same buckets from it and lay each out the same way (``ivgr_dist.sync.buckets``:
+   :func:`plan_buckets`, :func:`bucket_layout`, 16-byte aligned);
 2. every engine enters vLLM's weight-transfer lifecycle (``start_weight_update`` -> ``update_weights`` ->
    ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket
    (:func:`receive_buckets`);
@@ -42,6 +42,7 @@ import torch
 
 from ivgr_dist.rendezvous import open_store
 from ivgr_dist.sync.base import WeightSource
+from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, pack, plan_buckets, unpack
 from ivgr_dist.sync.fanout import EngineView, SyncError, call_engines
 
 log = logging.getLogger(__name__)
@@ -49,97 +50,20 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "ivgr_collective"
 """The vLLM weight-transfer engine (registered by ``ivgr_dist.sync.vllm_plugin``) both communicators use."""
 COMMUNICATORS = ("gloo", "nccl")
-_ALIGN = 16  # byte alignment of each tensor inside a packed bucket (any dtype's view stays aligned)
 
 __all__ = [
     "BACKEND_NAME",
     "COMMUNICATORS",
     "CollectiveSender",
     "CollectiveWeightSync",
-    "TensorMeta",
-    "bucket_layout",
     "open_group",
-    "pack",
-    "plan_buckets",
     "rank_offsets",
     "receive_buckets",
     "send_buckets",
-    "unpack",
 ]
 
 
 # ----------------------------------------------------------------------------------------- wire format
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """One tensor as it travels: checkpoint name, wire dtype name (``bfloat16``), global shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = getattr(torch, self.dtype).itemsize
-        for d in self.shape:
-            n *= int(d)
-        return n
-
-
-def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
-    """Consecutive tensor indices per bucket: a bucket closes at the tensor that brings it to ``bucket_bytes``
-    or more (a tensor larger than the budget is a bucket of its own). Sender and receivers both call this."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes={bucket_bytes}: must be >= 1")
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, meta in enumerate(metas):
-        current.append(i)
-        size += meta.nbytes
-        if size >= bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def bucket_layout(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
-    """Byte offset of each tensor in the packed buffer (aligned to 16) and the buffer's size."""
-    offsets, end = [], 0
-    for meta in metas:
-        start = -(-end // _ALIGN) * _ALIGN
-        offsets.append(start)
-        end = start + meta.nbytes
-    return offsets, end
-
-
-def pack(
-    tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """One uint8 buffer holding ``tensors`` (which must match ``metas``) at :func:`bucket_layout`'s offsets."""
-    offsets, total = bucket_layout(metas)
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
-    for tensor, meta, off in zip(tensors, metas, offsets, strict=True):
-        if tensor.dtype != getattr(torch, meta.dtype) or tuple(tensor.shape) != tuple(meta.shape):
-            raise ValueError(
-                f"{meta.name}: got {tensor.dtype} {tuple(tensor.shape)}, the update declared {meta.dtype} {meta.shape}"
-            )
-        buf[off : off + meta.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-    return buf
-
-
-def unpack(buf: torch.Tensor, metas: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` views into a buffer made by :func:`pack` (no copy)."""
-    offsets, total = bucket_layout(metas)
-    if buf.numel() != total:
-        raise ValueError(f"packed bucket has {buf.numel()} bytes, its layout {total}")
-    return [
-        (m.name, buf[off : off + m.nbytes].view(getattr(torch, m.dtype)).view(m.shape))
-        for m, off in zip(metas, offsets, strict=True)
-    ]
 
 
 def update_description(metas: Sequence[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
