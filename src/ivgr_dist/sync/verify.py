@@ -54,8 +54,8 @@ class WeightVerifier:
 
         from ivgr_dist.learner.step_data import StepBatch
 
-        engines = rollouts.engine_view()
-        if self.probe is None or not engines.ids:
+        engines = rollouts.engine_view() if self.probe is not None else None
+        if engines is None or not engines.ids:
             return {}  # nothing to compare (no engine live: verified would claim a check that did not happen)
         (reference,) = learners.score(StepBatch.from_rollouts([self.probe]), "policy", 1.0)
         ids = list(self.probe.response_ids)
