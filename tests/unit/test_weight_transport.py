@@ -1,13 +1,15 @@
 """The weight-transport interface against fake endpoints, without Ray and without vLLM: each backend's learner-side
 sender fed by a stand-in learner rank (:class:`~ivgr_dist.sync.base.WeightSource`), and the receiving side that
 the backend's vLLM engine runs (``read_sharded_bucket`` for ``ivgr_shm``, ``receive_buckets`` for the collective
-backends) reassembling exactly the learner's state; the factories' errors list the valid names."""
+backends) reassembling exactly the learner's state; the collective driver's phases against a fake learner group
+and fake engine calls; the factories' errors list the valid names. The shm driver side is in test_shm_sync.py."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import socket
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,3 +199,68 @@ def test_the_factories_build_each_side_and_list_the_valid_names():
         sync = make_weight_sync(name, use_gpus=False, bucket_bytes=5, dtype="bfloat16", timeout_s=7.0)
         assert (sync.bucket_bytes, sync.dtype, sync.timeout_s) == (5, "bfloat16", 7.0)
         assert sync.engine_backend in ("ivgr_shm", "ivgr_collective")
+
+
+# ----------------------------------------------------------------------- driver side, fake endpoints
+
+
+class FakeGroup:
+    """The learner group as the collective driver uses it: plans in, rank answers out (no Ray)."""
+
+    def __init__(self):
+        self.plans: list[tuple] = []
+
+    def master_address(self):
+        return "127.0.0.1", 1234
+
+    def push_weights_async(self, version, plan):
+        self.plans.append((version, plan))
+        return [(version, plan)]
+
+    def wait(self, refs, timeout_s):
+        pass
+
+    def collect(self, refs, what):
+        ((_, plan),) = refs
+        if "rendezvous" in plan:
+            return [{"metas": [("w", plan["dtype"], (2, 3))]}]
+        return [{"bytes": 12.0, "buckets": 1.0, "send_s": 0.1}]
+
+
+def test_the_collective_driver_forms_pushes_reforms_and_closes_a_failed_update():
+    from ivgr_dist.sync.collective import CollectiveWeightSync
+    from ivgr_dist.sync.fanout import EngineView, SyncError
+
+    live, calls, fail = [0, 1], [], {}
+
+    def call(view, method, args, timeout_s, what, version):
+        assert sorted(args) == sorted(view.ids) or method == "wt_abort"
+        calls.append((method, sorted(args)))
+        if method in fail:
+            raise SyncError(f"{method} failed", version, failed_engines=fail.pop(method))
+        return {e: {} for e in args}
+
+    rollouts = SimpleNamespace(engine_view=lambda: EngineView({e: None for e in live}, 2, {e: "n" for e in live}))
+    learners = FakeGroup()
+    sync = CollectiveWeightSync("gloo", bucket_bytes=64, dtype="bfloat16", timeout_s=5, grace_s=1, call=call)
+    sync.setup(learners, rollouts)
+    ((version, plan),) = learners.plans
+    assert version is None and plan["backend"] == "gloo" and plan["rendezvous"]["world_size"] == 5  # 1 + 2 * tp 2
+    assert calls == [("wt_init", [0, 1])] and sync.metas[0].dtype == "bfloat16"
+    calls.clear()
+    out = sync.push(learners, rollouts, version=1)
+    assert [m for m, _ in calls] == ["wt_start", "wt_update", "wt_finish"]
+    assert learners.plans[-1] == (1, {"backend": "gloo", "bucket_bytes": 64, "dtype": "bfloat16"})
+    assert out["sync/group_formed"] == 0.0 and out["sync/bytes"] == 12.0
+    # an engine left: the group is re-formed without it before the push
+    live.remove(1)
+    calls.clear()
+    assert sync.push(learners, rollouts, version=2)["sync/group_formed"] == 1.0
+    assert calls[0] == ("wt_init", [0])
+    # engine 2 joins and engine 0 dies while receiving: engine 2's update is closed, the error reaches the caller
+    live.append(2)
+    fail["wt_update"] = [0]
+    calls.clear()
+    with pytest.raises(SyncError, match="wt_update failed"):
+        sync.push(learners, rollouts, version=3)
+    assert calls[-1] == ("wt_abort", [2]) and sync.members is None  # the next push re-forms first
