@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ivgr_dist.sync import BACKENDS, make_sender, make_weight_sync
+from ivgr_dist.sync import BACKENDS, engine_backend, make_sender, make_weight_sync
 from ivgr_dist.sync.buckets import TensorMeta
 from ivgr_dist.sync.collective import CollectiveSender, receive_buckets
 from ivgr_dist.sync.shm import ShmSender, merge_rank_buckets, read_sharded_bucket
@@ -198,7 +198,8 @@ def test_the_factories_build_each_side_and_list_the_valid_names():
     for name in BACKENDS:
         sync = make_weight_sync(name, use_gpus=False, bucket_bytes=5, dtype="bfloat16", timeout_s=7.0)
         assert (sync.bucket_bytes, sync.dtype, sync.timeout_s) == (5, "bfloat16", 7.0)
-        assert sync.engine_backend in ("ivgr_shm", "ivgr_collective")
+        assert sync.engine_backend == BACKENDS[name].engine == engine_backend(name, use_gpus=False)
+    assert [engine_backend("auto", use_gpus=g) for g in (False, True)] == ["ivgr_shm", "ivgr_collective"]
 
 
 # ----------------------------------------------------------------------- driver side, fake endpoints

@@ -48,12 +48,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Backend:
-    """One transport: how the driver side and the learner-side sender are made."""
+    """One transport: how its driver side and its learner-side sender are made, and its engine-side receiver."""
 
     driver: Callable[[int, str | None, float], WeightSync]
     """``(bucket_bytes, engine dtype, timeout_s)`` -> the driver side."""
     sender: Callable[[], WeightSender]
     """-> the sender, made in every learner rank (``LearnerWorker.push_weights``)."""
+    engine: str
+    """The vLLM weight-transfer engine (the receiver) the rollout engines are created with."""
+    register: Callable[[], None]
+    """Registers that engine with vLLM (idempotent; ``ivgr_dist.sync.vllm_plugin`` calls it in every vLLM process)."""
 
 
 def _shm(bucket_bytes: int, dtype: str | None, timeout_s: float) -> WeightSync:
@@ -70,9 +74,13 @@ def _collective(communicator: str) -> Callable[[int, str | None, float], WeightS
 
 
 BACKENDS: dict[str, Backend] = {
-    "ivgr_shm": Backend(_shm, shm.ShmSender),
-    "gloo": Backend(_collective("gloo"), collective.CollectiveSender),
-    "nccl": Backend(_collective("nccl"), collective.CollectiveSender),
+    "ivgr_shm": Backend(_shm, shm.ShmSender, shm.BACKEND_NAME, shm.register_with_vllm),
+    "gloo": Backend(
+        _collective("gloo"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+    ),
+    "nccl": Backend(
+        _collective("nccl"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+    ),
 }
 
 
@@ -87,7 +95,7 @@ def resolve_backend(name: str, use_gpus: bool) -> str:
 
 def engine_backend(name: str, use_gpus: bool) -> str:
     """The vLLM weight-transfer engine that rollout engines must be built with for ``sync.backend=name``."""
-    return "ivgr_shm" if resolve_backend(name, use_gpus) == "ivgr_shm" else "ivgr_collective"
+    return BACKENDS[resolve_backend(name, use_gpus)].engine
 
 
 def make_weight_sync(
