@@ -12,8 +12,9 @@ driver side (:class:`~ivgr_dist.sync.base.WeightSync`: ``setup``, ``push``, ``cl
 calls), a sender inside every learner rank (:class:`~ivgr_dist.sync.base.WeightSender`, run by
 ``LearnerWorker.push_weights(version, plan)`` for the plan the driver side builds) and a receiver inside
 every engine (a vLLM weight-transfer engine registered by :mod:`ivgr_dist.sync.vllm_plugin`). The driver
-side sees the learners only through ``LearnerGroup.push_weights`` and the engines only through the
-pool's :class:`~ivgr_dist.sync.fanout.EngineView`. A new transport is a new module and one entry of
+side reaches the learners through ``LearnerGroup.push_weights`` / ``push_weights_async`` (plus rank 0's
+address and the ranks' nodes) and the engines only through the pool's
+:class:`~ivgr_dist.sync.fanout.EngineView`. A new transport is a new module and one entry of
 :data:`BACKENDS`.
 
 Backends (``sync.backend``):
