@@ -3,8 +3,8 @@
 A random Qwen2.5-VL of ~90 M parameters (text hidden 1024, 8 layers: big enough that bytes dominate
 fixed costs, small enough to start on 2 cores in well under a minute) goes into a LearnerGroup
 (FSDP2, gloo) and a RolloutPool on a local Ray cluster. ``ShmWeightSync.push`` runs ``--pushes``
-times (the first is a warm-up and not counted): rank 0 gathers the full weights, casts them to bf16
-and writes bucket files to /dev/shm; every engine reads them and loads them through vLLM's
+times (the first is a warm-up and not counted): every learner rank casts its own shards to bf16 and
+writes them as bucket files to /dev/shm (no gather); every engine reads them and loads them through vLLM's
 weight-transfer lifecycle (layerwise reload, then CPU repacking in ``finish_weight_update``).
 
 The lower bound is one copy of the pushed bytes per engine at this machine's copy bandwidth
@@ -13,7 +13,7 @@ The lower bound is one copy of the pushed bytes per engine at this machine's cop
 the target (docs/architecture.md) is <= 3). Reported split: ``gather_write_s`` (learner side, until the files
 exist), ``engine_load_s`` (slowest engine's whole update), the rest (Ray round trips, clean-up), and,
 measured in this process on the same bytes, what the file format alone costs (``stage_write_s``,
-``stage_read_s``: safetensors write to / read from /dev/shm).
+``stage_read_s``: the same bucket files, written by one rank holding whole tensors, to / from /dev/shm).
 
     python benchmarks/bench_sync.py [--hidden 1024] [--layers 8] [--engines 2] [--ranks 2] [--pushes 4]
 """
@@ -70,14 +70,14 @@ def file_stages(model_dir: Path, bucket_bytes: int) -> tuple[float, float, int]:
     import torch
     from safetensors.torch import load_file
 
-    from ivgr_dist.sync.shm import make_shm_dir, read_bucket, write_buckets
+    from ivgr_dist.sync.shm import make_shm_dir, merge_rank_buckets, read_sharded_bucket, write_rank_buckets
 
     state = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()})
     buckets, bucket, size = [], [], 0
     for name, t in state.items():
-        bucket.append((name, t))
+        bucket.append((name, tuple(t.shape), t, 0))  # one rank's files, every tensor whole
         size += t.numel() * t.element_size()
         if size >= bucket_bytes:
             buckets.append(bucket)
@@ -86,10 +86,12 @@ def file_stages(model_dir: Path, bucket_bytes: int) -> tuple[float, float, int]:
     out = make_shm_dir(prefix="ivgr_bench_sync_")
     try:
         t0 = time.perf_counter()
-        refs = write_buckets(buckets, out)
+        refs = merge_rank_buckets([write_rank_buckets(buckets, out, 0)])
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n = sum(t.numel() for r in refs for _, t in read_bucket(r.path, r.names))
+        n = sum(
+            t.numel() for r in refs for _, t in read_sharded_bucket(r["names"], r["shapes"], r["dtypes"], r["files"])
+        )
         read_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(out, ignore_errors=True)

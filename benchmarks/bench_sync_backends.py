@@ -85,7 +85,8 @@ def main() -> None:
     from ivgr_dist.config import AlgorithmConfig, EngineConfig, LearnerConfig, ModelConfig, RolloutConfig
     from ivgr_dist.learner.group import LearnerGroup
     from ivgr_dist.rollout.pool import RolloutPool
-    from ivgr_dist.sync.collective import CollectiveWeightSync, TensorMeta, bucket_layout, plan_buckets
+    from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, plan_buckets
+    from ivgr_dist.sync.collective import CollectiveWeightSync
     from ivgr_dist.sync.shm import ShmWeightSync
 
     model_dir = build_model(
@@ -108,7 +109,7 @@ def main() -> None:
         learners = LearnerGroup(
             model_cfg, LearnerConfig(num_ranks=args.ranks, cpus_per_rank=0), AlgorithmConfig(kl_coef=0.0), 1, 600
         )
-        metas = [TensorMeta(*m) for m in learners.weight_metadata("bfloat16")]
+        metas = [TensorMeta(*m) for m in ray.get(learners.actors[0].weight_metadata.remote("bfloat16"))]
         for name, backend, make in (
             ("shm", "ivgr_shm", lambda: ShmWeightSync(bucket_bytes=bucket_bytes, dtype="bfloat16")),
             ("gloo", "ivgr_collective", lambda: CollectiveWeightSync("gloo", bucket_bytes, "bfloat16", timeout_s=300)),

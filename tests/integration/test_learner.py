@@ -17,6 +17,7 @@ from ivgr_dist.learner.step_data import StepBatch, place
 from ivgr_dist.learner.worker import LearnerWorker, pick_master_address
 from ivgr_dist.runtime import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
+from support.weights import full_state
 
 pytestmark = pytest.mark.integration
 
@@ -104,10 +105,6 @@ def _with_logprobs(worker, samples):
     return out
 
 
-def _full_state(worker_or_group) -> dict[str, torch.Tensor]:
-    return {n: t for bucket in worker_or_group.full_state_buckets(1 << 30) for n, t in bucket}
-
-
 def _hf_logprobs(model, encoder, sample, temperature):
     """log_softmax(logits / T) gathered at the response tokens, from a plain transformers forward."""
     ids = torch.tensor([sample.input_ids])
@@ -157,7 +154,7 @@ def test_packed_rows_give_the_padded_batches_log_probs_and_loss(family, make_wor
         batch = copy.deepcopy(samples)
         for s, r in zip(batch, ref, strict=True):
             s.ref_logprobs, s.old_logprobs = r, r + 0.1
-        results[packed] = (ref, worker.update(batch, TEMPERATURE), _full_state(worker))
+        results[packed] = (ref, worker.update(batch, TEMPERATURE), full_state(worker))
     (lp_p, m_p, s_p), (lp_u, m_u, s_u) = results[True], results[False]
     for a, b in zip(lp_p, lp_u, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
@@ -180,7 +177,7 @@ def test_sharded_initialisation_loads_the_checkpoint_exactly(make_worker, tiny_q
     with safe_open(str(tiny_qwen3_dir / "model.safetensors"), "pt") as f:
         want = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     for sharded in (True, False):
-        got = _full_state(make_worker(model_dir=tiny_qwen3_dir, sharded_init=sharded))
+        got = full_state(make_worker(model_dir=tiny_qwen3_dir, sharded_init=sharded))
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k].float()) for k in want), sharded
 
@@ -207,9 +204,9 @@ def test_zero_advantages_without_kl_only_apply_weight_decay(make_worker, samples
         s.advantage = 0.0
     with pytest.raises(ValueError, match="no reference policy"):
         worker.logprobs(batch[:1], "reference", TEMPERATURE)
-    before = _full_state(worker)
+    before = full_state(worker)
     metrics = worker.update(batch, TEMPERATURE)
-    after = _full_state(worker)
+    after = full_state(worker)
     # Zero advantages give exactly zero gradients, so AdamW's moment update adds exactly nothing and
     # only the decoupled decay p <- p * (1 - lr * wd) remains.
     assert metrics["grad_norm"] == 0.0
@@ -253,13 +250,13 @@ def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
     batch = _with_logprobs(worker, samples)
     worker.update(batch, TEMPERATURE)
     worker.save_checkpoint(tmp_path / "ckpt")
-    saved_params, saved_optim, saved_step = _full_state(worker), _optim_state(worker), worker.step
+    saved_params, saved_optim, saved_step = full_state(worker), _optim_state(worker), worker.step
     saved_lr = worker.scheduler.get_last_lr()
     worker.update(batch, TEMPERATURE)
-    continued = _full_state(worker)
+    continued = full_state(worker)
     assert not torch.equal(continued["lm_head.weight"], saved_params["lm_head.weight"])
     worker.load_checkpoint(tmp_path / "ckpt")
-    for name, p in _full_state(worker).items():
+    for name, p in full_state(worker).items():
         assert torch.equal(p, saved_params[name]), name
     restored = _optim_state(worker)
     assert restored.keys() == saved_optim.keys()
@@ -267,7 +264,7 @@ def test_checkpoint_round_trip_is_exact(make_worker, samples, tmp_path):
         assert torch.equal(torch.as_tensor(restored[key]), torch.as_tensor(value)), key
     assert worker.step == saved_step and worker.scheduler.get_last_lr() == saved_lr
     worker.update(batch, TEMPERATURE)  # resuming repeats the update that followed the save
-    for name, p in _full_state(worker).items():
+    for name, p in full_state(worker).items():
         torch.testing.assert_close(p, continued[name], rtol=0, atol=1e-7)
 
 
@@ -282,7 +279,7 @@ def test_a_checkpoint_that_does_not_load_raises_corrupt_and_the_previous_one_res
     batch = _with_logprobs(worker, samples)
     worker.update(batch, TEMPERATURE)
     worker.save_checkpoint(tmp_path / "a")
-    saved, saved_step = _full_state(worker), worker.step
+    saved, saved_step = full_state(worker), worker.step
     worker.update(batch, TEMPERATURE)
     worker.save_checkpoint(tmp_path / "b")
     shard = next((tmp_path / "b").glob("*.distcp"))
@@ -291,7 +288,7 @@ def test_a_checkpoint_that_does_not_load_raises_corrupt_and_the_previous_one_res
         worker.load_checkpoint(tmp_path / "b")
     worker.load_checkpoint(tmp_path / "a")
     assert worker.step == saved_step
-    for name, p in _full_state(worker).items():
+    for name, p in full_state(worker).items():
         assert torch.equal(p, saved[name]), name
 
 
@@ -345,7 +342,7 @@ def test_export_hf_loads_in_transformers_with_the_same_weights_and_logits(make_w
     worker = make_worker()
     worker.update(_with_logprobs(worker, samples), TEMPERATURE)
     worker.export_hf(tmp_path / "hf")
-    state = _full_state(worker)
+    state = full_state(worker)
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert exported.keys() == state.keys()
     assert all(torch.equal(exported[k], state[k]) for k in state)
@@ -416,7 +413,7 @@ def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, ro
         try:
             if n == 2:  # sharded initialisation: each rank read its own rows; gathered, they are the checkpoint
                 with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
-                    loaded = _full_state(group)
+                    loaded = full_state(group)
                     assert loaded.keys() == set(f.keys())
                     assert all(torch.equal(loaded[k], f.get_tensor(k)) for k in loaded)
             group.load_batch(batch)
@@ -427,7 +424,7 @@ def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, ro
             alone = group.score(batch.select([0]), "reference", TEMPERATURE)[0]
             torch.testing.assert_close(torch.tensor(alone), torch.tensor(ref[0]), rtol=0, atol=1e-5)
             metrics = group.train_step(0, TEMPERATURE)
-            results[n] = (ref, metrics, _full_state(group))
+            results[n] = (ref, metrics, full_state(group))
             torch.testing.assert_close(torch.tensor(np.concatenate(old)), torch.tensor(np.concatenate(ref)))
             if n == 2:
                 group.load_batch(batch.select([0]))

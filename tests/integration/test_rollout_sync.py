@@ -372,11 +372,12 @@ def test_verification_fails_on_a_push_with_a_stale_bucket(pool, learners, synced
     only the probe comparison can see it. Changes the learner's weights: runs after the parity tests."""
     from ivgr_dist.learner.step_data import StepBatch
     from ivgr_dist.sync.verify import VerificationError, WeightVerifier
+    from support.weights import load_buckets, shm_buckets
 
     verifier = WeightVerifier(cfg.sync.verify_tolerance)
     rollouts = [r for g in pool.generate(prompts[:4], seed=11) for r in g]  # seeded: the same run every time
     verifier.choose_probe(rollouts)
-    old = learners.write_state_shm(str(tmp_path / "old"), BUCKET_BYTES, cfg.model.dtype)
+    old = shm_buckets(learners, str(tmp_path / "old"), BUCKET_BYTES, cfg.model.dtype)
     for r in rollouts:
         r.reward = float(r.sample_idx)
     from ivgr_dist.learner.grpo import group_advantages
@@ -387,13 +388,13 @@ def test_verification_fails_on_a_push_with_a_stale_bucket(pool, learners, synced
     learners.load_batch(StepBatch.from_rollouts(rollouts))
     for _ in range(5):  # the stale bucket is five updates old
         learners.train_step(0, cfg.rollout.temperature)
-    new = learners.write_state_shm(str(tmp_path / "new"), BUCKET_BYTES, cfg.model.dtype)
-    pool.update_weights(new, version=2)
+    new = shm_buckets(learners, str(tmp_path / "new"), BUCKET_BYTES, cfg.model.dtype)
+    load_buckets(pool, new, version=2)
     good = verifier.check(learners, pool, 2)
     assert good["sync/verified"] == 1.0 and verifier.error() is None, good
     # the same push with its lm_head bucket taken from the weights before the update
     k = next(i for i, b in enumerate(new) if any("lm_head" in n for n in b["names"]))
-    pool.update_weights([*new[:k], old[k], *new[k + 1 :]], version=3)
+    load_buckets(pool, [*new[:k], old[k], *new[k + 1 :]], version=3)
     assert pool.versions() == [3, 3]  # nothing else noticed
     bad = verifier.check(learners, pool, 3)
     print(f"\n[verify] full push {good}, stale lm_head bucket {bad}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.weights import full_state, load_buckets, shm_buckets
+
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 300
@@ -43,7 +45,7 @@ def family(request, ray_cluster, tiny_model_dir, tiny_qwen3_dir):
 
 
 def _buckets(learners, tmp_path):
-    return learners.write_state_shm(str(tmp_path), 64 << 10, "bfloat16")  # small buckets: several of them
+    return shm_buckets(learners, str(tmp_path), 64 << 10, "bfloat16")  # small buckets: several of them
 
 
 def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(family, tmp_path):
@@ -52,11 +54,11 @@ def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(f
     name, _, pool, learners = family
     buckets = _buckets(learners, tmp_path)
     assert len(buckets) > 2
-    pool.update_weights(buckets, version=1)  # raises if any engine parameter kept its old value
+    load_buckets(pool, buckets, version=1)  # raises if any engine parameter kept its old value
     assert pool.versions() == [1]
     # one bucket left out: the engine names what it did not receive and keeps its version
     with pytest.raises(SyncError, match=r"version 2 left \d+ parameters without new values .*keeps version 1"):
-        pool.update_weights(buckets[:-1], version=2)
+        load_buckets(pool, buckets[:-1], version=2)
     assert pool.versions() == [1]
     # a name the architecture does not have: vLLM's loader refuses it, naming it
     bogus = {**buckets[0], "names": list(buckets[0]["names"])}
@@ -67,9 +69,9 @@ def test_a_full_push_reaches_every_engine_parameter_and_a_partial_one_is_named(f
         for f in bogus["files"]
     ]
     with pytest.raises(SyncError, match="bogus_tower"):
-        pool.update_weights([bogus, *buckets[1:]], version=3)
+        load_buckets(pool, [bogus, *buckets[1:]], version=3)
     # the engine still takes a full push afterwards (no update left half-open)
-    pool.update_weights(buckets, version=4)
+    load_buckets(pool, buckets, version=4)
     assert pool.versions() == [4]
     print(f"\n[{name}] {len(buckets)} buckets, {sum(len(b['names']) for b in buckets)} tensors pushed")
 
@@ -81,7 +83,7 @@ def test_the_export_loads_back_into_transformers_with_identical_tensors(family, 
 
     name, _, _, learners = family
     out = learners.export_hf(tmp_path / "export", dtype="float32")
-    full = {n: t for bucket in learners.full_state_buckets() for n, t in bucket}  # checkpoint names
+    full = full_state(learners)  # checkpoint names
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     names = checkpoint_names(model)
     state = model.state_dict()

@@ -1,4 +1,4 @@
-"""The collective weight-sync wire format and its gloo group, without vLLM: bucket plans, packing, rank layout,
+"""The collective weight-sync wire format (sync/buckets.py) and its gloo group, without vLLM: bucket plans, packing, rank layout,
 and a real gloo broadcast between processes (a sender, receivers, and a receiver that drops out)."""
 
 from __future__ import annotations
@@ -9,16 +9,8 @@ import socket
 import pytest
 import torch
 
-from ivgr_dist.sync.collective import (
-    Sender,
-    TensorMeta,
-    bucket_layout,
-    open_group,
-    pack,
-    plan_buckets,
-    rank_offsets,
-    unpack,
-)
+from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, pack, plan_buckets, unpack
+from ivgr_dist.sync.collective import open_group, rank_offsets, send_buckets
 
 
 def _metas(sizes: list[int], dtype: str = "float32") -> list[TensorMeta]:
@@ -119,7 +111,6 @@ def test_gloo_broadcast_reaches_every_receiver_and_a_dropout_fails_the_sender_af
         p.start()
     try:
         group = open_group("127.0.0.1", port, 0, world, "gloo", timeout_s=20)
-        sender = Sender(group, "gloo", torch.device("cpu"))
         drained = []
 
         def pairs():
@@ -130,13 +121,13 @@ def test_gloo_broadcast_reaches_every_receiver_and_a_dropout_fails_the_sender_af
         metas = _metas(SIZES)
         assert len(plan_buckets(metas, 16_000)) == 3
         if not drop:
-            out = sender.send(pairs(), metas, 16_000)
+            out = send_buckets(group, "cpu", pairs(), metas, 16_000)
             assert out["bytes"] == sum(m.nbytes for m in metas) and out["buckets"] == 3
             results = sorted(q.get(timeout=60) for _ in range(world - 1))
             assert results == [(1, "ok", True), (2, "ok", True), (3, "ok", True)]
         else:
             with pytest.raises(RuntimeError, match=r"broadcast failed after \d+ of 46080 bytes"):
-                sender.send(pairs(), metas, 16_000)
+                send_buckets(group, "cpu", pairs(), metas, 16_000)
         assert drained == [m.name for m in metas]  # iterated to the end either way (the learners' gathers)
     finally:
         for p in procs:

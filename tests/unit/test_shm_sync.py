@@ -13,15 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from ivgr_dist.sync import make_weight_sync
+from ivgr_dist.sync.fanout import EngineView
 from ivgr_dist.sync.shm import (
     BACKEND_NAME,
-    BucketRef,
+    ShmSender,
     ShmWeightSync,
     make_shm_dir,
     merge_rank_buckets,
-    read_bucket,
     read_sharded_bucket,
-    write_buckets,
     write_rank_buckets,
 )
 
@@ -44,49 +43,39 @@ def _buckets() -> list[list[tuple[str, torch.Tensor]]]:
     ]
 
 
+def _write_whole(buckets, out_dir) -> list[dict]:
+    """``buckets`` of full tensors as one rank's files (every tensor whole, at offset 0): update descriptors."""
+    rank0 = [[(name, tuple(t.shape), t, 0) for name, t in bucket] for bucket in buckets]
+    return merge_rank_buckets([write_rank_buckets(rank0, out_dir, 0)])
+
+
 # ------------------------------------------------------------------------------------- bucket files
 
 
-def test_write_then_read_round_trips_names_dtypes_values_and_nbytes(tmp_path):
-    buckets = _buckets()
-    refs = write_buckets(buckets, tmp_path / "sync")  # the folder is created
-    assert [Path(r.path).name for r in refs] == ["bucket_00000.safetensors", "bucket_00002.safetensors"]
-    for ref, bucket in zip(refs, [buckets[0], buckets[2]], strict=True):
-        assert ref.names == [n for n, _ in bucket]
-        assert ref.nbytes == sum(t.numel() * t.element_size() for _, t in bucket)
-        assert ref.to_update_info() == {"path": ref.path, "names": ref.names, "nbytes": ref.nbytes}
-        got = list(read_bucket(ref.path, ref.names))
-        assert [n for n, _ in got] == ref.names  # in the order asked for
-        for (name, want), (_, have) in zip(bucket, got, strict=True):
-            assert have.dtype == want.dtype and have.shape == want.shape, name
-            assert torch.equal(have, want), name
-    # without names: every tensor of the file; with a subset: only those, in that order
-    assert {n for n, _ in read_bucket(refs[1].path)} == {"model.norm.weight", "visual.counts", "scalar"}
-    assert [n for n, _ in read_bucket(refs[1].path, ["scalar", "model.norm.weight"])] == ["scalar", "model.norm.weight"]
-
-
 def test_bucket_files_appear_atomically_under_their_final_name(tmp_path, monkeypatch):
-    import safetensors.torch
+    import ivgr_dist.sync.shm as shm
 
-    refs = write_buckets(_buckets(), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(r.path).name for r in refs)  # no .tmp left
+    buckets = _write_whole(_buckets(), tmp_path)
+    paths = [f["path"] for b in buckets for f in b["files"]]
+    assert [Path(p).name for p in paths] == ["bucket_00000_r000.safetensors", "bucket_00002_r000.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in paths)  # no .tmp left
     # a second push into the same folder replaces the files in place
-    first = Path(refs[0].path).read_bytes()
-    again = write_buckets([[("model.embed_tokens.weight", torch.zeros(2, 2))]], tmp_path)
-    assert again[0].path == refs[0].path and Path(refs[0].path).read_bytes() != first
+    first = Path(paths[0]).read_bytes()
+    again = _write_whole([[("model.embed_tokens.weight", torch.zeros(2, 2))]], tmp_path)
+    assert again[0]["files"][0]["path"] == paths[0] and Path(paths[0]).read_bytes() != first
 
     # a writer that dies half-way leaves no file under a bucket name an engine would read
-    real = safetensors.torch.save_file
+    real = shm._save_safetensors
 
-    def dies_half_way(tensors, filename, metadata=None):
-        real(tensors, filename, metadata)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:10])
+    def dies_half_way(tensors, path):
+        real(tensors, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    monkeypatch.setattr(shm, "_save_safetensors", dies_half_way)
     out = tmp_path / "interrupted"
     with pytest.raises(OSError, match="disk full"):
-        write_buckets(_buckets(), out)
+        _write_whole(_buckets(), out)
     assert not list(out.glob("*.safetensors"))
 
 
@@ -120,7 +109,7 @@ def _full_state() -> list[tuple[str, torch.Tensor, bool]]:
 
 
 def _rank_buckets(rank: int, world: int, cuts=(2, 5)) -> list[list]:
-    """This rank's buckets, as ``LearnerWorker._iter_local_shards`` yields them (same cuts on every rank)."""
+    """This rank's buckets, as ``ivgr_dist.sync.shm.local_shards`` yields them (same cuts on every rank)."""
     items = []
     for name, full, sharded in _full_state():
         if sharded:
@@ -227,13 +216,13 @@ def test_engine_loads_each_bucket_through_the_model(engine_cls, tmp_path):
     model = FakeModel()
     engine = _engine(engine_cls, model)
     buckets = _buckets()
-    refs = write_buckets(buckets, tmp_path)
+    refs = _write_whole(buckets, tmp_path)
     for ref in refs:
-        engine.receive_weights(engine.parse_update_info(ref.to_update_info()))
+        engine.receive_weights(engine.parse_update_info(ref))
     want = [b for bucket in buckets for b in bucket]
     assert [n for n, _ in model.loaded] == [n for n, _ in want] and model.calls == len(refs)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(model.loaded, want, strict=True))
-    assert engine.loaded_bytes == sum(r.nbytes for r in refs) and engine.load_seconds > 0
+    assert engine.loaded_bytes == sum(r["nbytes"] for r in refs) and engine.load_seconds > 0
     assert engine_cls.update_info_cls is not None and engine.supports_draft_weight_update is False
 
 
@@ -252,8 +241,8 @@ def test_engine_records_what_the_model_loaded_and_what_the_update_missed(engine_
     engine = _engine(engine_cls, model)
     engine.model_config = None
     engine.start_weight_update()
-    for ref in write_buckets(_buckets(), tmp_path):
-        engine.receive_weights(engine.parse_update_info(ref.to_update_info()))
+    for ref in _write_whole(_buckets(), tmp_path):
+        engine.receive_weights(engine.parse_update_info(ref))
     engine.finish_weight_update()
     assert engine.loaded == set(names)
     missing = IvgrWorkerExtension.ivgr_missing_parameters
@@ -281,9 +270,17 @@ def test_engine_loads_sharded_buckets_as_full_tensors(engine_cls, tmp_path):
 def test_engine_names_the_missing_bucket_and_the_fix(engine_cls, tmp_path):
     model = FakeModel()
     engine = _engine(engine_cls, model)
-    missing = str(tmp_path / "elsewhere" / "bucket_00000.safetensors")
+    missing = str(tmp_path / "elsewhere" / "bucket_00000_r000.safetensors")
     with pytest.raises(FileNotFoundError) as info:
-        engine.update_weights({"path": missing, "names": ["a"], "nbytes": 4})
+        engine.update_weights(
+            {
+                "names": ["a"],
+                "shapes": [[1]],
+                "dtypes": ["float32"],
+                "nbytes": 4,
+                "files": [{"path": missing, "offsets": {"a": 0}}],
+            }
+        )
     msg = str(info.value)
     assert missing in msg and "not on this node" in msg and BACKEND_NAME in msg and "nccl" in msg
     assert model.calls == 0 and engine.loaded_bytes == 0
@@ -302,33 +299,48 @@ def test_vllm_factory_lists_the_registered_backend_for_an_unknown_name(engine_cl
 
 
 class FakeLearners:
-    def __init__(self, buckets):
-        self.buckets, self.calls = buckets, []
+    """A learner group of ranks that run the real learner-side sender on stand-in weights (all of them on rank 0)."""
 
-    def write_state_shm(self, out_dir, bucket_bytes, dtype=None):
-        self.calls.append((out_dir, bucket_bytes, dtype))
-        return [r.to_update_info() for r in write_buckets(self.buckets, out_dir)]
+    def __init__(self, buckets, ranks=2):
+        self.weights = dict(pair for bucket in buckets for pair in bucket)
+        self.ranks, self.plans = ranks, []
+
+    def push_weights(self, version, plan):
+        self.plans.append((version, plan))
+        source = [
+            SimpleNamespace(rank=r, named_weights=lambda r=r: iter(self.weights.items())) for r in range(self.ranks)
+        ]
+        return [ShmSender().push(s, version, plan) for s in source]
 
 
 class FakeRollouts:
+    """Engines 0 and 1 as the pool's view; ``call`` stands in for ``call_engines`` (no Ray)."""
+
     def __init__(self, engines=2, fail=False):
         self.engines, self.fail, self.seen = engines, fail, []
 
-    def update_weights(self, buckets, version, timeout_s=None, engines=None):
-        assert all(os.path.isfile(b["path"]) for b in buckets)  # the files exist while engines load
+    def engine_view(self):
+        return EngineView({e: f"actor-{e}" for e in range(self.engines)}, 1, {e: "node" for e in range(self.engines)})
+
+    def call(self, view, method, args, timeout_s, what, version):
+        assert method == "update_weights" and list(args) == view.ids
+        buckets = args[0][0]
+        assert all(os.path.isfile(f["path"]) for b in buckets for f in b["files"])  # the files exist while engines load
         self.seen.append((buckets, version))
         if self.fail:
             raise RuntimeError("engine 1 died")
-        return {e: {"engine": e, "version": version, "update_s": 0.01 * (e + 1)} for e in range(self.engines)}
+        return {e: {"engine": e, "version": version, "update_s": 0.01 * (e + 1)} for e in args}
 
 
 def test_push_writes_hands_over_and_removes_the_files(tmp_path):
     learners, rollouts = FakeLearners(_buckets()), FakeRollouts()
-    sync = ShmWeightSync(bucket_bytes=1 << 20, dtype="bfloat16", shm_root=str(tmp_path))
+    # 124 bytes: the first three tensors in bf16 fill a bucket, the other three make the second
+    sync = ShmWeightSync(bucket_bytes=124, dtype="bfloat16", shm_root=str(tmp_path), call=rollouts.call)
     metrics = sync.push(learners, rollouts, version=3)
-    ((out_dir, bucket_bytes, dtype),) = learners.calls
-    assert Path(out_dir).parent == tmp_path and "_v3_" in Path(out_dir).name
-    assert (bucket_bytes, dtype) == (1 << 20, "bfloat16")
+    ((version, plan),) = learners.plans
+    out_dir = plan["dir"]
+    assert Path(out_dir).parent == tmp_path and "_v3_" in Path(out_dir).name and version == 3
+    assert (plan["backend"], plan["bucket_bytes"], plan["dtype"]) == (BACKEND_NAME, 124, "bfloat16")
     buckets, version = rollouts.seen[0]
     assert version == 3 and len(buckets) == 2
     assert metrics["sync/bytes"] == sum(b["nbytes"] for b in buckets) and metrics["sync/buckets"] == 2
@@ -336,9 +348,29 @@ def test_push_writes_hands_over_and_removes_the_files(tmp_path):
     assert metrics["time/sync_s"] >= metrics["sync/gather_write_s"] >= 0
     assert not list(tmp_path.iterdir())  # nothing left in shared memory
     # a failing engine: the error reaches the caller and the files are still removed
+    failing = FakeRollouts(fail=True)
+    sync.call = failing.call
     with pytest.raises(RuntimeError, match="engine 1 died"):
-        sync.push(FakeLearners(_buckets()), FakeRollouts(fail=True), version=4)
+        sync.push(FakeLearners(_buckets()), failing, version=4)
     assert not list(tmp_path.iterdir())
+
+
+def test_push_to_joining_engines_only_and_setup_refuses_two_nodes(tmp_path):
+    seen = []
+
+    def call(view, method, args, *rest):
+        seen.append(sorted(args))
+        return {e: {"update_s": 0.0} for e in args}
+
+    rollouts = FakeRollouts(engines=3)
+    sync = ShmWeightSync(bucket_bytes=64, shm_root=str(tmp_path), call=call)
+    out = sync.push(FakeLearners(_buckets()), rollouts, version=1, engines=[2])
+    assert seen == [[2]] and out["sync/buckets"] > 1  # 64-byte buckets: several
+    learners = SimpleNamespace(node_ids=lambda: ["node", "node"])
+    sync.setup(learners, rollouts)  # one node: fine
+    learners.node_ids = lambda: ["node", "other-node"]
+    with pytest.raises(ValueError, match="learner ranks and the rollout engines are on 2 nodes"):
+        sync.setup(learners, rollouts)
 
 
 def test_factory_builds_the_shm_backend_and_rejects_unknown_names():
@@ -350,4 +382,3 @@ def test_factory_builds_the_shm_backend_and_rejects_unknown_names():
         match=r"sync.backend='shm': unknown weight-sync backend; valid: \['auto', 'ivgr_shm', 'gloo', 'nccl'\]",
     ):
         make_weight_sync("shm", use_gpus=False, bucket_bytes=1)
-    assert BucketRef("p", ["a"], 2).to_update_info() == {"path": "p", "names": ["a"], "nbytes": 2}

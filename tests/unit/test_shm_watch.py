@@ -110,20 +110,21 @@ def test_an_ivgr_sync_folder_counts_when_the_pid_in_its_name_is_the_sessions():
 
 def test_the_shm_sync_folder_names_its_creator():
     """What the check above relies on: a push's folder carries the PID of the process that made it."""
+    from ivgr_dist.sync.fanout import EngineView
     from ivgr_dist.sync.shm import ShmWeightSync
 
     made = []
 
     class Learners:
-        def write_state_shm(self, out_dir, bucket_bytes, dtype):
-            made.append(os.path.basename(out_dir))
-            return []
+        def push_weights(self, version, plan):
+            made.append(os.path.basename(plan["dir"]))
+            return [{"buckets": []}]
 
     class Rollouts:
-        def update_weights(self, buckets, version, timeout_s, engines):
-            return {}
+        def engine_view(self):
+            return EngineView({}, 1, {})
 
-    ShmWeightSync().push(Learners(), Rollouts(), version=3)
+    ShmWeightSync(call=lambda *args: {}).push(Learners(), Rollouts(), version=3)
     assert made and made[0].startswith(f"ivgr_sync_v3_{os.getpid()}_")
 
 

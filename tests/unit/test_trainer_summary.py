@@ -104,6 +104,7 @@ def test_the_weight_check_claims_nothing_without_a_live_engine():
     and the learner is not asked to score either."""
     from types import SimpleNamespace
 
+    from ivgr_dist.sync.fanout import EngineView
     from ivgr_dist.sync.verify import WeightVerifier
 
     class _Learners:
@@ -112,5 +113,6 @@ def test_the_weight_check_claims_nothing_without_a_live_engine():
 
     verifier = WeightVerifier(tolerance=0.05)
     verifier.probe = SimpleNamespace(response_ids=[1, 2])
-    assert verifier.check(_Learners(), SimpleNamespace(alive=[], actors={}), version=3) == {}
+    no_engines = SimpleNamespace(engine_view=lambda: EngineView({}, 1, {}))
+    assert verifier.check(_Learners(), no_engines, version=3) == {}
     assert verifier.error() is None

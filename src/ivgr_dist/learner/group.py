@@ -212,20 +212,27 @@ class LearnerGroup:
         refs = [a.train_step.remote(mini_batch, temperature, objective) for a in self.actors]
         return dict(self._gather(refs, "train_step")[0])
 
-    def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype=None) -> list[list]:
-        """Full policy weights in checkpoint naming as CPU tensors, in buckets (small models)."""
-        refs = [a.full_state_buckets.remote(bucket_bytes, dtype) for a in self.actors]
-        return self._gather(refs, "full_state_buckets")[0]
+    # ------------------------------------------------------------------ weight sync (ivgr_dist.sync)
 
-    def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
-        """Every rank writes its own shards as shared-memory bucket files (see ``ivgr_dist.sync.shm``);
-        returns the merged bucket descriptors once every rank's files exist."""
-        from ivgr_dist.sync.shm import merge_rank_buckets
+    def push_weights(self, version: int | None, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank runs its part of a push (``LearnerWorker.push_weights``: the sender of ``plan["backend"]``);
+        returns every rank's answer, rank order."""
+        return self.collect(self.push_weights_async(version, plan), f"push_weights(version={version})")
 
-        refs = [a.write_state_shm.remote(out_dir, bucket_bytes, dtype) for a in self.actors]
-        return merge_rank_buckets(self._gather(refs, "write_state_shm"))
+    def push_weights_async(self, version: int | None, plan: dict[str, Any]) -> list:
+        """:meth:`push_weights` started on every rank; returns their refs, rank order (:meth:`collect` them), while
+        the driver drives the engines' side of the transfer."""
+        return [a.push_weights.remote(version, plan) for a in self.actors]
 
-    # ----------------------------------------------------- weight sync: collective (ivgr_dist.sync.collective)
+    def wait(self, refs: list, timeout_s: float) -> None:
+        """Wait until every ref has ended, at most ``timeout_s`` (raises nothing: :meth:`collect` tells)."""
+        import ray
+
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    def collect(self, refs: list, what: str) -> list:
+        """The results of refs made by the ``*_async`` calls, rank order (all of them must succeed)."""
+        return self._gather(refs, what)
 
     def node_ids(self) -> list[str]:
         """The Ray node of each rank, rank order."""
@@ -234,24 +241,6 @@ class LearnerGroup:
     def master_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there (for a rendezvous rank 0 hosts)."""
         return self._gather([self.actors[0].master_address.remote()], "master_address")[0]
-
-    def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
-        """What a full push sends, in order: checkpoint name, wire dtype, global shape (nothing gathered)."""
-        return self._gather([self.actors[0].weight_metadata.remote(dtype)], "weight_metadata")[0]
-
-    def open_transfer_group_async(
-        self, addr: str, port: int, world_size: int, communicator: str, timeout_s: float
-    ) -> list:
-        """Rank 0 starts hosting the transfer group; returns its ref (:meth:`collect` it once the engines joined)."""
-        return [self.actors[0].open_transfer_group.remote(addr, port, world_size, communicator, timeout_s)]
-
-    def send_weights_async(self, bucket_bytes: int, dtype: str | None = None) -> list:
-        """Every rank starts one push (gathers; rank 0 broadcasts); returns their refs, rank order."""
-        return [a.send_weights.remote(bucket_bytes, dtype) for a in self.actors]
-
-    def collect(self, refs: list, what: str) -> Any:
-        """Rank 0's result of refs made by the ``*_async`` calls (all of them must succeed)."""
-        return self._gather(refs, what)[0]
 
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter, by checkpoint name."""

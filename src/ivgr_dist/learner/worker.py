@@ -2,8 +2,8 @@
 
 :class:`LearnerWorker` is a plain class: :class:`~ivgr_dist.learner.group.LearnerGroup` wraps it in
 ``ray.remote`` (one actor per rank), and tests or ``torchrun`` scripts use it directly. The step is
-split into small named calls: :meth:`load_batch`, :meth:`compute_logprobs`, :meth:`train_step`, :meth:`iter_full_state`
-(weight sync), :meth:`save_checkpoint` / :meth:`load_checkpoint`, :meth:`export_hf`.
+split into small named calls: :meth:`load_batch`, :meth:`compute_logprobs`, :meth:`train_step`, :meth:`push_weights`
+(weight sync, by the backend's sender: ``ivgr_dist.sync``), :meth:`save_checkpoint` / :meth:`load_checkpoint`, :meth:`export_hf`.
 
 Sharding: FSDP2 ``fully_shard`` on every decoder layer and vision block (the model's
 ``_no_split_modules``) and on the root. On GPU (precision ``bf16``) parameters are fp32 masters
@@ -42,6 +42,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ from ivgr_dist.learner.grpo import GRPOLossConfig, grpo_loss, logprobs_from_logi
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.learner.update_metrics import UpdateSums, loss_metrics
 from ivgr_dist.models.naming import checkpoint_names
+from ivgr_dist.sync import make_sender
+from ivgr_dist.sync.base import WeightSender
+from ivgr_dist.sync.buckets import TensorMeta, plan_buckets
 
 __all__ = ["LearnerWorker", "lr_factor", "pick_master_address", "resolve_attn_implementation", "warmup_factor"]
 
@@ -143,6 +147,8 @@ class LearnerWorker:
         )
         self.step = 0  # optimizer updates done
         self.policy = self.reference = self.optimizer = self.scheduler = None
+        self._sender: WeightSender | None = None  # of the last push's backend (push_weights)
+        self._sender_name: str | None = None
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -272,6 +278,9 @@ class LearnerWorker:
     def close(self) -> None:
         """Leave the process group (lets a process host another worker afterwards, e.g. in tests)."""
         self.policy = self.reference = self.optimizer = self.scheduler = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = self._sender_name = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -549,15 +558,20 @@ class LearnerWorker:
         """
         from torch.distributed.tensor import DTensor
 
-        self.policy.reshard()
-        for name, tensor in self.policy.state_dict().items():
-            if self._tied and name == "lm_head.weight":
-                continue
+        for name, tensor in self.named_weights():
             # Cast the local shard before gathering: a bf16 sync moves half the bytes of fp32 over the wire.
             local = tensor.detach().to(dtype) if dtype is not None else tensor.detach()
             full = local.full_tensor() if isinstance(local, DTensor) else local
-            yield self._ckpt_names[name], (full if self.rank == 0 else None)
+            yield name, (full if self.rank == 0 else None)
             del full
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """``(checkpoint name, parameter as this rank holds it: a DTensor shard or a plain tensor)`` of every weight
+        a push carries, in order (tied output embeddings left out, as in HF checkpoints); nothing gathered."""
+        self.policy.reshard()
+        for name, tensor in self.policy.state_dict().items():
+            if not (self._tied and name == "lm_head.weight"):
+                yield self._ckpt_names[name], tensor
 
     def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
         """``(checkpoint name, wire dtype name, global shape)`` of what :meth:`iter_full_tensors` yields, in
@@ -572,10 +586,8 @@ class LearnerWorker:
         return out
 
     def iter_full_state(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> Iterator[list]:
-        """:meth:`iter_full_tensors` in buckets of about ``bucket_bytes`` (``ivgr_dist.sync.collective.plan_buckets``'s
+        """:meth:`iter_full_tensors` in buckets of about ``bucket_bytes`` (``ivgr_dist.sync.buckets.plan_buckets``'s
         cut, from global sizes: every rank cuts the same buckets); other ranks' buckets are empty lists."""
-        from ivgr_dist.sync.collective import TensorMeta, plan_buckets
-
         wire = str(dtype).removeprefix("torch.") if dtype is not None else None
         metas = [TensorMeta(n, d, s) for n, d, s in self.weight_metadata(wire)]
         tensors = self.iter_full_tensors(dtype)
@@ -583,95 +595,19 @@ class LearnerWorker:
             pairs = [next(tensors) for _ in bucket]
             yield [(n, t) for n, t in pairs if t is not None]
 
-    def full_state_buckets(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> list[list]:
-        """:meth:`iter_full_state` materialised as CPU copies (for small models / over Ray)."""
-        buckets = self.iter_full_state(bucket_bytes, dtype)
-        return [[(n, t.to("cpu", copy=True)) for n, t in b] for b in buckets if self.rank == 0]
+    # ------------------------------------------------------------------------------ weight sync
 
-    def write_state_shm(self, out_dir: str, bucket_bytes: int, dtype: str | None = None) -> list[dict]:
-        """Weight sync (``ivgr_shm`` backend): every rank writes its own shards as bucket files (no gather).
-
-        Each rank writes the dim-0 shards it holds (rank 0 also the unsharded tensors) to its own
-        files, in parallel with the others; returns this rank's partial bucket descriptors, which
-        ``ivgr_dist.sync.shm.merge_rank_buckets`` joins. Bucket boundaries come from global sizes, so
-        every rank cuts the same buckets. ``dtype`` (e.g. the engines' ``bfloat16``) halves the bytes
-        written when the learner holds fp32.
-        """
-        from ivgr_dist.sync.shm import write_rank_buckets
-
-        return write_rank_buckets(
-            self._iter_local_shards(bucket_bytes, getattr(torch, dtype) if dtype else None), out_dir, self.rank
-        )
-
-    def _iter_local_shards(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list]:
-        """Buckets of ``(checkpoint name, global shape, this rank's piece or None, dim-0 offset)``.
-
-        FSDP2 parameters (``Shard(0)`` on a 1-D mesh) give this rank's unpadded local rows at their
-        global offset; replicated DTensors and plain tensors come from rank 0 only. Any other layout
-        falls back to ``full_tensor()`` (collective, but every rank meets it at the same parameter).
-        """
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        self.policy.reshard()
-        bucket: list = []
-        size = 0
-        for name, tensor in self.policy.state_dict().items():
-            if self._tied and name == "lm_head.weight":
-                continue
-            shape = tuple(tensor.shape)
-            offset = 0
-            if not isinstance(tensor, DTensor):
-                piece = tensor.detach() if self.rank == 0 else None
-            elif tensor.ndim > 0 and tuple(tensor.placements) == (Shard(0),):
-                piece = tensor.detach().to_local()
-                _, global_offset = compute_local_shape_and_global_offset(shape, tensor.device_mesh, tensor.placements)
-                offset = global_offset[0]
-            elif all(isinstance(p, Replicate) for p in tensor.placements):
-                piece = tensor.detach().to_local() if self.rank == 0 else None
-            else:
-                full = tensor.detach().full_tensor()
-                piece = full if self.rank == 0 else None
-            if piece is not None and dtype is not None:
-                piece = piece.to(dtype)
-            itemsize = (torch.empty((), dtype=dtype) if dtype is not None else tensor).element_size()
-            bucket.append((self._ckpt_names[name], shape, piece, offset))
-            size += tensor.numel() * itemsize  # global size: every rank cuts the same buckets
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
-
-    # ------------------------------------------------------------- weight sync: collective (gloo / nccl)
-
-    def open_transfer_group(self, addr: str, port: int, world_size: int, communicator: str, timeout_s: float) -> None:
-        """Rank 0: host and join the weight-transfer group (blocks until every engine worker joined, at most
-        ``timeout_s``); see ``ivgr_dist.sync.collective``. The previous group, if any, is dropped."""
-        from ivgr_dist.sync.collective import Sender, open_group
-
-        if self.rank != 0:
-            raise RuntimeError(f"rank {self.rank}: only learner rank 0 sends weights")
-        self._sender = None
-        group = open_group(addr, port, 0, world_size, communicator, timeout_s)
-        self._sender = Sender(group, communicator, self._device)
-
-    def send_weights(self, bucket_bytes: int, dtype: str | None = None) -> dict[str, float]:
-        """Broadcast the full weights over the transfer group (collective over the learner ranks: every rank
-        gathers, rank 0 sends). Rank 0 returns ``bytes``, ``buckets``, ``send_s``; the others ``{}``."""
-        from ivgr_dist.sync.collective import TensorMeta
-
-        tensors = self.iter_full_tensors(getattr(torch, dtype) if dtype else None)
-        if self.rank != 0:
-            for _ in tensors:
-                pass
-            return {}
-        if getattr(self, "_sender", None) is None:
-            for _ in tensors:  # stay in the collective with the other ranks, then say why
-                pass
-            raise RuntimeError("rank 0: send_weights before open_transfer_group")
-        metas = [TensorMeta(n, d, s) for n, d, s in self.weight_metadata(dtype)]
-        return self._sender.send(tensors, metas, bucket_bytes)
+    def push_weights(self, version: int | None, plan: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a weight push (every rank calls it with the same ``plan``; a sender may run
+        collectives among the ranks): the sender of ``plan["backend"]`` (``ivgr_dist.sync.make_sender``, made on
+        first use and kept: a collective sender holds its transfer group) reads this rank's weights and sends or
+        writes them as the plan says; its answer goes back to the driver's side of the backend."""
+        name = plan["backend"]
+        if self._sender_name != name:
+            if self._sender is not None:
+                self._sender.close()  # another backend now (a benchmark compares them on one learner group)
+            self._sender, self._sender_name = make_sender(name), name
+        return self._sender.push(self, version, plan)
 
     def state_checksum(self) -> dict[str, float]:
         """Float64 sum of every full parameter by checkpoint name (collective; same on every rank)."""

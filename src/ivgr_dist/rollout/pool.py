@@ -48,6 +48,7 @@ from ivgr_dist.rollout.errors import engine_dead
 from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
 from ivgr_dist.rollout.health import HealthMonitor
 from ivgr_dist.rollout.worker import RolloutWorker
+from ivgr_dist.sync.fanout import EngineView
 from ivgr_dist.types import Prompt, Rollout
 
 log = logging.getLogger(__name__)
@@ -364,18 +365,13 @@ class RolloutPool:
         # An actor whose vLLM engine died is still alive: free its memory and its devices.
         self.fleet.drop(engine, f"{type(what).__name__}: {first_line}")
 
-    # ------------------------------------------------------------------------------ weight sync
-
-    def update_weights(
-        self, buckets: list[dict], version: int, timeout_s: float = 600.0, engines: list[int] | None = None
-    ) -> dict[int, dict]:
-        """Every live engine (or ``engines``) loads ``buckets`` (``ivgr_shm`` descriptors) and takes ``version``;
-        per-engine timings. Raises ``SyncError`` naming the engines that failed, died or did not answer in
-        ``timeout_s``."""
-        from ivgr_dist.sync.fanout import call_engines
-
-        args = {e: (buckets, version) for e in (self.alive if engines is None else engines)}
-        return call_engines(self, "update_weights", args, timeout_s, "loading the weights", version)
+    def engine_view(self) -> EngineView:
+        """The live engines as weight sync sees them (``ivgr_dist.sync``): handles, tensor-parallel size, nodes."""
+        return EngineView(
+            actors={e: self.actors[e] for e in self.alive},
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            nodes={e: self.start_info[e].get("node", "?") for e in self.alive},
+        )
 
     def drop(self, engine: int, reason: str) -> None:
         """Stop using ``engine`` (dead, hung or failing): kill it, free its devices, record why (it is replaced

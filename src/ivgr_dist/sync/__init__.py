@@ -2,10 +2,20 @@
 
 A backend moves the learner's full weights into each engine through vLLM's weight-transfer
 lifecycle and stamps them with a monotonically increasing version, landing in running generations
-(paused, not drained); afterwards the engines' prefix and encoder caches are reset and each engine checks that the push reached every one of
-its parameters (see :meth:`RolloutWorker.update_weights`). Every transfer has a deadline
-(``sync.timeout_s``); a failure raises :class:`~ivgr_dist.sync.fanout.SyncError` naming the engines
-that died or hung, so the caller can drop them and push again.
+(paused, not drained); afterwards the engines' prefix and encoder caches are reset and each engine checks
+that the push reached every one of its parameters (see :meth:`RolloutWorker.update_weights`). Every transfer
+has a deadline (``sync.timeout_s``); a failure raises :class:`~ivgr_dist.sync.fanout.SyncError` naming the
+engines that died or hung, so the caller can drop them and push again.
+
+Each backend is one module with three parts behind the interface of :mod:`ivgr_dist.sync.base`: the
+driver side (:class:`~ivgr_dist.sync.base.WeightSync`: ``setup``, ``push``, ``close``, which the trainer
+calls), a sender inside every learner rank (:class:`~ivgr_dist.sync.base.WeightSender`, run by
+``LearnerWorker.push_weights(version, plan)`` for the plan the driver side builds) and a receiver inside
+every engine (a vLLM weight-transfer engine registered by :mod:`ivgr_dist.sync.vllm_plugin`). The driver
+side reaches the learners through ``LearnerGroup.push_weights`` / ``push_weights_async`` (plus rank 0's
+address and the ranks' nodes) and the engines only through the pool's
+:class:`~ivgr_dist.sync.fanout.EngineView`. A new transport is a new module and one entry of
+:data:`BACKENDS`.
 
 Backends (``sync.backend``):
 
@@ -19,43 +29,60 @@ Backends (``sync.backend``):
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["BACKENDS", "WeightSync", "make_weight_sync", "resolve_backend"]
+from ivgr_dist.sync import collective, shm
+from ivgr_dist.sync.base import WeightSender, WeightSync
 
-
-class WeightSync(Protocol):
-    """Pushes the learner group's current weights into every rollout engine."""
-
-    engine_backend: str
-    """Name of the vLLM weight-transfer engine the rollout engines must be created with."""
-
-    def setup(self, learners, rollouts) -> None:
-        """One-time checks and rendezvous between the learner group and the engines."""
-
-    def push(self, learners, rollouts, version: int, engines: list[int] | None = None) -> dict[str, float]:
-        """Send the weights, make every live engine (at least ``engines``, when given) take ``version``;
-        returns ``sync/*`` metrics."""
-
-    def close(self) -> None: ...
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "WeightSender",
+    "WeightSync",
+    "engine_backend",
+    "make_sender",
+    "make_weight_sync",
+    "resolve_backend",
+]
 
 
-def _shm(bucket_bytes: int, dtype: str | None, timeout_s: float):
-    from ivgr_dist.sync.shm import ShmWeightSync
+@dataclass(frozen=True)
+class Backend:
+    """One transport: how its driver side and its learner-side sender are made, and its engine-side receiver."""
 
-    return ShmWeightSync(bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s)
+    driver: Callable[[int, str | None, float], WeightSync]
+    """``(bucket_bytes, engine dtype, timeout_s)`` -> the driver side."""
+    sender: Callable[[], WeightSender]
+    """-> the sender, made in every learner rank (``LearnerWorker.push_weights``)."""
+    engine: str
+    """The vLLM weight-transfer engine (the receiver) the rollout engines are created with."""
+    register: Callable[[], None]
+    """Registers that engine with vLLM (idempotent; ``ivgr_dist.sync.vllm_plugin`` calls it in every vLLM process)."""
 
 
-def _collective(communicator: str):
-    def make(bucket_bytes: int, dtype: str | None, timeout_s: float):
-        from ivgr_dist.sync.collective import CollectiveWeightSync
+def _shm(bucket_bytes: int, dtype: str | None, timeout_s: float) -> WeightSync:
+    return shm.ShmWeightSync(bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s)
 
-        return CollectiveWeightSync(communicator, bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s)
+
+def _collective(communicator: str) -> Callable[[int, str | None, float], WeightSync]:
+    def make(bucket_bytes: int, dtype: str | None, timeout_s: float) -> WeightSync:
+        return collective.CollectiveWeightSync(
+            communicator, bucket_bytes=bucket_bytes, dtype=dtype, timeout_s=timeout_s
+        )
 
     return make
 
 
-BACKENDS = {"ivgr_shm": _shm, "gloo": _collective("gloo"), "nccl": _collective("nccl")}
+BACKENDS: dict[str, Backend] = {
+    "ivgr_shm": Backend(_shm, shm.ShmSender, shm.BACKEND_NAME, shm.register_with_vllm),
+    "gloo": Backend(
+        _collective("gloo"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+    ),
+    "nccl": Backend(
+        _collective("nccl"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+    ),
+}
 
 
 def resolve_backend(name: str, use_gpus: bool) -> str:
@@ -69,11 +96,18 @@ def resolve_backend(name: str, use_gpus: bool) -> str:
 
 def engine_backend(name: str, use_gpus: bool) -> str:
     """The vLLM weight-transfer engine that rollout engines must be built with for ``sync.backend=name``."""
-    return "ivgr_shm" if resolve_backend(name, use_gpus) == "ivgr_shm" else "ivgr_collective"
+    return BACKENDS[resolve_backend(name, use_gpus)].engine
 
 
 def make_weight_sync(
     name: str, use_gpus: bool, bucket_bytes: int, dtype: str | None = None, timeout_s: float = 300.0
 ) -> WeightSync:
-    """The backend object for ``sync.backend`` (after ``auto`` is resolved); ``dtype``: the engines' dtype."""
-    return BACKENDS[resolve_backend(name, use_gpus)](bucket_bytes, dtype, timeout_s)
+    """The driver side for ``sync.backend`` (after ``auto`` is resolved); ``dtype``: the engines' dtype."""
+    return BACKENDS[resolve_backend(name, use_gpus)].driver(bucket_bytes, dtype, timeout_s)
+
+
+def make_sender(name: str) -> WeightSender:
+    """The learner-side sender of backend ``name`` (a concrete name: the driver side puts it in every plan)."""
+    if name not in BACKENDS:
+        raise ValueError(f"weight-sync plan names backend {name!r}: no sender; valid: {list(BACKENDS)}")
+    return BACKENDS[name].sender()

@@ -6,15 +6,19 @@ and the device of the buffers.
 
 The transfer group is its own torch process group, outside vLLM's and the learners' default groups: learner
 rank 0 is rank 0 and hosts the rendezvous store; engine ``i``'s TP workers hold ranks
-``offset_i .. offset_i + tp - 1`` with ``offset_0 = 1``, so the group has ``1 + sum(tp)`` ranks. Per push:
+``offset_i .. offset_i + tp - 1`` with ``offset_0 = 1``, so the group has ``1 + sum(tp)`` ranks. The driver
+(:class:`CollectiveWeightSync`) forms it by sending the learner ranks a plan with a ``rendezvous``
+(:class:`CollectiveSender`: rank 0 hosts and joins; it answers with the update's checkpoint names, wire
+dtypes and global shapes, nothing gathered) while every engine joins (``RolloutWorker.wt_init``). Per push:
 
-1. the driver gives every engine the update description: checkpoint names, wire dtypes and global shapes
-   (from learner rank 0, without gathering) and the bucket size; both sides cut the same buckets from it
-   (:func:`plan_buckets`) and lay each out the same way (:func:`bucket_layout`: 16-byte aligned);
+1. the driver gives every engine the update description: those names, dtypes and shapes and the bucket
+   size; both sides cut the same buckets from it and lay each out the same way (``ivgr_dist.sync.buckets``:
+   :func:`plan_buckets`, :func:`bucket_layout`, 16-byte aligned);
 2. every engine enters vLLM's weight-transfer lifecycle (``start_weight_update`` -> ``update_weights`` ->
-   ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket;
-3. every learner rank iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among the
-   learners only), rank 0 packs each complete bucket into one buffer and broadcasts it.
+   ``finish_weight_update``) and, inside ``update_weights``, receives bucket after bucket
+   (:func:`receive_buckets`);
+3. every learner rank's sender iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among
+   the learners only), rank 0 packs each complete bucket into one buffer and broadcasts it (:func:`send_buckets`).
 
 Deadlines and failures: the group's operations time out after ``sync.timeout_s``; the driver waits for
 the whole push until the same deadline plus a short grace. After the first failed broadcast, learner rank 0
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,102 +41,29 @@ from typing import Any
 import torch
 
 from ivgr_dist.rendezvous import open_store
-from ivgr_dist.sync.fanout import SyncError, call_engines
+from ivgr_dist.sync.base import WeightSource
+from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, pack, plan_buckets, unpack
+from ivgr_dist.sync.fanout import EngineView, SyncError, call_engines
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "ivgr_collective"
 """The vLLM weight-transfer engine (registered by ``ivgr_dist.sync.vllm_plugin``) both communicators use."""
 COMMUNICATORS = ("gloo", "nccl")
-_ALIGN = 16  # byte alignment of each tensor inside a packed bucket (any dtype's view stays aligned)
 
 __all__ = [
     "BACKEND_NAME",
     "COMMUNICATORS",
+    "CollectiveSender",
     "CollectiveWeightSync",
-    "Sender",
-    "TensorMeta",
-    "bucket_layout",
     "open_group",
-    "pack",
-    "plan_buckets",
     "rank_offsets",
-    "unpack",
+    "receive_buckets",
+    "send_buckets",
 ]
 
 
 # ----------------------------------------------------------------------------------------- wire format
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """One tensor as it travels: checkpoint name, wire dtype name (``bfloat16``), global shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = getattr(torch, self.dtype).itemsize
-        for d in self.shape:
-            n *= int(d)
-        return n
-
-
-def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
-    """Consecutive tensor indices per bucket: a bucket closes at the tensor that brings it to ``bucket_bytes``
-    or more (a tensor larger than the budget is a bucket of its own). Sender and receivers both call this."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes={bucket_bytes}: must be >= 1")
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, meta in enumerate(metas):
-        current.append(i)
-        size += meta.nbytes
-        if size >= bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def bucket_layout(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
-    """Byte offset of each tensor in the packed buffer (aligned to 16) and the buffer's size."""
-    offsets, end = [], 0
-    for meta in metas:
-        start = -(-end // _ALIGN) * _ALIGN
-        offsets.append(start)
-        end = start + meta.nbytes
-    return offsets, end
-
-
-def pack(
-    tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """One uint8 buffer holding ``tensors`` (which must match ``metas``) at :func:`bucket_layout`'s offsets."""
-    offsets, total = bucket_layout(metas)
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
-    for tensor, meta, off in zip(tensors, metas, offsets, strict=True):
-        if tensor.dtype != getattr(torch, meta.dtype) or tuple(tensor.shape) != tuple(meta.shape):
-            raise ValueError(
-                f"{meta.name}: got {tensor.dtype} {tuple(tensor.shape)}, the update declared {meta.dtype} {meta.shape}"
-            )
-        buf[off : off + meta.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-    return buf
-
-
-def unpack(buf: torch.Tensor, metas: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` views into a buffer made by :func:`pack` (no copy)."""
-    offsets, total = bucket_layout(metas)
-    if buf.numel() != total:
-        raise ValueError(f"packed bucket has {buf.numel()} bytes, its layout {total}")
-    return [
-        (m.name, buf[off : off + m.nbytes].view(getattr(torch, m.dtype)).view(m.shape))
-        for m, off in zip(metas, offsets, strict=True)
-    ]
 
 
 def update_description(metas: Sequence[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
@@ -194,54 +125,94 @@ def rank_offsets(tps: Sequence[int]) -> list[int]:
     return offsets
 
 
-# ------------------------------------------------------------------------------- learner side (rank 0)
-
-
-@dataclass
-class Sender:
-    """Learner rank 0's end of the group."""
-
-    group: Any
-    communicator: str
-    device: torch.device
-    stats: dict[str, float] = field(default_factory=dict)
-
-    def send(
-        self, pairs: Iterable[tuple[str, torch.Tensor | None]], metas: Sequence[TensorMeta], bucket_bytes: int
-    ) -> dict:
-        """Broadcast ``pairs`` (one per entry of ``metas``, in order) bucket by bucket. ``pairs`` must be drained
-        to the end whatever happens: on the learner ranks it is a collective (all-gathers). After the first
-        failure nothing more is sent and the error is raised once the iteration is complete."""
-        plan = plan_buckets(metas, bucket_bytes)
-        error: BaseException | None = None
-        sent = 0
-        t0 = time.perf_counter()
-        it: Iterator = iter(pairs)
-        wire = "cpu" if self.communicator == "gloo" else self.device
-        for bucket in plan:
-            tensors = []
-            for i in bucket:
-                name, tensor = next(it)
-                if name != metas[i].name:
-                    raise ValueError(
-                        f"weight source order changed: got {name!r}, the update declared {metas[i].name!r}"
-                    )
-                tensors.append(tensor)
-            if error is not None:
-                continue
-            try:
-                broadcast(self.group, pack(tensors, [metas[i] for i in bucket], wire))
-                sent += sum(metas[i].nbytes for i in bucket)
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the collective iteration ends
-                error = exc
-        for _ in it:  # drain: the other learner ranks are still gathering
-            pass
-        elapsed = time.perf_counter() - t0
+def send_buckets(
+    group,
+    wire: torch.device | str,
+    pairs: Iterable[tuple[str, torch.Tensor | None]],
+    metas: Sequence[TensorMeta],
+    bucket_bytes: int,
+) -> dict[str, float]:
+    """Broadcast ``pairs`` (one per entry of ``metas``, in order) bucket by bucket from rank 0 of ``group``, packed
+    on ``wire``. ``pairs`` must be drained to the end whatever happens: on the learner ranks it is a collective
+    (all-gathers). After the first failure nothing more is sent and the error is raised once the iteration is
+    complete. Returns ``bytes``, ``buckets``, ``send_s``."""
+    plan = plan_buckets(metas, bucket_bytes)
+    error: BaseException | None = None
+    sent = 0
+    t0 = time.perf_counter()
+    it: Iterator = iter(pairs)
+    for bucket in plan:
+        tensors = []
+        for i in bucket:
+            name, tensor = next(it)
+            if name != metas[i].name:
+                raise ValueError(f"weight source order changed: got {name!r}, the update declared {metas[i].name!r}")
+            tensors.append(tensor)
         if error is not None:
-            raise RuntimeError(
-                f"broadcast failed after {sent} of {sum(m.nbytes for m in metas)} bytes: {error}"
-            ) from error
-        return {"bytes": float(sent), "buckets": float(len(plan)), "send_s": elapsed}
+            continue
+        try:
+            broadcast(group, pack(tensors, [metas[i] for i in bucket], wire))
+            sent += sum(metas[i].nbytes for i in bucket)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the collective iteration ends
+            error = exc
+    for _ in it:  # drain: the other learner ranks are still gathering
+        pass
+    elapsed = time.perf_counter() - t0
+    if error is not None:
+        raise RuntimeError(f"broadcast failed after {sent} of {sum(m.nbytes for m in metas)} bytes: {error}") from error
+    return {"bytes": float(sent), "buckets": float(len(plan)), "send_s": elapsed}
+
+
+def receive_buckets(
+    group, wire: torch.device | str, metas: Sequence[TensorMeta], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The receiving end of :func:`send_buckets`: each bucket's ``(name, tensor)`` views, bucket by bucket (the
+    views are valid until the next bucket arrives)."""
+    for bucket in plan_buckets(metas, bucket_bytes):
+        bucket_metas = [metas[i] for i in bucket]
+        buf = torch.empty(bucket_layout(bucket_metas)[1], dtype=torch.uint8, device=wire)
+        broadcast(group, buf)
+        yield unpack(buf, bucket_metas)
+
+
+# ------------------------------------------------------------------------------------ learner side
+
+
+class CollectiveSender:
+    """The learner ranks' end. A plan with ``rendezvous`` (``addr``, ``port``, ``world_size``, ``timeout_s``) (re)forms
+    the transfer group: learner rank 0 hosts and joins it (blocks until every engine worker joined, at most
+    ``timeout_s``; the previous group is dropped first) and returns ``{"metas": what a push sends}``. Any other plan
+    (``bucket_bytes``, ``dtype``) sends: every rank gathers the full tensors together, rank 0 broadcasts them and
+    returns ``bytes``, ``buckets``, ``send_s``; the other ranks return ``{}``. ``plan["backend"]`` names the
+    communicator (``gloo`` or ``nccl``)."""
+
+    def __init__(self) -> None:
+        self.group = None
+
+    def push(self, source: WeightSource, version: int | None, plan: dict[str, Any]) -> dict[str, Any]:
+        communicator, dtype = plan["backend"], plan.get("dtype")
+        if "rendezvous" in plan:
+            if source.rank != 0:
+                return {}
+            r = plan["rendezvous"]
+            self.group = None
+            self.group = open_group(r["addr"], r["port"], 0, r["world_size"], communicator, r["timeout_s"])
+            return {"metas": source.weight_metadata(dtype)}
+        tensors = source.iter_full_tensors(getattr(torch, dtype) if dtype else None)
+        if source.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
+        if self.group is None:
+            for _ in tensors:  # stay in the collective with the other ranks, then say why
+                pass
+            raise RuntimeError(f"rank 0: weight push to version {version} before the transfer group was formed")
+        metas = [TensorMeta(n, d, s) for n, d, s in source.weight_metadata(dtype)]
+        wire = torch.device("cpu") if communicator == "gloo" else torch.device(source.device())
+        return send_buckets(self.group, wire, tensors, metas, int(plan["bucket_bytes"]))
+
+    def close(self) -> None:
+        self.group = None  # the process group closes its connections when collected
 
 
 # -------------------------------------------------------------------------------- vLLM engine side
@@ -301,13 +272,8 @@ def _engine_class():
         def receive_weights(self, update_info: CollectiveUpdateInfo) -> None:
             if getattr(self, "group", None) is None:
                 raise RuntimeError("weight transfer group not joined: init_weight_transfer_engine first")
-            metas = metas_of(update_info)
-            for bucket in plan_buckets(metas, update_info.bucket_bytes):
-                bucket_metas = [metas[i] for i in bucket]
-                _, total = bucket_layout(bucket_metas)
-                buf = torch.empty(total, dtype=torch.uint8, device=self.wire)
-                broadcast(self.group, buf)
-                self._load(unpack(buf, bucket_metas))
+            for weights in receive_buckets(self.group, self.wire, metas_of(update_info), update_info.bucket_bytes):
+                self._load(weights)
 
         def shutdown(self) -> None:
             self.group = None  # the process group closes its connections when collected
@@ -326,7 +292,8 @@ def register_with_vllm() -> None:
 
 
 class CollectiveWeightSync:
-    """Driver-side orchestration (see the module docstring); ``communicator`` is ``gloo`` or ``nccl``."""
+    """Driver-side orchestration (see the module docstring); ``communicator`` is ``gloo`` or ``nccl``. ``call``: the
+    per-engine fan-out (:func:`~ivgr_dist.sync.fanout.call_engines`)."""
 
     engine_backend = BACKEND_NAME
 
@@ -337,31 +304,29 @@ class CollectiveWeightSync:
         dtype: str | None = None,
         timeout_s: float = 300.0,
         grace_s: float = 10.0,
+        call: Callable[..., dict[int, Any]] = call_engines,
     ):
         if communicator not in COMMUNICATORS:
             raise ValueError(f"communicator={communicator!r}: must be one of {list(COMMUNICATORS)}")
         self.communicator, self.bucket_bytes, self.dtype = communicator, bucket_bytes, dtype
         self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.call = call
         self.members: list[int] | None = None  # engines in the current group (None: form one before pushing)
         self.metas: list[TensorMeta] | None = None
         self.forms = 0
 
     def setup(self, learners, rollouts) -> None:
-        self._form(learners, rollouts)
+        self._form(learners, rollouts.engine_view())
 
-    def _form(self, learners, rollouts) -> None:
+    def _form(self, learners, view: EngineView) -> None:
         """(Re-)form the group with the live engines: learner rank 0 hosts it at a fresh port of its node."""
-        import ray
-
-        members = list(rollouts.alive)
+        members = view.ids
         if not members:
             raise SyncError("no live rollout engine to form a weight-transfer group with", version=None)
-        tps = [rollouts.cfg.tensor_parallel_size] * len(members)
+        tps = [view.tensor_parallel_size] * len(members)
         offsets = rank_offsets(tps)
         world = 1 + sum(tps)
         addr, port = learners.master_address()
-        if self.metas is None:
-            self.metas = [TensorMeta(*m) for m in learners.weight_metadata(self.dtype)]
         payloads = {
             e: {
                 "master_address": addr,
@@ -373,22 +338,26 @@ class CollectiveWeightSync:
             }
             for e, off in zip(members, offsets, strict=True)
         }
+        rendezvous = {"addr": addr, "port": port, "world_size": world, "timeout_s": self.timeout_s}
         self.members = None
         t0 = time.perf_counter()
-        sender = learners.open_transfer_group_async(addr, port, world, self.communicator, self.timeout_s)
+        hosts = learners.push_weights_async(
+            None, {"backend": self.communicator, "dtype": self.dtype, "rendezvous": rendezvous}
+        )
         try:
-            call_engines(
-                rollouts,
+            self.call(
+                view,
                 "wt_init",
                 {e: (payloads[e],) for e in members},
                 self.timeout_s + self.grace_s,
                 f"joining the weight-transfer group at {addr}:{port} ({world} ranks, {self.communicator})",
-                version=None,
+                None,
             )
         finally:
             # learner rank 0 ends within timeout_s either way (its rendezvous wait is bounded)
-            ray.wait(sender, num_returns=len(sender), timeout=self.timeout_s + self.grace_s)
-        learners.collect(sender, "open_transfer_group")
+            learners.wait(hosts, self.timeout_s + self.grace_s)
+        formed = learners.collect(hosts, "forming the weight-transfer group")[0]
+        self.metas = [TensorMeta(n, d, tuple(s)) for n, d, s in formed["metas"]]
         self.members = members
         self.forms += 1
         log.info(
@@ -401,35 +370,28 @@ class CollectiveWeightSync:
         (engines joining the fleet) changes nothing: a broadcast reaches every member of the group, which is
         re-formed first whenever the live engines changed."""
         t0 = time.perf_counter()
-        reformed = self.members != list(rollouts.alive)
+        view = rollouts.engine_view()
+        reformed = self.members != view.ids
         if reformed:
-            self._form(learners, rollouts)
+            self._form(learners, view)
         members = list(self.members or [])
         info = update_description(self.metas, self.bucket_bytes)
         deadline = self.timeout_s + self.grace_s
+        plan = {"backend": self.communicator, "bucket_bytes": self.bucket_bytes, "dtype": self.dtype}
         try:
-            call_engines(rollouts, "wt_start", {e: () for e in members}, deadline, "start_weight_update", version)
-            send = learners.send_weights_async(self.bucket_bytes, self.dtype)
+            self.call(view, "wt_start", {e: () for e in members}, deadline, "start_weight_update", version)
+            send = learners.push_weights_async(version, plan)
             try:
-                call_engines(
-                    rollouts,
-                    "wt_update",
-                    {e: (info, version) for e in members},
-                    deadline,
-                    "receiving the weights",
-                    version,
+                self.call(
+                    view, "wt_update", {e: (info, version) for e in members}, deadline, "receiving the weights", version
                 )
             finally:
-                import ray
-
-                ray.wait(send, num_returns=len(send), timeout=deadline)  # learner rank 0 stops within timeout_s
-            sent = learners.collect(send, f"send_weights(version={version})")
-            call_engines(
-                rollouts, "wt_finish", {e: (version,) for e in members}, deadline, "finish_weight_update", version
-            )
+                learners.wait(send, deadline)  # learner rank 0 stops within timeout_s
+            sent = learners.collect(send, f"push_weights(version={version})")[0]
+            self.call(view, "wt_finish", {e: (version,) for e in members}, deadline, "finish_weight_update", version)
         except SyncError as err:
             self.members = None  # the next push re-forms the group first
-            self._abort(rollouts, [e for e in members if e not in err.failed_engines], version, err)
+            self._abort(view, [e for e in members if e not in err.failed_engines], version, err)
             raise
         except BaseException:
             self.members = None
@@ -442,14 +404,12 @@ class CollectiveWeightSync:
             "time/sync_s": time.perf_counter() - t0,
         }
 
-    def _abort(self, rollouts, engines: list[int], version: int, err: SyncError) -> None:
+    def _abort(self, view: EngineView, engines: list[int], version: int, err: SyncError) -> None:
         """Close the update session of every engine still standing (best effort, bounded): those whose receive
         completed are still inside it, and vLLM refuses the next ``start_weight_update`` until it ends."""
         reason = f"the push to version {version} failed: {str(err)[:200]}"
         try:
-            call_engines(
-                rollouts, "wt_abort", {e: (reason,) for e in engines}, self.grace_s, "closing the update", version
-            )
+            self.call(view, "wt_abort", {e: (reason,) for e in engines}, self.grace_s, "closing the update", version)
         except SyncError as again:
             log.warning("after a failed push, closing the update failed too: %s", again)
 

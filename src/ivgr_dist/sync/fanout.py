@@ -4,15 +4,36 @@ Weight pushes fail in three ways an engine can be in: it answered with an error 
 peer broke the transfer), it died (its actor, or its vLLM EngineCore: ``EngineDeadError``), or it did not
 answer by the deadline (hung: a stopped or wedged EngineCore). :class:`SyncError` keeps the three apart:
 ``failed_engines`` are the dead and the hung ones, the engines to drop before trying again.
+
+Weight sync sees the engines only through :class:`EngineView`, which the rollout pool hands out
+(``RolloutPool.engine_view``): the live engines' actor handles, their tensor-parallel size and nodes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SyncError", "call_engines"]
+from ivgr_dist.rollout.errors import engine_dead
+
+__all__ = ["EngineView", "SyncError", "call_engines"]
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """The live rollout engines as weight sync sees them (taken once per push: membership changes between)."""
+
+    actors: Mapping[int, Any]
+    """Engine id -> its Ray actor handle (a ``RolloutWorker``), in fleet order."""
+    tensor_parallel_size: int
+    nodes: Mapping[int, str]
+    """Engine id -> the Ray node it runs on ("?" when unknown)."""
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self.actors)
 
 
 class SyncError(RuntimeError):
@@ -32,7 +53,7 @@ class SyncError(RuntimeError):
 
 
 def call_engines(
-    rollouts,
+    engines: EngineView,
     method: str,
     args: Mapping[int, tuple],
     timeout_s: float,
@@ -40,14 +61,12 @@ def call_engines(
     version: int | None,
     poll_s: float = 1.0,
 ) -> dict[int, Any]:
-    """``actor.<method>(*args[e])`` on each engine ``e`` of ``args`` at once; results by engine, or
+    """``actor.<method>(*args[e])`` on each engine ``e`` of ``args`` (ids of ``engines``) at once; results by engine, or
     :class:`SyncError` once every call has ended (or its engine is found dead, asked every ``poll_s``) or
     ``timeout_s`` has passed."""
     import ray
 
-    from ivgr_dist.rollout.errors import engine_dead
-
-    refs = {getattr(rollouts.actors[e], method).remote(*a): e for e, a in args.items()}
+    refs = {getattr(engines.actors[e], method).remote(*a): e for e, a in args.items()}
     pending = list(refs)
     deadline = time.monotonic() + timeout_s
     results: dict[int, Any] = {}
@@ -62,7 +81,7 @@ def call_engines(
             for ref in list(pending):
                 e = refs[ref]
                 try:
-                    gone = ray.get(rollouts.actors[e].engine_dead.remote(), timeout=max(1.0, poll_s))
+                    gone = ray.get(engines.actors[e].engine_dead.remote(), timeout=max(1.0, poll_s))
                 except ray.exceptions.GetTimeoutError:
                     continue  # the actor itself is busy or stopped: the deadline decides
                 except ray.exceptions.RayActorError:

