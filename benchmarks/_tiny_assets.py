@@ -16,7 +16,7 @@ def asset_overrides(workdir: Path) -> list[str]:
 
 def ensure_assets(workdir: Path) -> None:
     """Write the tiny model and the synthetic set under ``workdir`` unless they are there."""
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     from ivgr_dist.config import load_config

@@ -36,7 +36,7 @@ N_SAMPLES = 5  # rollout.n of the embedded config (rollouts per prompt)
 
 
 def run(workdir: Path, k: int, args) -> dict:
-    from ivgr_dist.metrics import read_metrics
+    from ivgr_dist.runtime.metrics import read_metrics
 
     out = workdir / f"run-k{k}"
     shutil.rmtree(out, ignore_errors=True)

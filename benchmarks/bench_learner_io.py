@@ -151,7 +151,7 @@ def _status_mb(field: str) -> float:
 
 
 def _init_rank(rank: int, port: int, model_dir: str, sharded: bool, q) -> None:
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     import torch
@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
 
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     import ray
@@ -252,7 +252,7 @@ def main() -> None:
 
     workdir = Path(args.workdir).resolve()
     cfg, rollouts = make_rollouts(workdir, args.side, args.prompts, args.n, args.response)
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     try:

@@ -35,8 +35,8 @@ from ivgr_dist.config import DataConfig, TinyModelConfig
 from ivgr_dist.data.dataset import RecordTable
 from ivgr_dist.data.prompts import PromptBuilder
 from ivgr_dist.data.sampler import PairSampler
+from ivgr_dist.driver.producer import BatchProducer
 from ivgr_dist.models.tiny import build_tokenizer
-from ivgr_dist.producer import BatchProducer
 from ivgr_dist.types import Rollout
 
 RECIPE_MAX_PIXELS = 3211264

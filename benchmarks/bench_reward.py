@@ -307,7 +307,9 @@ def _init_ray(workers: int) -> None:
 
     import ray
 
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker, as the project's jobs
+    from ivgr_dist.runtime.startup import (
+        worker_runtime_env,  # the import fix in every Ray worker, as the project's jobs
+    )
 
     if ray.is_initialized():
         return

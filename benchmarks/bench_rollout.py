@@ -31,7 +31,7 @@ def bare_vllm(cfg, prompts, n: int, max_tokens: int, rounds: int) -> float:
     from vllm import LLM, SamplingParams
 
     from ivgr_dist.rollout.worker import engine_kwargs
-    from ivgr_dist.shm_segments import shutdown_llm
+    from ivgr_dist.runtime.shm_segments import shutdown_llm
 
     kwargs = engine_kwargs(cfg.model, cfg.rollout, 0, "ivgr_shm")
     kwargs.pop("weight_transfer_config")
@@ -61,7 +61,7 @@ def pool(cfg, prompts, n: int, max_tokens: int, rounds: int) -> tuple[float, flo
     import ray
 
     from ivgr_dist.rollout.pool import PoolStats, RolloutPool
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(
         num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_engines),
@@ -99,9 +99,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
-    install()  # before vLLM imports transformers here (the CPU stack's torchvision; see ivgr_dist._ext_fix)
+    install()  # before vLLM imports transformers here (the CPU stack's torchvision; see ivgr_dist.runtime._ext_fix)
     from ivgr_dist.config import load_config
     from ivgr_dist.data.pipeline import build_pipeline
 

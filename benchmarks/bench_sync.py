@@ -111,7 +111,7 @@ def main() -> None:
     if args.pushes < 2:
         ap.error("--pushes must be >= 2 (the first is a warm-up)")
 
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     import ray
@@ -133,7 +133,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     approx_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) // 2  # fp32 files -> bf16
     bandwidth_before = copy_bandwidth(approx_bytes)  # before the cluster starts (others may share the machine)
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(
         num_cpus=max(4, args.engines + args.ranks),

@@ -77,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench_sync import build_model
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     import ray
@@ -95,7 +95,7 @@ def main() -> None:
     model_cfg = ModelConfig(path=str(model_dir), make_tiny_if_missing=False, dtype="bfloat16")
     rollout_cfg = RolloutConfig(num_engines=args.engines, engine=EngineConfig(max_num_seqs=16))
     bucket_bytes = args.bucket_mb << 20
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(
         num_cpus=max(4, args.engines + args.ranks),

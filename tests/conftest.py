@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ivgr_dist._ext_fix import install
+from ivgr_dist.runtime._ext_fix import install
 from support.shm_check import (  # noqa: F401
     pytest_runtest_logstart,
     pytest_sessionfinish,
@@ -13,7 +13,7 @@ from support.shm_check import (  # noqa: F401
     pytest_terminal_summary,
 )
 
-install()  # as the command line does (ivgr_dist._ext_fix): tests import transformers and start vLLM engines
+install()  # as the command line does (ivgr_dist.runtime._ext_fix): tests import transformers and start vLLM engines
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +35,7 @@ def _isolated_logging():
     tests that call it must not change what later tests see."""
     import logging
 
-    from ivgr_dist import logs
+    from ivgr_dist.runtime import logs
 
     root = logging.getLogger()
     handlers, level, state = list(root.handlers), root.level, dict(logs._state)

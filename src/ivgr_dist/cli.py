@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ivgr_dist._ext_fix import install as _install_ext_fix
+from ivgr_dist.runtime._ext_fix import install as _install_ext_fix
 
 _install_ext_fix()  # before anything imports transformers / vLLM; this process's multiprocessing children inherit it
 
@@ -30,8 +30,8 @@ def _run_config(args: argparse.Namespace, before_logs: Callable | None = None):
     """The config of a job that runs on Ray: paths made absolute here, on the driver, before any actor sees
     them; shared paths that landed in this node's copy of the job's working directory are refused.
     ``before_logs(cfg)`` runs before ``<output_dir>/logs/`` is opened (``train --overwrite`` moves it aside)."""
-    from ivgr_dist.logs import setup_run_logs
-    from ivgr_dist.storage import check_not_node_local, resolve_paths
+    from ivgr_dist.runtime.logs import setup_run_logs
+    from ivgr_dist.runtime.storage import check_not_node_local, resolve_paths
 
     cfg = _config(args)
     resolved = resolve_paths(cfg)
@@ -108,9 +108,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    """Supervised warm start on the learner group; writes a model directory (see ivgr_dist.sft)."""
-    from ivgr_dist.runtime import init_ray, seed_everything
-    from ivgr_dist.sft import run_sft
+    """Supervised warm start on the learner group; writes a model directory (see ivgr_dist.commands.sft)."""
+    from ivgr_dist.commands.sft import run_sft
+    from ivgr_dist.runtime.startup import init_ray, seed_everything
 
     cfg = _run_config(args)
     seed_everything(cfg.trainer.seed)
@@ -122,7 +122,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def _finished(cfg) -> bool:
     """Whether ``train`` would resume from a checkpoint already at ``trainer.max_steps``."""
-    from ivgr_dist.checkpoints import latest_checkpoint
+    from ivgr_dist.driver.checkpoints import latest_checkpoint
 
     found = latest_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
     return found is not None and found.step >= cfg.trainer.max_steps
@@ -132,7 +132,7 @@ def _fresh_start(cfg, overwrite: bool) -> None:
     """``train --overwrite``: the earlier run's files go to a timestamped sibling (the warm start stays, reused
     unless ``--overwrite-sft``). Without it, ``trainer.resume=false`` in a directory with checkpoints is refused:
     the new run's checkpoints would mix with the old ones (and a later resume could load the old run)."""
-    from ivgr_dist import checkpoints
+    from ivgr_dist.driver import checkpoints
 
     out = cfg.trainer.output_dir
     if overwrite:
@@ -158,15 +158,15 @@ def _fresh_start(cfg, overwrite: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
-    from ivgr_dist.runtime import init_ray, seed_everything
-    from ivgr_dist.sft import run_sft, sft_config_for_rl
-    from ivgr_dist.trainer import Trainer, summarize
+    from ivgr_dist.commands.sft import run_sft, sft_config_for_rl
+    from ivgr_dist.driver.trainer import Trainer, summarize
+    from ivgr_dist.runtime.startup import init_ray, seed_everything
 
     cfg = _run_config(args, before_logs=lambda c: _fresh_start(c, args.overwrite))
     if _finished(cfg):  # before Ray, the warm start and the engines start: a finished job has nothing to do
         print(summarize(cfg, []))
         return 0
-    from ivgr_dist.metrics import require_loggers
+    from ivgr_dist.runtime.metrics import require_loggers
 
     require_loggers(cfg.trainer.loggers)  # a missing wandb fails here, before anything starts
     seed_everything(cfg.trainer.seed)
@@ -192,14 +192,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     ray.shutdown()  # flush the actors' last log lines before the summary, so it is what the user sees last
     print(summarize(cfg, records))
     if records:
-        from ivgr_dist.report import write_report
+        from ivgr_dist.commands.report import write_report
 
         try:
             print(f"  report (plots): {write_report(cfg.trainer.output_dir)}")
         except Exception as exc:  # noqa: BLE001 - plots are a convenience; the run's outputs are complete
             log.error("could not write the report: %s (ivgr-dist report %s)", exc, cfg.trainer.output_dir)
     if trainer.stop_signal is not None:
-        from ivgr_dist.interrupts import Interrupted
+        from ivgr_dist.runtime.interrupts import Interrupted
 
         stopped = Interrupted(trainer.stop_signal)
         print(
@@ -245,7 +245,7 @@ def _interrupted_message(args: argparse.Namespace, exc) -> str:
     line = f"ivgr-dist {args.command}: interrupted by {exc.name}"
     cfg = getattr(args, "run_config", None)
     if args.command == "train" and cfg is not None:
-        from ivgr_dist.checkpoints import latest_checkpoint
+        from ivgr_dist.driver.checkpoints import latest_checkpoint
 
         newest = latest_checkpoint(cfg.trainer.output_dir)
         if newest is not None:
@@ -264,7 +264,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     import ray
 
-    from ivgr_dist import control
+    from ivgr_dist.driver import control
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
     ray.init(address=address, namespace=control.NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
@@ -292,8 +292,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Plots and a Markdown summary of a run's metrics.jsonl in RUN_DIR/report/ (see ivgr_dist.report)."""
-    from ivgr_dist.report import write_report
+    """Plots and a Markdown summary of a run's metrics.jsonl in RUN_DIR/report/ (see ivgr_dist.commands.report)."""
+    from ivgr_dist.commands.report import write_report
 
     print(json.dumps({"report": str(write_report(args.run_dir))}))
     return 0
@@ -358,8 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="retrain even if the SFT model directory exists")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=50")
 
-    from ivgr_dist.evaluate import add_arguments as add_eval_arguments
-    from ivgr_dist.evaluate import cmd_eval
+    from ivgr_dist.commands.evaluate import add_arguments as add_eval_arguments
+    from ivgr_dist.commands.evaluate import cmd_eval
 
     sp = add("eval", cmd_eval, "evaluate a model on parquet files: T and G accuracy per datasource")
     add_eval_arguments(sp)
@@ -376,10 +376,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ivgr_dist.config import ConfigError
     from ivgr_dist.data.dataset import DataError
-    from ivgr_dist.interrupts import Interrupted, raise_on_signals
-    from ivgr_dist.logs import setup_console
     from ivgr_dist.reward.judge import JudgeUnavailable
-    from ivgr_dist.storage import StorageError
+    from ivgr_dist.runtime.interrupts import Interrupted, raise_on_signals
+    from ivgr_dist.runtime.logs import setup_console
+    from ivgr_dist.runtime.storage import StorageError
 
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

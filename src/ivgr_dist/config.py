@@ -980,7 +980,7 @@ class TrainerConfig:
     0 turns the sample log off."""
     log_samples_per_stream: int = 2
     """Rollouts per stream in each sample log: the best and the worst of the stream's first groups in batch order,
-    groups whose rewards differ first (see ivgr_dist.samples)."""
+    groups whose rewards differ first (see ivgr_dist.driver.samples)."""
     ray_address: str | None = None
     """Ray cluster to join; None: RAY_ADDRESS if set (ray job submit sets it), else a local cluster."""
     max_staleness: int = 0

@@ -36,7 +36,7 @@ def _train(tmp_path, tiny_model_dir, *extra: str) -> subprocess.CompletedProcess
 
 
 def test_one_step_off_training_keeps_the_bound_and_resumes(tmp_path, tiny_model_dir):
-    from ivgr_dist.metrics import read_metrics
+    from ivgr_dist.runtime.metrics import read_metrics
 
     proc = _train(tmp_path, tiny_model_dir, "trainer.max_steps=8", "trainer.save_every=4")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KILLED_DURING_SAVE = """
 import os, signal, sys
 from ivgr_dist.learner.group import LearnerGroup
-from ivgr_dist.shm_segments import mapped_segments
+from ivgr_dist.runtime.shm_segments import mapped_segments
 save = LearnerGroup.save_checkpoint
 def session_pids():
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -71,7 +71,7 @@ def _overrides(tmp: Path, model: Path) -> list[str]:
 
 def _remove_segments(session: int, listed: Path) -> None:
     """Once the killed run's processes are gone, unlink the segments they mapped (listed by the driver)."""
-    from ivgr_dist.shm_segments import unlink_segments
+    from ivgr_dist.runtime.shm_segments import unlink_segments
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_in_session(int(p), session) for p in os.listdir("/proc") if p.isdigit()):

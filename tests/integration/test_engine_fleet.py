@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from ivgr_dist.config import HealthConfig, JudgeConfig
-from ivgr_dist.shm_segments import SHM_ROOT
+from ivgr_dist.runtime.shm_segments import SHM_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ class StandIn:
         return 0
 
     def shutdown(self) -> None:
-        from ivgr_dist.shm_segments import unlink_segments
+        from ivgr_dist.runtime.shm_segments import unlink_segments
 
         unlink_segments([self.segment] if self.segment else [])
 

@@ -25,8 +25,8 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
 
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.pool import RolloutPool
-    from ivgr_dist.runtime import worker_runtime_env
-    from ivgr_dist.shm_segments import SHM_ROOT, mapped_segments
+    from ivgr_dist.runtime.shm_segments import SHM_ROOT, mapped_segments
+    from ivgr_dist.runtime.startup import worker_runtime_env
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=3"])
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())

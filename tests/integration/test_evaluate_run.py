@@ -13,9 +13,9 @@ pytestmark = pytest.mark.integration
 def test_run_eval_both_streams_writes_tables(tiny_model_dir, tmp_path):
     import pyarrow.parquet as pq
 
+    from ivgr_dist.commands.evaluate import run_eval
     from ivgr_dist.config import SyntheticConfig, load_config
     from ivgr_dist.data.synthetic import make_synthetic
-    from ivgr_dist.evaluate import run_eval
 
     make_synthetic(tmp_path / "data", SyntheticConfig(), num_records=10)  # train: 9 records, 1 of them math
     data = tmp_path / "data" / "train.parquet"

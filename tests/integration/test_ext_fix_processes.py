@@ -1,4 +1,4 @@
-"""The torchvision import fix (ivgr_dist._ext_fix) reaches every kind of process the project starts, with no ``.pth``.
+"""The torchvision import fix (ivgr_dist.runtime._ext_fix) reaches every kind of process the project starts, with no ``.pth``.
 
 Each check runs in a bare Python environment: a virtual environment whose site-packages only names this one's on
 a path line, so no ``.pth`` of this environment runs there (an older install's ``ivgr_dist_ext_fix.pth`` would
@@ -59,7 +59,7 @@ def test_ray_workers_started_by_init_ray_have_the_fix(bare_python, tmp_path):
         import json, sys
         import ray
         from ivgr_dist.config import load_config
-        from ivgr_dist.runtime import init_ray
+        from ivgr_dist.runtime.startup import init_ray
 
         init_ray(load_config(None))
 

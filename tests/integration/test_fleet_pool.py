@@ -94,7 +94,7 @@ def ray_cluster():
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(
         num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env()

@@ -47,7 +47,7 @@ def setup(tiny_model_dir, tmp_path_factory):
         ],
     )
     prompt = next(p for p in build_pipeline(cfg.model, cfg.data).next_prompts() if p.images)
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool = learners = None

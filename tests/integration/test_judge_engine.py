@@ -15,7 +15,7 @@ from ivgr_dist.config import EngineConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
 from ivgr_dist.reward.judge.engine import EngineJudge
 from ivgr_dist.reward.judge.openai import request_deadline_s
-from ivgr_dist.runtime import worker_runtime_env
+from ivgr_dist.runtime.startup import worker_runtime_env
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 
 from ivgr_dist.config import EngineConfig, HealthConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
-from ivgr_dist.runtime import worker_runtime_env
+from ivgr_dist.runtime.startup import worker_runtime_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2-4 min: three judge engine starts
 

@@ -17,8 +17,8 @@ import re
 import pytest
 
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig
+from ivgr_dist.driver.trainer import rollout_advantages
 from ivgr_dist.reward.scorer import InProcessScorer
-from ivgr_dist.trainer import rollout_advantages
 from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 

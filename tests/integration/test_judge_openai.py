@@ -31,7 +31,7 @@ SECRET = "sk-test-0123456789abcdef"
 # engine processes, spawned, get the fix from the process config before they import anything (``-m`` would have
 # them import the server module, transformers included, first)
 VLLM_SERVER = (
-    "import runpy, ivgr_dist._ext_fix as fix; fix.install(); "
+    "import runpy, ivgr_dist.runtime._ext_fix as fix; fix.install(); "
     "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__')"
 )
 

@@ -15,7 +15,7 @@ from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import SampleEncoder
 from ivgr_dist.learner.step_data import StepBatch, place
 from ivgr_dist.learner.worker import LearnerWorker, pick_master_address
-from ivgr_dist.runtime import worker_runtime_env
+from ivgr_dist.runtime.startup import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.weights import full_state
 
@@ -273,7 +273,7 @@ def test_a_checkpoint_that_does_not_load_raises_corrupt_and_the_previous_one_res
 ):
     """DCP reads into the live parameters: a truncated shard fails part-way (CorruptCheckpoint, naming the rank),
     and loading the previous checkpoint then restores every parameter and the step exactly."""
-    from ivgr_dist.checkpoints import CorruptCheckpoint
+    from ivgr_dist.driver.checkpoints import CorruptCheckpoint
 
     worker = make_worker()
     batch = _with_logprobs(worker, samples)

@@ -69,7 +69,7 @@ def _improvement(records: list[dict], key: str) -> tuple[float, float, float]:
 def test_rl_after_warm_start_raises_textual_accuracy_and_box_iou(tmp_path, seed, staleness):
     from safetensors.torch import load_file
 
-    from ivgr_dist.metrics import read_metrics
+    from ivgr_dist.runtime.metrics import read_metrics
 
     proc = _train(tmp_path, seed, staleness)
     assert proc.returncode == 0, proc.stderr[-4000:]

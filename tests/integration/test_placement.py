@@ -114,7 +114,7 @@ def fake_gpu_cluster():
 
     # The stand-ins live in this test module, which Ray's workers cannot import: ship them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(
         num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env()
@@ -178,7 +178,7 @@ def test_three_tp2_engines_and_two_learners_hold_disjoint_devices(fake_gpu_clust
         # the cluster is full: one more engine fails within its deadline, naming what it lacks
         more = _cfg(engines=1, tp=2, timeout_s=2.0)
         t0 = time.monotonic()
-        from ivgr_dist.placement import PlacementError
+        from ivgr_dist.runtime.placement import PlacementError
 
         with pytest.raises(PlacementError) as err:
             RolloutPool(more.model, more.rollout, "nccl", use_gpus=True, start_timeout_s=30, worker_cls=StandInEngine)
@@ -203,8 +203,8 @@ def test_too_few_devices_for_the_fleet_fails_fast_and_releases_what_it_took(fake
     four start and the fifth waits for room: test_fleet_pool.py.)"""
     import ray
 
-    from ivgr_dist.placement import PlacementError
     from ivgr_dist.rollout.pool import RolloutPool
+    from ivgr_dist.runtime.placement import PlacementError
 
     cfg = _cfg(engines=5, tp=2, timeout_s=2.0, min_engines=5)
     t0 = time.monotonic()

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ivgr_dist.checkpoints import latest_checkpoint
 from ivgr_dist.config import AlgorithmConfig, JudgeConfig, RewardConfig
+from ivgr_dist.driver.checkpoints import latest_checkpoint
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.pool import RewardPool, RewardWorker, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
-from ivgr_dist.runtime import worker_runtime_env
+from ivgr_dist.runtime.startup import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 
@@ -358,7 +358,7 @@ def test_a_404_from_the_judge_fails_at_start_from_the_workers(ray_cluster):
 
 def _checkpoint(root, step: int, scorer_state: dict) -> None:
     """A checkpoint as Trainer.save writes it (``checkpoints.save``), the learner's part an empty directory."""
-    from ivgr_dist import checkpoints
+    from ivgr_dist.driver import checkpoints
 
     state = {"step": step, "weight_version": step, "sampler": {}, "scorer": scorer_state}
     checkpoints.save(root, step, lambda path: path.mkdir(), state, keep=0)

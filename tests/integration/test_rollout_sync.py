@@ -84,7 +84,7 @@ def prompts(data):
 def ray_cluster():
     import ray
 
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray

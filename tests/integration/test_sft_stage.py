@@ -14,12 +14,12 @@ def test_sft_trains_writes_a_loadable_model_and_is_reused(tiny_model_dir, tmp_pa
     import ray
     from safetensors.torch import load_file
 
+    from ivgr_dist.commands.evaluate import run_eval
+    from ivgr_dist.commands.sft import run_sft, sft_config_for_rl
     from ivgr_dist.config import SyntheticConfig, load_config
     from ivgr_dist.data.synthetic import make_synthetic
-    from ivgr_dist.evaluate import run_eval
-    from ivgr_dist.metrics import read_metrics
-    from ivgr_dist.runtime import init_ray
-    from ivgr_dist.sft import run_sft, sft_config_for_rl
+    from ivgr_dist.runtime.metrics import read_metrics
+    from ivgr_dist.runtime.startup import init_ray
 
     make_synthetic(tmp_path / "data", SyntheticConfig(), num_records=24)
     data = tmp_path / "data"
@@ -72,8 +72,8 @@ def test_sft_trains_writes_a_loadable_model_and_is_reused(tiny_model_dir, tmp_pa
 
 
 def test_sft_refuses_to_overwrite_its_own_base(tiny_model_dir, tmp_path):
+    from ivgr_dist.commands.sft import run_sft
     from ivgr_dist.config import load_config
-    from ivgr_dist.sft import run_sft
 
     cfg = load_config(None, [f"model.path={tmp_path / 'm'}", f"sft.output_dir={tmp_path / 'm'}"])
     with pytest.raises(ValueError, match="would overwrite its own base"):

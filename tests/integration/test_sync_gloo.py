@@ -66,7 +66,7 @@ def stack(cfg):
     from ivgr_dist.sync.verify import WeightVerifier
 
     prompts = build_pipeline(cfg.model, cfg.data).next_prompts()
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_collective", use_gpus=False, start_timeout_s=300)

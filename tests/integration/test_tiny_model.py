@@ -69,7 +69,7 @@ def test_greedy_output_identical_in_transformers_and_vllm(cli_model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from ivgr_dist.shm_segments import SHM_ROOT, child_segments, shutdown_llm
+    from ivgr_dist.runtime.shm_segments import SHM_ROOT, child_segments, shutdown_llm
 
     proc = AutoProcessor.from_pretrained(cli_model_dir)
     cases = [

@@ -65,7 +65,7 @@ def ray_cluster():
     import ray
 
     # the synced TP=2 engine (2 CPUs) + a fresh one beside it (2) + the learner ranks (0.01 each)
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray

@@ -18,7 +18,7 @@ TIMEOUT_S = 300
 def ray_cluster():
     import ray
 
-    from ivgr_dist.runtime import worker_runtime_env  # the import fix in every Ray worker
+    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     yield ray

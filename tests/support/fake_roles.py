@@ -23,9 +23,9 @@ import numpy as np
 
 from ivgr_dist.config import load_config
 from ivgr_dist.data.sampler import PairSampler
+from ivgr_dist.driver.trainer import Trainer
 from ivgr_dist.rollout.pool import RolloutError
 from ivgr_dist.sync.fanout import SyncError
-from ivgr_dist.trainer import Trainer
 from ivgr_dist.types import Prompt, Rollout
 
 

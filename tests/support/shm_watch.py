@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ivgr_dist.shm_segments import SHM_ROOT, mapped_segments, unlink_segments
+from ivgr_dist.runtime.shm_segments import SHM_ROOT, mapped_segments, unlink_segments
 
 PREFIXES = ("psm_", "sem.mp-", "ivgr_")
 _IVGR_PID = re.compile(r"^ivgr_.*?_(\d+)_")
@@ -166,7 +166,7 @@ def report(leaks: list[Leak]) -> str:
         if leak.first:
             lines.append(f"    first mapped during {leak.first}; last seen mapped during {leak.last}")
     lines.append(
-        "  psm_*/sem.mp-*: vLLM engine processes killed without cleanup (see ivgr_dist.shm_segments); "
+        "  psm_*/sem.mp-*: vLLM engine processes killed without cleanup (see ivgr_dist.runtime.shm_segments); "
         "ivgr_sync_*: a weight push interrupted in the driver"
     )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Checkpoints that cannot destroy a run (``ivgr_dist.checkpoints``), with real DCP shards written and read in
+"""Checkpoints that cannot destroy a run (``ivgr_dist.driver.checkpoints``), with real DCP shards written and read in
 this process: pruning never deletes a newer or the new checkpoint, a corrupt newest checkpoint falls back to
 the previous one, a failed save leaves the previous one loadable, a crashed save is never loaded, and a model
 directory is swapped, never missing."""
@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 
-from ivgr_dist import checkpoints
-from ivgr_dist.checkpoints import CheckpointError, CorruptCheckpoint
+from ivgr_dist.driver import checkpoints
+from ivgr_dist.driver.checkpoints import CheckpointError, CorruptCheckpoint
 
 torch = pytest.importorskip("torch")
 
@@ -93,7 +93,7 @@ def test_a_corrupt_state_file_falls_back_to_the_previous_checkpoint(tmp_path, ca
     (newest / "trainer_state.json").write_text(content)
     assert checkpoints.latest_checkpoint(tmp_path).step == 1  # the query skips it too
     loaded = []
-    with caplog.at_level(logging.WARNING, logger="ivgr_dist.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="ivgr_dist.driver.checkpoints"):
         found = checkpoints.resume(tmp_path, _loader(loaded))
     assert found.step == 1 and loaded == [(1, 1.0)]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -110,7 +110,7 @@ def test_a_learner_shard_that_does_not_load_falls_back_to_the_previous_checkpoin
     shard = next((newest / "learner").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:20])  # truncated
     loaded = []
-    with caplog.at_level(logging.WARNING, logger="ivgr_dist.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="ivgr_dist.driver.checkpoints"):
         found = checkpoints.resume(tmp_path, _loader(loaded))
     assert found.step == 2 and loaded == [(2, 2.0)]  # the previous one, its own values
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -159,7 +159,7 @@ def test_a_storage_fault_while_loading_stops_and_marks_nothing_corrupt(tmp_path,
     stays as it is (renamed .corrupt and skipped, a good checkpoint would be lost to a transient fault)."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
-    from ivgr_dist.storage import StorageError
+    from ivgr_dist.runtime.storage import StorageError
 
     _save(tmp_path, 1)
     _save(tmp_path, 2)

@@ -68,7 +68,7 @@ def test_submit_passes_the_judge_key_and_the_stop_grace_through_a_private_file_n
     assert env_vars["IVGR_JUDGE_API_KEY"] == secret  # the reward workers get it from the job's runtime env
     assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == "900"  # ray job stop waits this long before SIGKILL
     assert env_vars["PYTHONPATH"] == "src"  # cluster/runtime_env.yaml is the base
-    assert call["runtime_env"]["worker_process_setup_hook"] == "ivgr_dist._ext_fix.install"
+    assert call["runtime_env"]["worker_process_setup_hook"] == "ivgr_dist.runtime._ext_fix.install"
     assert call["mode"] == "0o600"
     assert not Path(call["runtime_env_path"]).exists()  # removed once submitted
     assert secret not in " ".join(call["args"]) and secret not in proc.stdout + proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ivgr_dist.control import FleetControl, actor_name
+from ivgr_dist.driver.control import FleetControl, actor_name
 
 
 def test_a_request_is_validated_taken_once_and_reported():

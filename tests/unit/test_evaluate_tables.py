@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import ivgr_dist.evaluate as evaluate
-from ivgr_dist.config import ConfigError, load_config
-from ivgr_dist.evaluate import (
+import ivgr_dist.commands.evaluate as evaluate
+from ivgr_dist.commands.evaluate import (
     add_arguments,
     eval_config,
     eval_prompts,
@@ -17,6 +16,7 @@ from ivgr_dist.evaluate import (
     split_overrides,
     summarize,
 )
+from ivgr_dist.config import ConfigError, load_config
 from ivgr_dist.types import Prompt, Rollout
 
 

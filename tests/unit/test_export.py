@@ -60,9 +60,9 @@ def test_set_config_dtype_sets_every_entry():
 def test_the_warm_start_is_exported_in_the_engines_dtype(tiny_model_dir, tmp_path, monkeypatch):
     """run_sft writes its model in model.dtype (bf16 by default), not the base model's float32: the engines load
     it without converting every weight (vLLM logs a line for each)."""
+    from ivgr_dist.commands.sft import run_sft
     from ivgr_dist.config import SyntheticConfig, load_config
     from ivgr_dist.data.synthetic import make_synthetic
-    from ivgr_dist.sft import run_sft
 
     exported = []
 

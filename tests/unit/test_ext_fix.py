@@ -1,4 +1,4 @@
-"""The torchvision / torchaudio / torchcodec import fix (src/ivgr_dist/_ext_fix.py); where it is installed:
+"""The torchvision / torchaudio / torchcodec import fix (src/ivgr_dist/runtime/_ext_fix.py); where it is installed:
 tests/integration/test_ext_fix_processes.py."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_transformers_qwen_processor_and_vllm_multimodal_import():
     out = _run(
         """
         import json
-        import ivgr_dist._ext_fix as fix
+        import ivgr_dist.runtime._ext_fix as fix
         fix.install()  # as the project's processes do when they start (tests/integration/test_ext_fix_processes.py)
         import torchvision, torchaudio
         from transformers import Qwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: F401
@@ -42,7 +42,7 @@ def test_torchcodec_failure_becomes_import_error_never_oserror():
     out = _run(
         """
         import json
-        import ivgr_dist._ext_fix as fix
+        import ivgr_dist.runtime._ext_fix as fix
         fix.install()
         try:
             import torchcodec  # noqa: F401
@@ -62,7 +62,7 @@ def test_torchcodec_failure_becomes_import_error_never_oserror():
 def test_ensure_torchvision_ops_is_idempotent_and_a_noop_once_defined():
     import torch
 
-    from ivgr_dist._ext_fix import ensure_torchvision_ops
+    from ivgr_dist.runtime._ext_fix import ensure_torchvision_ops
 
     ensure_torchvision_ops()
     assert ensure_torchvision_ops() == []  # ops exist now (native or declared): nothing more to do
@@ -71,7 +71,7 @@ def test_ensure_torchvision_ops_is_idempotent_and_a_noop_once_defined():
 
 
 def test_finder_ignores_other_modules():
-    from ivgr_dist._ext_fix import _ExtFixFinder
+    from ivgr_dist.runtime._ext_fix import _ExtFixFinder
 
     finder = _ExtFixFinder()
     assert finder.find_spec("json") is None

@@ -1,4 +1,4 @@
-"""``runtime.init_ray`` starts a local cluster once more when Ray's raylet gave up at start-up (an overloaded
+"""``runtime.startup.init_ray`` starts a local cluster once more when Ray's raylet gave up at start-up (an overloaded
 machine), and only then; it gives every Ray worker of the job the import fix (a setup hook), without clashing with
 the runtime env of a ``ray job submit``. ``ray.init`` is replaced: Ray cannot be made to time out on demand.
 tests/integration/test_ext_fix_processes.py checks the hook in real Ray workers."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ivgr_dist.config import load_config
-from ivgr_dist.runtime import WORKER_SETUP_HOOK, init_ray
+from ivgr_dist.runtime.startup import WORKER_SETUP_HOOK, init_ray
 
 TIMEOUT = Exception(
     "The current node timed out during startup. This could happen because some of the raylet failed to startup "
@@ -31,7 +31,9 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.__setitem__("shutdown", calls["shutdown"] + 1))
-    monkeypatch.setattr("ivgr_dist.interrupts.raise_on_signals", lambda: None)  # no handlers in the test process
+    monkeypatch.setattr(
+        "ivgr_dist.runtime.interrupts.raise_on_signals", lambda: None
+    )  # no handlers in the test process
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     return calls

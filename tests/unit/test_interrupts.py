@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ivgr_dist.interrupts import Interrupted, graceful, raise_on_signals
+from ivgr_dist.runtime.interrupts import Interrupted, graceful, raise_on_signals
 
 
 def _deliver(signum: int) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ivgr_dist.commands.evaluate import EvalScorer
 from ivgr_dist.config import AlgorithmConfig, ConfigError, JudgeConfig, load_config
-from ivgr_dist.evaluate import EvalScorer
+from ivgr_dist.driver.trainer import rollout_advantages
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.reward.judge import JudgeResult
 from ivgr_dist.reward.judge.rule import RuleJudge
 from ivgr_dist.reward.scorer import InProcessScorer
 from ivgr_dist.reward.summary import reward_metrics
-from ivgr_dist.trainer import rollout_advantages
 from ivgr_dist.types import Prompt, Rollout
 
 GOOD_A = "<think>the red circle <box>[10,10,50,50]</box> is red</think><answer>red</answer>"

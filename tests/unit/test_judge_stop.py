@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from ivgr_dist.checkpoints import latest_checkpoint
 from ivgr_dist.config import AlgorithmConfig, ConfigError, JudgeConfig, RewardConfig
+from ivgr_dist.driver.checkpoints import latest_checkpoint
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.judge.monitor import JudgeFailureMonitor
 from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, FakeSync, fake_config
@@ -75,7 +75,7 @@ def test_the_in_driver_scorer_fails_at_start_on_an_unreachable_judge():
 def test_the_eval_scorer_checks_its_judge_at_start():
     """``ivgr-dist eval`` checks the judge before its engines start (``run_eval``): an unreachable judge is one line
     in seconds, not a table whose judged answers all scored 0."""
-    from ivgr_dist.evaluate import EvalScorer
+    from ivgr_dist.commands.evaluate import EvalScorer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +131,7 @@ class _Scorer(FakeScorer):
 def _trainer(tmp_path, judge_failures: list[float], fail_state: bool = False, **overrides):
     """A Trainer over in-process stand-ins (tests/support/fake_roles.py) whose judge fails
     ``judge_failures[i]`` of 10 requests at step i + 1."""
-    from ivgr_dist.trainer import Trainer
+    from ivgr_dist.driver.trainer import Trainer
 
     cfg = fake_config(tmp_path, **{"trainer.max_steps": 10, "trainer.save_every": 0, **overrides})
     learners = _Learners()
@@ -139,7 +139,7 @@ def _trainer(tmp_path, judge_failures: list[float], fail_state: bool = False, **
 
 
 def test_a_judge_failing_mid_run_stops_it_after_the_window_with_a_checkpoint(tmp_path, caplog):
-    from ivgr_dist.trainer import summarize
+    from ivgr_dist.driver.trainer import summarize
 
     trainer = _trainer(tmp_path, [0, 0, 10, 10, 10, 10, 10, 10, 10, 10], **{"reward.judge.failure_window": 2})
     with caplog.at_level(logging.WARNING):
@@ -191,9 +191,9 @@ def test_train_exits_1_with_one_line_when_the_judge_stopped_it(tmp_path, monkeyp
         def close(self):
             pass
 
-    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
-    monkeypatch.setattr("ivgr_dist.trainer.Trainer", StoppedByJudge)
-    monkeypatch.setattr("ivgr_dist.report.write_report", lambda out: out)
+    monkeypatch.setattr("ivgr_dist.runtime.startup.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.driver.trainer.Trainer", StoppedByJudge)
+    monkeypatch.setattr("ivgr_dist.commands.report.write_report", lambda out: out)
     argv = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=false", "reward.num_workers=0"]
     assert main(argv) == 1
     out, err = capsys.readouterr()

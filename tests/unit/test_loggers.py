@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ivgr_dist.config import ConfigError, load_config
-from ivgr_dist.metrics import MetricsLogger, read_metrics, require_loggers, truncate_jsonl
+from ivgr_dist.runtime.metrics import MetricsLogger, read_metrics, require_loggers, truncate_jsonl
 
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:

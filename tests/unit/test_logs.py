@@ -6,7 +6,7 @@ import logging
 import subprocess
 import sys
 
-from ivgr_dist import logs
+from ivgr_dist.runtime import logs
 
 
 def _console_and_file(tmp_path, verbose: bool, capsys):
@@ -14,8 +14,8 @@ def _console_and_file(tmp_path, verbose: bool, capsys):
     imported in this process, which integration tests do."""
     logs.setup_console(verbose)
     logs.setup_run_logs(tmp_path)
-    logging.getLogger("ivgr_dist.trainer").info("our info")
-    logging.getLogger("ivgr_dist.trainer").debug("our debug")
+    logging.getLogger("ivgr_dist.driver.trainer").info("our info")
+    logging.getLogger("ivgr_dist.driver.trainer").debug("our debug")
     logging.getLogger("some_library.module").warning("their warning")
     logging.getLogger("other_library").error("their error")
     for h in logging.getLogger().handlers:
@@ -41,7 +41,7 @@ def test_verbose_console_shows_everything_and_actors_keep_their_output(tmp_path,
 def test_an_actor_process_and_its_children_write_to_its_log_file(tmp_path):
     """fd-level redirect: Python prints, C-level writes and a child process's output all land in the file."""
     code = (
-        "import os, subprocess, sys; from ivgr_dist.logs import redirect_actor_output; "
+        "import os, subprocess, sys; from ivgr_dist.runtime.logs import redirect_actor_output; "
         "print(redirect_actor_output('engine-0')); print('from python'); os.write(2, b'from fd 2\\n'); "
         "sys.stdout.flush(); subprocess.run([sys.executable, '-c', 'print(\"from a child\")'])"
     )

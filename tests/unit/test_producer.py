@@ -17,7 +17,7 @@ from ivgr_dist.data.dataset import RecordTable
 from ivgr_dist.data.prompts import PromptBuilder
 from ivgr_dist.data.sampler import PairSampler
 from ivgr_dist.data.synthetic import make_synthetic
-from ivgr_dist.producer import BatchProducer, ProducerError, stale_records
+from ivgr_dist.driver.producer import BatchProducer, ProducerError, stale_records
 from ivgr_dist.types import Prompt, Rollout
 from support.images import cut_jpeg
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import psutil
 
-from ivgr_dist.rendezvous import free_port, open_store
+from ivgr_dist.runtime.rendezvous import free_port, open_store
 
 
 def _listening(port: int) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ivgr_dist.cli import main
-from ivgr_dist.report import Table, moving_average, step_time_breakdown, window_means, write_report
+from ivgr_dist.commands.report import Table, moving_average, step_time_breakdown, window_means, write_report
 
 ALL_PLOTS = {
     "rewards.png",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from ivgr_dist.config import AlgorithmConfig
+from ivgr_dist.driver.samples import sample_records
 from ivgr_dist.reward.scorer import InProcessScorer
-from ivgr_dist.samples import sample_records
 from ivgr_dist.types import Prompt, Rollout
 
 

@@ -1,4 +1,4 @@
-"""SFT batches (ivgr_dist.sft.SFTData): templated targets per stream, or a response column for real data."""
+"""SFT batches (ivgr_dist.commands.sft.SFTData): templated targets per stream, or a response column for real data."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def data_dir(tmp_path_factory):
 
 
 def _sft_data(tiny_model_dir, files, *overrides):
+    from ivgr_dist.commands.sft import SFTData
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.sft import SFTData
 
     cfg = load_config(
         None,

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from ivgr_dist.checkpoints import check_shards, prune
 from ivgr_dist.config import load_config
-from ivgr_dist.storage import StorageError, check_not_node_local, resolve_paths
+from ivgr_dist.driver.checkpoints import check_shards, prune
+from ivgr_dist.runtime.storage import StorageError, check_not_node_local, resolve_paths
 
 
 def test_paths_are_made_absolute_once_against_the_drivers_directory(tmp_path, monkeypatch):

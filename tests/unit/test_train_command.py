@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ivgr_dist.checkpoints import latest_checkpoint
+from ivgr_dist.driver.checkpoints import latest_checkpoint
 
 
 class _Started(RuntimeError):
@@ -24,8 +24,8 @@ def no_start(monkeypatch):
 
         return fn
 
-    monkeypatch.setattr("ivgr_dist.runtime.init_ray", refuse("init_ray"))
-    monkeypatch.setattr("ivgr_dist.sft.run_sft", refuse("run_sft"))
+    monkeypatch.setattr("ivgr_dist.runtime.startup.init_ray", refuse("init_ray"))
+    monkeypatch.setattr("ivgr_dist.commands.sft.run_sft", refuse("run_sft"))
 
 
 def _checkpoint(out, step: int, complete: bool = True):
@@ -86,17 +86,17 @@ def test_the_sft_reuse_message_names_an_option_of_the_command_run(tmp_path, monk
 
     from ivgr_dist.cli import _parser, main
 
-    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.runtime.startup.init_ray", lambda cfg: None)
 
     def no_trainer(cfg, scorer=None):
         raise _Started("Trainer")
 
-    monkeypatch.setattr("ivgr_dist.trainer.Trainer", SimpleNamespace(from_config=no_trainer))
+    monkeypatch.setattr("ivgr_dist.driver.trainer.Trainer", SimpleNamespace(from_config=no_trainer))
     (tmp_path / "run" / "sft_model").mkdir(parents=True)
     (tmp_path / "run" / "sft_model" / "config.json").write_text("{}")
     # reward.num_workers=0: `train` builds its scorer (and checks the judge) before the warm start; in the driver
     args = [command, f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true", "reward.num_workers=0"]
-    with caplog.at_level("INFO", logger="ivgr_dist.sft"):
+    with caplog.at_level("INFO", logger="ivgr_dist.commands.sft"):
         if command == "train":
             with pytest.raises(_Started, match="Trainer"):  # the warm start was reused; RL would start now
                 main(args)
@@ -120,8 +120,8 @@ def test_train_overwrite_sft_retrains_the_warm_start(tmp_path, monkeypatch):
         calls.append((overwrite, command))
         raise _Started("run_sft")
 
-    monkeypatch.setattr("ivgr_dist.runtime.init_ray", lambda cfg: None)
-    monkeypatch.setattr("ivgr_dist.sft.run_sft", run_sft)
+    monkeypatch.setattr("ivgr_dist.runtime.startup.init_ray", lambda cfg: None)
+    monkeypatch.setattr("ivgr_dist.commands.sft.run_sft", run_sft)
     base = ["train", f"trainer.output_dir={tmp_path / 'run'}", "sft.enabled=true", "reward.num_workers=0"]
     for argv in (base, [base[0], "--overwrite-sft", *base[1:]]):
         with pytest.raises(_Started):

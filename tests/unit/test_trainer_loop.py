@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ivgr_dist.checkpoints import latest_checkpoint
+from ivgr_dist.driver.checkpoints import latest_checkpoint
 from ivgr_dist.rollout.pool import RolloutError
 from support.fake_roles import fake_config, fake_trainer
 
@@ -151,9 +151,9 @@ def test_a_fleet_that_cannot_be_replaced_fails_the_run_with_the_pool_error(tmp_p
 def test_from_config_shuts_down_what_it_started_when_a_later_step_fails(tmp_path, monkeypatch, failing):
     """``Trainer.from_config`` with its role constructors replaced by fakes that log their shutdown: whatever
     fails after a role started, every role started so far is shut down (newest first) and the error raised."""
-    import ivgr_dist.trainer as trainer_module
-    from ivgr_dist import control
-    from ivgr_dist.trainer import Trainer
+    import ivgr_dist.driver.trainer as trainer_module
+    from ivgr_dist.driver import control
+    from ivgr_dist.driver.trainer import Trainer
     from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, FakeSync
 
     closed: list[str] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ivgr_dist.config import load_config
-from ivgr_dist.trainer import Trainer, summarize, window_means
+from ivgr_dist.driver.trainer import Trainer, summarize, window_means
 from support.fake_roles import FakeData, FakeLearners, FakePool, FakeScorer, fake_config
 
 

@@ -7,7 +7,7 @@ then unusable (the other ranks may be stuck in a collective) and should be shut 
 
 Placement: one bundle per rank (``cpus_per_rank`` CPUs, 1 GPU per rank when the cluster has GPUs
 unless ``gpus_per_rank`` says otherwise) in one PACK placement group, so ranks share a node where
-they fit (rollout engines have placement groups of their own: ``ivgr_dist.placement``). Rendezvous:
+they fit (rollout engines have placement groups of their own: ``ivgr_dist.runtime.placement``). Rendezvous:
 rank 0's actor picks its node address and a free port; every rank then joins the process group at
 that address.
 
@@ -34,7 +34,7 @@ import numpy as np
 from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.step_data import StepBatch
 from ivgr_dist.learner.worker import LearnerWorker
-from ivgr_dist.logs import actor_env
+from ivgr_dist.runtime.logs import actor_env
 
 __all__ = ["LearnerGroup"]
 
@@ -53,12 +53,12 @@ class LearnerGroup:
         storage=None,
     ):
         """Reserve the ranks' placement group, check there that every rank's node sees the shared storage
-        (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start one ``worker_cls`` actor per rank
+        (``storage``: an ``ivgr_dist.runtime.storage.StorageProbe``, when given), start one ``worker_cls`` actor per rank
         (tests pass a stand-in) and join them into one process group."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from ivgr_dist.placement import reserve, with_resources
+        from ivgr_dist.runtime.placement import reserve, with_resources
 
         self.num_ranks = n = learner_cfg.num_ranks
         self.timeout_s = timeout_s
@@ -102,12 +102,12 @@ class LearnerGroup:
             raise
 
     def _await_actors(self, start_rank) -> None:
-        """Wait until every rank's actor exists (:func:`~ivgr_dist.placement.await_actor_starts`): a rank whose
+        """Wait until every rank's actor exists (:func:`~ivgr_dist.runtime.placement.await_actor_starts`): a rank whose
         worker died before its actor ran is started again in its bundle, counted in ``failed_starts``; a rank
         whose ``__init__`` raised fails the start, naming the rank."""
         import ray
 
-        from ivgr_dist.placement import await_actor_starts
+        from ivgr_dist.runtime.placement import await_actor_starts
 
         def restart(r: int) -> None:
             ray.kill(self.actors[r], no_restart=True)

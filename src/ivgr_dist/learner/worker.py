@@ -114,7 +114,7 @@ def resolve_attn_implementation(choice: str, cuda: bool) -> str:
 
 def pick_master_address() -> tuple[str, int]:
     """This node's address (Ray's node IP inside Ray, else 127.0.0.1) and a TCP port currently free on it."""
-    from ivgr_dist.rendezvous import free_port, node_address
+    from ivgr_dist.runtime.rendezvous import free_port, node_address
 
     addr = node_address()
     return addr, free_port(addr)
@@ -134,8 +134,8 @@ class LearnerWorker:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        from ivgr_dist.logs import redirect_actor_output
-        from ivgr_dist.placement import pin_to_cores
+        from ivgr_dist.runtime.logs import redirect_actor_output
+        from ivgr_dist.runtime.placement import pin_to_cores
 
         redirect_actor_output(f"learner-{rank}")
 
@@ -180,8 +180,10 @@ class LearnerWorker:
         else:
             self._device = torch.device("cpu")
         timeout = timedelta(seconds=timeout_s)
-        if master_addr:  # rank 0's store listens on master_addr only (ivgr_dist.rendezvous), not every interface
-            from ivgr_dist.rendezvous import open_store
+        if (
+            master_addr
+        ):  # rank 0's store listens on master_addr only (ivgr_dist.runtime.rendezvous), not every interface
+            from ivgr_dist.runtime.rendezvous import open_store
 
             store = open_store(master_addr, int(master_port), self.world_size, self.rank == 0, timeout)
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
@@ -630,7 +632,7 @@ class LearnerWorker:
         ``.metadata``), for the driver to find before it marks the checkpoint complete."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        from ivgr_dist.checkpoints import dcp_save
+        from ivgr_dist.driver.checkpoints import dcp_save
 
         self.policy.reshard()
         model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
@@ -647,7 +649,7 @@ class LearnerWorker:
         cannot read it (the driver then tries the previous checkpoint, which overwrites all of this state)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from ivgr_dist.checkpoints import CorruptCheckpoint, dcp_load
+        from ivgr_dist.driver.checkpoints import CorruptCheckpoint, dcp_load
 
         if not (Path(path) / ".metadata").is_file():
             raise FileNotFoundError(
@@ -675,7 +677,7 @@ class LearnerWorker:
         and, once every rank is through, swaps it in itself (``checkpoints.replace_dir``: an atomic exchange with
         the previous export, which is removed after; the owner of a file finalises it: on several nodes the
         driver's view of rank 0's files is not to be relied on). A failed export leaves the previous one."""
-        from ivgr_dist.checkpoints import replace_dir
+        from ivgr_dist.driver.checkpoints import replace_dir
         from ivgr_dist.models.export import write_hf_model
 
         src, final = Path(self.model_cfg.path), Path(path)

@@ -288,9 +288,9 @@ def make_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None, ove
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from ivgr_dist._ext_fix import install
-    from ivgr_dist.checkpoints import replace_dir
+    from ivgr_dist.driver.checkpoints import replace_dir
     from ivgr_dist.models.export import make_files_readable
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     cfg = cfg or TinyModelConfig()

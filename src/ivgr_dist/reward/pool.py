@@ -75,7 +75,7 @@ class RewardWorker:
     ):
         import os
 
-        from ivgr_dist.logs import redirect_actor_output
+        from ivgr_dist.runtime.logs import redirect_actor_output
 
         redirect_actor_output(f"reward-{os.getpid()}")
         from ivgr_dist.reward.judge import make_judge
@@ -201,7 +201,7 @@ class RewardPool(StreamScorer):
             ) from None
 
     def _spawn(self):
-        from ivgr_dist.logs import actor_env
+        from ivgr_dist.runtime.logs import actor_env
 
         env = actor_env()
         options = {"runtime_env": {"env_vars": env}} if env else {}
@@ -405,7 +405,7 @@ class RewardPool(StreamScorer):
 
     def _saved_references(self) -> tuple[dict | None, str]:
         """The references in the latest complete checkpoint of ``output_dir`` and where they came from."""
-        from ivgr_dist.checkpoints import latest_checkpoint
+        from ivgr_dist.driver.checkpoints import latest_checkpoint
 
         found = latest_checkpoint(self.output_dir) if self.output_dir is not None else None
         if found is None:

@@ -7,12 +7,12 @@ everything about membership lives here. The engine actor itself is the caller's:
 creates it (a ``RolloutWorker`` or, in tests, a stand-in), the fleet calls its ``start``, ``probe``,
 ``kill_engine`` and ``shutdown``.
 
-- **Placement**: each engine gets its own placement group (:class:`~ivgr_dist.placement.EnginePlacement`):
+- **Placement**: each engine gets its own placement group (:class:`~ivgr_dist.runtime.placement.EnginePlacement`):
   ``tensor_parallel_size`` bundles of one device each, on one node, so no two engines share a device.
 - **Start**: the first ``min_engines`` groups must be ready within ``placement_timeout_s``
-  (:class:`~ivgr_dist.placement.PlacementError` otherwise); engines beyond them that the cluster has no room
+  (:class:`~ivgr_dist.runtime.placement.PlacementError` otherwise); engines beyond them that the cluster has no room
   for yet stay pending and start in :meth:`EngineFleet.heal` when it has. An actor whose Ray worker died before
-  it ran is started again (:func:`~ivgr_dist.placement.await_actor_starts`).
+  it ran is started again (:func:`~ivgr_dist.runtime.placement.await_actor_starts`).
 - **Health**: :class:`~ivgr_dist.rollout.health.HealthMonitor` probes every serving engine each ``health.interval_s`` through its
   EngineCore (``RolloutWorker.probe``) in a daemon thread; ``health.failures`` failed probes in a row, or a dead
   actor or core, mark it unhealthy. Death is read from the exception's class (``RayActorError``,
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivgr_dist.config import HealthConfig, RolloutConfig
-from ivgr_dist.placement import EnginePlacement, PlacementError, await_actor_starts, shortfall
 from ivgr_dist.rollout.health import HealthMonitor
+from ivgr_dist.runtime.placement import EnginePlacement, PlacementError, await_actor_starts, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class EngineFleet:
         storage_check: Callable[[list[tuple[str, Any, int]]], Any] | None = None,
     ):
         """Reserve one placement group per engine, check there that every engine's node sees the shared storage
-        (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), create each engine's actor with
+        (``storage``: an ``ivgr_dist.runtime.storage.StorageProbe``, when given), create each engine's actor with
         ``launch(id, placement)``, call its ``start()`` and wait until the first ones report ready (see the
         module docstring). ``error``: the exception class of the owner's errors; ``logger``: the owner's;
         ``storage_check``: checks the shared storage from engines placed later (in :meth:`heal`), given
@@ -220,7 +220,7 @@ class EngineFleet:
             )  # fmt: skip
 
     def _await_initial_starts(self, ids: list[int], timeout_s: float) -> None:
-        """Wait for the first engines' ``start()`` (:func:`~ivgr_dist.placement.await_actor_starts`): an engine
+        """Wait for the first engines' ``start()`` (:func:`~ivgr_dist.runtime.placement.await_actor_starts`): an engine
         whose actor died before it ran is started again in its placement group, counted in ``failed_starts``; an
         engine that raised, or whose ``__init__`` failed, fails the start."""
         import ray
@@ -517,7 +517,7 @@ def unlink_engine_segments(
     with a lost machine its ``/dev/shm``). Never raises; returns the names removed."""
     import ray
 
-    from ivgr_dist.shm_segments import unlink_segments
+    from ivgr_dist.runtime.shm_segments import unlink_segments
 
     if not names:
         return []

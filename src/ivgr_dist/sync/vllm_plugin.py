@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from ivgr_dist._ext_fix import install
+    from ivgr_dist.runtime._ext_fix import install
 
     install()
     from ivgr_dist.sync import BACKENDS

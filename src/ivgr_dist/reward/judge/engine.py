@@ -29,10 +29,10 @@ import logging
 import os
 
 from ivgr_dist.config import EngineConfig, ModelConfig, RolloutConfig
-from ivgr_dist.logs import actor_env
 from ivgr_dist.reward.judge.base import JudgeRequest, JudgeResult
 from ivgr_dist.reward.judge.openai import Balancer, CallError, Endpoint, run_request
 from ivgr_dist.reward.judge.prompts import build_messages, parser_for
+from ivgr_dist.runtime.logs import actor_env
 from ivgr_dist.types import Prompt
 
 __all__ = ["EngineJudge"]

@@ -30,12 +30,12 @@ import logging
 import time
 from typing import Any
 
-from ivgr_dist.logs import actor_env, redirect_actor_output
-from ivgr_dist.placement import EnginePlacement
 from ivgr_dist.reward.judge.engine import judge_engine_setup
 from ivgr_dist.rollout.errors import engine_dead
 from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
 from ivgr_dist.rollout.worker import RolloutWorker
+from ivgr_dist.runtime.logs import actor_env, redirect_actor_output
+from ivgr_dist.runtime.placement import EnginePlacement
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,7 @@ def run_sft(cfg: Config, overwrite: bool = False, command: str = "sft") -> Path:
 
     from ivgr_dist.data.pipeline import build_pipeline
     from ivgr_dist.learner.group import LearnerGroup
-    from ivgr_dist.metrics import MetricsLogger, wandb_options
+    from ivgr_dist.runtime.metrics import MetricsLogger, wandb_options
 
     out = Path(cfg.sft_model_dir)
     if (out / "config.json").is_file() and not overwrite:
@@ -154,7 +154,7 @@ def run_sft(cfg: Config, overwrite: bool = False, command: str = "sft") -> Path:
     )
     algo_cfg = dataclasses.replace(cfg.algorithm, kl_coef=0.0)  # no reference policy for SFT
     logs = MetricsLogger(cfg.sft_logs_dir, cfg.trainer.loggers, wandb=wandb_options(cfg, name_suffix="-sft"))
-    from ivgr_dist.storage import StorageProbe
+    from ivgr_dist.runtime.storage import StorageProbe
 
     storage = StorageProbe(out.parent, cfg.model.path)
     try:

@@ -255,7 +255,7 @@ def run_eval(
     import ray
 
     from ivgr_dist.data.pipeline import build_pipeline
-    from ivgr_dist.runtime import cluster_has_gpus, init_ray
+    from ivgr_dist.runtime.startup import cluster_has_gpus, init_ray
 
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: must be one of {list(MODES)}")
@@ -395,7 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     temperature, n = (cfg.rollout.temperature, cfg.rollout.n) if args.sample else (0.0, 1)
     out = args.out or str(Path(cfg.trainer.output_dir) / "eval")
-    from ivgr_dist.logs import setup_run_logs
+    from ivgr_dist.runtime.logs import setup_run_logs
 
     setup_run_logs(Path(out).resolve())  # the engines' and Ray's output: <out>/logs/ (console with -v)
     run_eval(cfg, args.model, files, args.mode, out, temperature=temperature, n=n, max_records=args.max_records)

@@ -6,7 +6,7 @@ signal only asks the trainer to stop at the next step boundary, where it writes 
 just finished; a second signal raises :class:`Interrupted` at once (the newest checkpoint stays usable).
 
 ``ray.init`` installs its own SIGTERM handler in the driver (``sys.exit``), so :func:`raise_on_signals` is
-called again after it (``ivgr_dist.runtime.init_ray``).
+called again after it (``ivgr_dist.runtime.startup.init_ray``).
 """
 
 from __future__ import annotations

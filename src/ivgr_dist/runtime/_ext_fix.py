@@ -30,8 +30,8 @@ Where it is installed: in the project's own processes only, as each starts (no `
 this in every Python process of the environment, other programs and GPU installs that do not need it included):
 
 - the command line (``ivgr_dist.cli`` calls :func:`install` when it is imported) and the test suite's conftest;
-- Ray workers: :func:`ivgr_dist.runtime.init_ray` gives the job's runtime env
-  ``worker_process_setup_hook: ivgr_dist._ext_fix.install`` (Ray runs it in every worker of the job before the
+- Ray workers: :func:`ivgr_dist.runtime.startup.init_ray` gives the job's runtime env
+  ``worker_process_setup_hook: ivgr_dist.runtime._ext_fix.install`` (Ray runs it in every worker of the job before the
   worker unpickles a task or an actor), and ``cluster/runtime_env.yaml`` names it for ``ray job submit``;
 - processes that a process with the fix starts through ``multiprocessing`` (spawn, forkserver): :func:`install`
   leaves a marker in ``multiprocessing.current_process()._config``, the dict CPython hands down to every

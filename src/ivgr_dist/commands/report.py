@@ -5,7 +5,7 @@ Writes ``RUN_DIR/report/`` - one PNG per plot whose keys the file holds, and ``r
 main reward keys, the steps and the final weight version. A plot with no data is not written and the page
 says why, so an absent picture is never mistaken for a flat line.
 
-Values are plotted raw: a missing key or a ``null`` (a non-finite value, see ``ivgr_dist.metrics``) is a gap
+Values are plotted raw: a missing key or a ``null`` (a non-finite value, see ``ivgr_dist.runtime.metrics``) is a gap
 (a lone value still shows as a marker); the only smoothing is the accuracy plot's dashed moving average,
 labelled as such, next to the raw values. A resumed run logs the steps after its checkpoint again: the last
 record of each step is the one plotted.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ivgr_dist.metrics import read_metrics
+from ivgr_dist.runtime.metrics import read_metrics
 
 STREAMS = ("grounded", "textual", "single")  # the known streams, in this order; others follow by name
 # One colour per reward component in every stream's subplot, so a single legend serves them all.

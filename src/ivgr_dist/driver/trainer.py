@@ -42,18 +42,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ivgr_dist import checkpoints, control
 from ivgr_dist.config import Config, to_yaml
-from ivgr_dist.interrupts import Interrupted, graceful, signal_name
+from ivgr_dist.driver import checkpoints, control
+from ivgr_dist.driver.producer import BatchProducer
+from ivgr_dist.driver.samples import sample_records
 from ivgr_dist.learner.grpo import group_advantages
 from ivgr_dist.learner.step_data import StepBatch
-from ivgr_dist.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
-from ivgr_dist.producer import BatchProducer
 from ivgr_dist.reward.judge.monitor import JudgeFailureMonitor
 from ivgr_dist.reward.summary import reward_metrics
-from ivgr_dist.runtime import cluster_has_gpus
-from ivgr_dist.samples import sample_records
-from ivgr_dist.storage import StorageProbe
+from ivgr_dist.runtime.interrupts import Interrupted, graceful, signal_name
+from ivgr_dist.runtime.metrics import MetricsLogger, Timer, Tracer, require_loggers, truncate_jsonl, wandb_options
+from ivgr_dist.runtime.startup import cluster_has_gpus
+from ivgr_dist.runtime.storage import StorageProbe
 from ivgr_dist.sync.verify import WeightVerifier
 from ivgr_dist.types import Rollout
 
@@ -216,7 +216,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
-        """Run the RL steps left. SIGINT/SIGTERM (:mod:`ivgr_dist.interrupts`), ``ivgr-dist stop`` and a judge
+        """Run the RL steps left. SIGINT/SIGTERM (:mod:`ivgr_dist.runtime.interrupts`), ``ivgr-dist stop`` and a judge
         failure rate above ``reward.judge.max_failure_rate`` (:attr:`judge_stop`) end it after the current step,
         with its checkpoint; after a signal or a judge stop the policy is not exported (a preempted job's grace
         period goes to the checkpoint) and :attr:`stop_signal` says which signal came."""

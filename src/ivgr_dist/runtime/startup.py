@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["WORKER_SETUP_HOOK", "cluster_has_gpus", "init_ray", "seed_everything", "worker_runtime_env"]
 
-WORKER_SETUP_HOOK = "ivgr_dist._ext_fix.install"
+WORKER_SETUP_HOOK = "ivgr_dist.runtime._ext_fix.install"
 """Ray's ``worker_process_setup_hook`` for this project's jobs: the torchvision import fix in every Ray worker."""
 
 
@@ -38,7 +38,7 @@ def cluster_has_gpus() -> bool:
 
 def worker_runtime_env() -> dict:
     """The runtime env ``ray.init`` gives a job of this project: :data:`WORKER_SETUP_HOOK` in every Ray worker
-    (``ivgr_dist._ext_fix``). Under ``ray job submit`` Ray merges it with the job's own runtime env and refuses a
+    (``ivgr_dist.runtime._ext_fix``). Under ``ray job submit`` Ray merges it with the job's own runtime env and refuses a
     field both set, so it is left out where the job already names a setup hook (``cluster/runtime_env.yaml`` names
     this one); a different hook is the job's choice, with a warning."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
@@ -66,8 +66,8 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
-    from ivgr_dist.interrupts import raise_on_signals
-    from ivgr_dist.logs import quiet, quiet_ray_logger
+    from ivgr_dist.runtime.interrupts import raise_on_signals
+    from ivgr_dist.runtime.logs import quiet, quiet_ray_logger
 
     quiet_ray_logger()
     if address:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ivgr_dist.logs import quiet
+from ivgr_dist.runtime.logs import quiet
 
 if TYPE_CHECKING:
     from ivgr_dist.config import Config
@@ -237,7 +237,7 @@ class MetricsLogger:
         return record
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
-        """Write one step's sample rollouts (:func:`ivgr_dist.samples.sample_records`) where a sink keeps them."""
+        """Write one step's sample rollouts (:func:`ivgr_dist.driver.samples.sample_records`) where a sink keeps them."""
         if samples:
             for sink in self.sinks:
                 sink.write_samples(step, samples)

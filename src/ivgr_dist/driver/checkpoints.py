@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ivgr_dist.quote import short_text
-from ivgr_dist.storage import StorageError
+from ivgr_dist.runtime.storage import StorageError
 
 __all__ = [
     "Checkpoint",
