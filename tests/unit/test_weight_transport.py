@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ivgr_dist.sync import BACKENDS, engine_backend, make_sender, make_weight_sync
+from ivgr_dist.sync import BACKENDS, engine_backend, engine_joins_group, make_sender, make_weight_sync
 from ivgr_dist.sync.buckets import TensorMeta
 from ivgr_dist.sync.collective import CollectiveSender, receive_buckets
 from ivgr_dist.sync.shm import ShmSender, merge_rank_buckets, read_sharded_bucket
@@ -200,6 +200,8 @@ def test_the_factories_build_each_side_and_list_the_valid_names():
         assert (sync.bucket_bytes, sync.dtype, sync.timeout_s) == (5, "bfloat16", 7.0)
         assert sync.engine_backend == BACKENDS[name].engine == engine_backend(name, use_gpus=False)
     assert [engine_backend("auto", use_gpus=g) for g in (False, True)] == ["ivgr_shm", "ivgr_collective"]
+    # engines of a group transport wait for the driver's wt_init; the others start their receiver at start
+    assert engine_joins_group("ivgr_collective") and not engine_joins_group("ivgr_shm")
 
 
 # ----------------------------------------------------------------------- driver side, fake endpoints

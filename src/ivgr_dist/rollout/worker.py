@@ -164,6 +164,7 @@ class RolloutWorker:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from ivgr_dist.sync import engine_joins_group
         from ivgr_dist.sync.vllm_plugin import register
 
         register()  # in this process too (the plugin covers the engine's own processes)
@@ -175,7 +176,7 @@ class RolloutWorker:
         args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
         self.banned = banned_token_bias(self.engine.get_tokenizer())
-        if self.weight_backend not in RENDEZVOUS_BACKENDS:  # those join a group through wt_init
+        if not engine_joins_group(self.weight_backend):  # those join the driver's group through wt_init
             await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
         self._segments = self._engine_segments()  # known now: a core that crashes later cannot be read then
@@ -512,10 +513,6 @@ class RolloutWorker:
     async def wt_shutdown(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         await self.engine.shutdown_weight_transfer_engine()
-
-
-RENDEZVOUS_BACKENDS = frozenset({"ivgr_collective"})
-"""Weight-transfer backends whose engines join a group the driver forms (``wt_init``), not at start."""
 
 
 def _request(prompt: Prompt, continuation: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:

@@ -41,6 +41,7 @@ __all__ = [
     "WeightSender",
     "WeightSync",
     "engine_backend",
+    "engine_joins_group",
     "make_sender",
     "make_weight_sync",
     "resolve_backend",
@@ -59,6 +60,9 @@ class Backend:
     """The vLLM weight-transfer engine (the receiver) the rollout engines are created with."""
     register: Callable[[], None]
     """Registers that engine with vLLM (idempotent; ``ivgr_dist.sync.vllm_plugin`` calls it in every vLLM process)."""
+    joins_group: bool = False
+    """Its engines join a group the driver side forms (``RolloutWorker.wt_init``) instead of starting their receiver
+    when they start."""
 
 
 def _shm(bucket_bytes: int, dtype: str | None, timeout_s: float) -> WeightSync:
@@ -77,10 +81,10 @@ def _collective(communicator: str) -> Callable[[int, str | None, float], WeightS
 BACKENDS: dict[str, Backend] = {
     "ivgr_shm": Backend(_shm, shm.ShmSender, shm.BACKEND_NAME, shm.register_with_vllm),
     "gloo": Backend(
-        _collective("gloo"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+        _collective("gloo"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm, True
     ),
     "nccl": Backend(
-        _collective("nccl"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm
+        _collective("nccl"), collective.CollectiveSender, collective.BACKEND_NAME, collective.register_with_vllm, True
     ),
 }
 
@@ -97,6 +101,12 @@ def resolve_backend(name: str, use_gpus: bool) -> str:
 def engine_backend(name: str, use_gpus: bool) -> str:
     """The vLLM weight-transfer engine that rollout engines must be built with for ``sync.backend=name``."""
     return BACKENDS[resolve_backend(name, use_gpus)].engine
+
+
+def engine_joins_group(engine: str) -> bool:
+    """Whether engines built with the vLLM weight-transfer engine ``engine`` wait for the driver's group
+    (``wt_init``) instead of starting their receiver at start (``RolloutWorker.start``)."""
+    return any(b.joins_group for b in BACKENDS.values() if b.engine == engine)
 
 
 def make_weight_sync(
