@@ -102,7 +102,10 @@ def test_ray_job_stop_checkpoints_and_a_resubmission_resumes_exactly(ray_head, t
     shutil.copytree(tiny_model_dir, model)
     secret = "sk-test-4f1c9e2b7a"
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"], "IVGR_JUDGE_API_KEY": secret}
-    overrides = [*_overrides(tmp_path, model, steps=3), "trainer.save_every=0"]  # only the stop writes one
+    # enough steps that the stop, sent once step 1 is logged, lands before the last one (with 3, a loaded machine saw
+    # the SIGTERM arrive during step 3: the job had finished and nothing was tested)
+    steps = 6
+    overrides = [*_overrides(tmp_path, model, steps=steps), "trainer.save_every=0"]  # only the stop writes one
     submit = ["bash", str(REPO / "cluster" / "submit.sh"), "--no-wait", "--submission-id", "ivgr-stop-test"]
     first = subprocess.run([*submit, "--", *overrides], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -130,7 +133,7 @@ def test_ray_job_stop_checkpoints_and_a_resubmission_resumes_exactly(ray_head, t
     assert done == list(range(1, stopped_at + 1)), done
     assert f"stopped by SIGTERM after step {stopped_at}" in logs, logs[-3000:]
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:06d}" / "COMPLETE").is_file()
-    assert stopped_at < 3, "the job finished before the stop: nothing was tested"
+    assert stopped_at < steps, "the job finished before the stop: nothing was tested"
 
     # The same submission again: it resumes after the stopped step, with the warm start reused.
     again = subprocess.run(["bash", str(REPO / "cluster" / "submit.sh"), "--", *overrides],
@@ -139,14 +142,14 @@ def test_ray_job_stop_checkpoints_and_a_resubmission_resumes_exactly(ray_head, t
     assert again.returncode == 0 and "succeeded" in again.stdout.lower(), log
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped_at:06d}'}" in again.stdout, log
     assert "reusing it" in again.stdout, log  # the finished warm start is not trained again
-    records = _check_metrics(metrics, [1, 2, 3])
-    assert records[-1]["data/batches"] == 3  # the sampler continued where the stopped job left it
+    records = _check_metrics(metrics, list(range(1, steps + 1)))
+    assert records[-1]["data/batches"] == steps  # the sampler continued where the stopped job left it
     trained = [json.loads(line) for line in (tmp_path / "run" / "trained.jsonl").read_text().splitlines()]
-    assert [t["step"] for t in trained] == [1, 2, 3]  # every step trained once: none lost, none twice
+    assert [t["step"] for t in trained] == list(range(1, steps + 1))  # every step trained once: none lost, none twice
     assert len((tmp_path / "run" / "sft_logs" / "metrics.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
-    assert state["weight_version"] == 3 and state["step"] == 3
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{steps:06d}" / "trainer_state.json").read_text())
+    assert state["weight_version"] == steps and state["step"] == steps
 
 
 def _token(ray_head) -> str:
