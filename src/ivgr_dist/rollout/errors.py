@@ -5,7 +5,7 @@ package."""
 
 from __future__ import annotations
 
-__all__ = ["EngineDeadError", "engine_dead"]
+__all__ = ["EngineDeadError", "engine_dead", "failure_text"]
 
 
 class EngineDeadError(RuntimeError):
@@ -19,3 +19,13 @@ def engine_dead(exc: BaseException) -> bool:
     actor lives on. Matched by class name: importing vLLM in the driver only for the class costs seconds."""
     kinds = [*type(exc).__mro__, *type(getattr(exc, "cause", None)).__mro__]
     return any(k.__name__ == "EngineDeadError" for k in kinds)
+
+
+def failure_text(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: first line`` of a failed call on an engine actor, for logs and ``failures`` lists: the task's own
+    exception (a ``RayTaskError``'s ``cause``, e.g. ``EngineDeadError``) rather than Ray's wrapper; the line cut to
+    ``limit`` characters when given."""
+    cause = getattr(exc, "cause", None)
+    what = cause if isinstance(cause, BaseException) else exc
+    first = (str(what).splitlines() or [""])[0]
+    return f"{type(what).__name__}: {first if limit is None else first[:limit]}"

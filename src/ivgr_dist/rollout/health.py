@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ivgr_dist.rollout.errors import engine_dead
+from ivgr_dist.rollout.errors import engine_dead, failure_text
 
 if TYPE_CHECKING:
     from ivgr_dist.rollout.fleet import EngineFleet
@@ -65,8 +65,7 @@ class HealthMonitor:
                 except ray.exceptions.RayActorError as exc:
                     reason, fatal = f"its actor died ({type(exc).__name__})", True
                 except Exception as exc:  # noqa: BLE001 - the probe's own error (a dead core says so at once)
-                    cause = getattr(exc, "cause", None) or exc
-                    reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+                    reason = failure_text(exc, 200)
                     fatal = engine_dead(exc)
             if reason is None:
                 self.fails.pop(e, None)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivgr_dist.config import ModelConfig, RolloutConfig
-from ivgr_dist.rollout.errors import engine_dead
+from ivgr_dist.rollout.errors import engine_dead, failure_text
 from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
 from ivgr_dist.rollout.health import HealthMonitor
 from ivgr_dist.rollout.worker import RolloutWorker
@@ -357,13 +357,10 @@ class RolloutPool:
     def _drop_engine(self, engine: int, exc: BaseException, stats: PoolStats | None) -> None:
         if engine not in self.alive:
             return
-        cause = getattr(exc, "cause", None)  # a task error's own exception (EngineDeadError), not Ray's wrapper
-        what = cause if isinstance(cause, BaseException) else exc
-        first_line = (str(what).splitlines() or [""])[0]
         if stats is not None:
             stats.engine_failures += 1
         # An actor whose vLLM engine died is still alive: free its memory and its devices.
-        self.fleet.drop(engine, f"{type(what).__name__}: {first_line}")
+        self.fleet.drop(engine, failure_text(exc))
 
     def engine_view(self) -> EngineView:
         """The live engines as weight sync sees them (``ivgr_dist.sync``): handles, tensor-parallel size, nodes."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ivgr_dist.rollout.errors import engine_dead
+from ivgr_dist.rollout.errors import engine_dead, failure_text
 
 __all__ = ["EngineView", "SyncError", "call_engines"]
 
@@ -96,11 +96,7 @@ def call_engines(
             try:
                 results[e] = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                cause = getattr(exc, "cause", None)
-                first = (str(cause if isinstance(cause, BaseException) else exc).splitlines() or [""])[0]
-                errors[e] = (
-                    f"{type(cause).__name__ if isinstance(cause, BaseException) else type(exc).__name__}: {first}"
-                )
+                errors[e] = failure_text(exc)
                 if isinstance(exc, ray.exceptions.RayActorError) or engine_dead(exc):
                     dead.append(e)
     hung = sorted(refs[r] for r in pending)

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from ivgr_dist.reward.judge.engine import judge_engine_setup
-from ivgr_dist.rollout.errors import engine_dead
+from ivgr_dist.rollout.errors import engine_dead, failure_text
 from ivgr_dist.rollout.fleet import EngineFleet, FleetSpec
 from ivgr_dist.rollout.worker import RolloutWorker
 from ivgr_dist.runtime.logs import actor_env, redirect_actor_output
@@ -173,8 +173,7 @@ class JudgeFleet:
             cause = getattr(exc, "cause", None)  # a task error's own exception (EngineDeadError), not Ray's wrapper
             what = cause if isinstance(cause, BaseException) else exc
             if isinstance(exc, ray.exceptions.RayActorError) or engine_dead(exc):
-                first = (str(what).splitlines() or [""])[0][:200]
-                await asyncio.to_thread(fleet.drop, i, f"{type(what).__name__}: {first}")
+                await asyncio.to_thread(fleet.drop, i, failure_text(exc, 200))
             raise RuntimeError(f"judge engine {i}: {type(what).__name__}: {str(what)[:300]}") from None
         finally:
             self.in_flight[i] -= 1
