@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny model is built once per session; GPU tests skip without CUDA. Shared-memory
-segments the session leaves in /dev/shm fail it (support.shm_check)."""
+"""Shared fixtures: the tiny models and one Ray cluster are started once per session (per xdist worker; the
+default tier runs ``-n 2``), and every in-process Ray test module joins that cluster as a job of its own; GPU
+tests skip without CUDA. Shared-memory segments the session leaves in /dev/shm fail it (support.shm_check)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from support.shm_check import (  # noqa: F401
     pytest_sessionfinish,
     pytest_sessionstart,
     pytest_terminal_summary,
+    pytest_testnodedown,
 )
 
 install()  # as the command line does (ivgr_dist.runtime._ext_fix): tests import transformers and start vLLM engines
@@ -65,3 +67,43 @@ def tiny_qwen3_dir(tmp_path_factory):
     from ivgr_dist.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", TinyModelConfig(family="qwen3_vl"))
+
+
+# Logical CPUs of the session's Ray cluster: the largest module's need (test_tp_sync: a TP=2 engine, a fresh TP=2
+# engine beside it and learner ranks of 0.01 CPU), plus one; processes share the machine's real cores as before.
+SESSION_RAY_CPUS = 6
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray cluster for the session's in-process Ray tests: a ``ray start`` head on loopback, stopped by its
+    processes' PIDs at the end (support.ray_cluster). Starting a cluster costs ~3 s and ~5 CPU-seconds; joining
+    one costs 0.1 s."""
+    from support.ray_cluster import LocalCluster
+
+    cluster = LocalCluster.start_head(SESSION_RAY_CPUS, dashboard=False, auth=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop(grace_s=3)  # no job is left to finish: what has not exited after SIGTERM is killed
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head):
+    """This module's connection to the session's Ray cluster, as a job of its own (the import fix in every
+    worker, as ``init_ray`` sets it). When the module ends the job ends, and Ray kills what it left (actors,
+    placement groups); the next module starts only once every CPU of the cluster is free again, and fails,
+    naming the resources still held, if they are not within ``RAY_IDLE_TIMEOUT_S``."""
+    import ray
+
+    from ivgr_dist.runtime.startup import worker_runtime_env
+
+    ray.init(address=ray_head.gcs, log_to_driver=False, runtime_env=worker_runtime_env())
+    try:
+        ray_head.wait_until_idle(ray, RAY_IDLE_TIMEOUT_S)
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+RAY_IDLE_TIMEOUT_S = 60.0

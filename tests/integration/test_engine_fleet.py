@@ -87,15 +87,13 @@ class FailsToStart(StandIn):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_cluster):
+    """The session's cluster (tests/conftest.py); the stand-ins live in this module, which Ray's workers cannot
+    import: shipped by value."""
     import sys
 
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray_cluster
 
 
 def _spec(**over):

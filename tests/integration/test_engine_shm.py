@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
+def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir, ray_cluster):
     """Three engines of one pool, three ways to go (one pool start instead of three):
 
     - ``dropped``: the pool drops it (``kill_engine``);
@@ -26,10 +26,7 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.pool import RolloutPool
     from ivgr_dist.runtime.shm_segments import SHM_ROOT, mapped_segments
-    from ivgr_dist.runtime.startup import worker_runtime_env
-
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=3"])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool, procs, segments = None, {}, {}
     try:
         pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_shm", use_gpus=False, start_timeout_s=300)
@@ -55,7 +52,6 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir):
                 os.kill(p["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        ray.shutdown()
 
 
 NODE_SCRIPT = """

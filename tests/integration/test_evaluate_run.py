@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_run_eval_both_streams_writes_tables(tiny_model_dir, tmp_path):
+def test_run_eval_both_streams_writes_tables(tiny_model_dir, tmp_path, ray_cluster):
     import pyarrow.parquet as pq
 
     from ivgr_dist.commands.evaluate import run_eval

@@ -23,9 +23,7 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, tmp_path_factory):
-    import ray
-
+def setup(tiny_model_dir, tmp_path_factory, ray_cluster):
     from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig, TinyModelConfig, load_config
     from ivgr_dist.data.pipeline import build_pipeline
     from ivgr_dist.learner.group import LearnerGroup
@@ -47,9 +45,6 @@ def setup(tiny_model_dir, tmp_path_factory):
         ],
     )
     prompt = next(p for p in build_pipeline(cfg.model, cfg.data).next_prompts() if p.images)
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool = learners = None
     try:
         # as the trainer builds it with trainer.max_staleness >= 1 (no prefix caching: see engine_kwargs)
@@ -69,7 +64,6 @@ def setup(tiny_model_dir, tmp_path_factory):
             learners.shutdown()
         if pool is not None:
             pool.shutdown()
-        ray.shutdown()
 
 
 def _transformers_logprobs(model_dir, rollout) -> torch.Tensor:

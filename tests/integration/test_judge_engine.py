@@ -15,22 +15,10 @@ from ivgr_dist.config import EngineConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
 from ivgr_dist.reward.judge.engine import EngineJudge
 from ivgr_dist.reward.judge.openai import request_deadline_s
-from ivgr_dist.runtime.startup import worker_runtime_env
 
 pytestmark = pytest.mark.integration
 
 SAMPLES = 4
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def test_engine_judge_on_the_tiny_model(ray_cluster, tiny_model_dir):

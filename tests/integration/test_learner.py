@@ -15,7 +15,6 @@ from ivgr_dist.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from ivgr_dist.learner.batch import SampleEncoder
 from ivgr_dist.learner.step_data import StepBatch, place
 from ivgr_dist.learner.worker import LearnerWorker, pick_master_address
-from ivgr_dist.runtime.startup import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.weights import full_state
 
@@ -384,14 +383,6 @@ def test_export_and_checkpoint_files_get_the_umask_mode(make_worker, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- Ray group
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    yield ray
-    ray.shutdown()
 
 
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(ray_cluster, rollouts, tiny_model_dir):

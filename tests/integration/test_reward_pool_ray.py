@@ -19,7 +19,6 @@ from ivgr_dist.driver.checkpoints import latest_checkpoint
 from ivgr_dist.reward.judge import JudgeUnavailable
 from ivgr_dist.reward.pool import RewardPool, RewardWorker, make_scorer
 from ivgr_dist.reward.reference_cache import CACHE_NAME
-from ivgr_dist.runtime.startup import worker_runtime_env
 from ivgr_dist.types import Prompt, Rollout
 from support.fault_server import Fault, FaultServer
 
@@ -32,15 +31,6 @@ _spec.loader.exec_module(bench_reward)
 synthetic_batch = bench_reward.synthetic_batch  # the benchmark's rollouts: every reward path runs
 
 OK = "<score>1.0</score> <verdict>yes</verdict>"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    yield ray
-    ray.shutdown()
 
 
 def _prompts(groups):

@@ -81,17 +81,6 @@ def prompts(data):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool(ray_cluster, cfg):
     from ivgr_dist.rollout.pool import RolloutPool
 

@@ -57,8 +57,8 @@ def cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(cfg):
-    import ray
+def stack(cfg, ray_cluster):
+    ray = ray_cluster
 
     from ivgr_dist.data.pipeline import build_pipeline
     from ivgr_dist.learner.group import LearnerGroup
@@ -66,16 +66,12 @@ def stack(cfg):
     from ivgr_dist.sync.verify import WeightVerifier
 
     prompts = build_pipeline(cfg.model, cfg.data).next_prompts()
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
     pool = RolloutPool(cfg.model, cfg.rollout, "ivgr_collective", use_gpus=False, start_timeout_s=300)
     learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_steps=4, timeout_s=300)
     verifier = WeightVerifier(cfg.sync.verify_tolerance)
     yield {"ray": ray, "pool": pool, "learners": learners, "prompts": prompts, "verifier": verifier}
     learners.shutdown()
     pool.shutdown()
-    ray.shutdown()
 
 
 def _sync(bucket_bytes: int = 256 << 10):

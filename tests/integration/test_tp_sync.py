@@ -60,18 +60,6 @@ def cfg(tiny_model_dir, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    # the synced TP=2 engine (2 CPUs) + a fresh one beside it (2) + the learner ranks (0.01 each)
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    yield ray
-    ray.shutdown()
-
-
 def _greedy(actor, prompts):
     import ray
 

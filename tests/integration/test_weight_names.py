@@ -14,17 +14,6 @@ pytestmark = pytest.mark.integration
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
 def family(request, ray_cluster, tiny_model_dir, tiny_qwen3_dir):
     """One learner rank and one engine of the family, both from the tiny model."""

@@ -27,8 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_cluster(temps: list[Path]) -> None:
-    """Terminate (then kill) every process whose command line names one of ``temps``; remove the dirs."""
+def stop_cluster(temps: list[Path], grace_s: float = 20.0) -> None:
+    """Terminate every process whose command line names one of ``temps``, kill those still alive after
+    ``grace_s`` (the GCS server and the autoscaler's monitor can take that long after SIGTERM); remove the dirs."""
     import psutil
 
     procs = []
@@ -40,7 +41,7 @@ def stop_cluster(temps: list[Path]) -> None:
                 proc.terminate()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         proc.kill()
     for t in temps:
@@ -71,25 +72,30 @@ class LocalCluster:
     dashboard: str = ""
 
     @classmethod
-    def start_head(cls, num_cpus: int, resources: dict | None = None) -> LocalCluster:
+    def start_head(
+        cls, num_cpus: int, resources: dict | None = None, dashboard: bool = True, auth: bool = True
+    ) -> LocalCluster:
+        """``dashboard``: the dashboard and its job API (``ray job submit``); without it the head starts faster
+        and drivers join it with ``ray.init(address=gcs)`` only. ``auth``: a token file of the cluster's own, which
+        its clients read from ``env``; False: no authentication (``RAY_AUTH_MODE=disabled``), for a loopback cluster
+        that this process joins in-process: Ray keeps the token a process first used, so a process that has
+        started a local cluster of its own cannot then present another token (measured with Ray 2.60)."""
         ray_bin = shutil.which("ray")
         assert ray_bin, "the ray CLI is not installed (ray[default])"
         temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         token = temp / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        env = {
-            **os.environ,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token),
-        }
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        if auth:
+            token.write_text(secrets.token_hex(32))
+            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         env.pop("RAY_ADDRESS", None)
         port, dash = free_port(), free_port()
         cluster = cls(ray_bin, [temp], env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
         start = [
             ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
-            "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
+            "--num-gpus=0", f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}",
+            "--disable-usage-stats",
         ]  # fmt: skip
         if resources:
             start.append(f"--resources={json.dumps(resources)}")
@@ -138,8 +144,22 @@ class LocalCluster:
                 raise AssertionError(f"{alive} of {n} Ray nodes alive after {deadline_s}s: {proc.stderr[-1000:]}")
             time.sleep(2)
 
-    def stop(self) -> None:
-        stop_cluster(self.temps)
+    def wait_until_idle(self, ray, timeout_s: float) -> None:
+        """Wait (connected as ``ray``) until every CPU of the cluster is free: the jobs before this one have ended
+        and Ray has killed what they left; else fail, naming what is still held."""
+        deadline = time.monotonic() + timeout_s
+        total = ray.cluster_resources().get("CPU", 0.0)
+        while (free := ray.available_resources().get("CPU", 0.0)) < total:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the session's Ray cluster still holds {total - free:g} of {total:g} CPUs {timeout_s:g}s after "
+                    f"the previous module ended (a module left actors or placement groups Ray could not kill): "
+                    f"available {ray.available_resources()}"
+                )
+            time.sleep(0.2)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        stop_cluster(self.temps, grace_s)
 
 
 def can_unshare_mounts() -> bool:

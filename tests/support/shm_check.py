@@ -6,10 +6,14 @@ removed, listed in a "shared memory left behind" section, and fail the session (
 tier: its fault-injection jobs kill nodes and engine cores on purpose, and a process Ray kills with its node
 cannot clean up); ``IVGR_SHM_CHECK_INTERVAL_S`` sets the poll interval (default 2 s). See
 :mod:`support.shm_watch` for how a segment is told to be this session's.
+
+Under pytest-xdist (the default tier runs ``-n 2``) every worker watches its own processes and hands its leaks to
+the controller (``workeroutput``), which lists them and fails the run as one session would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 
@@ -36,9 +40,24 @@ def pytest_sessionfinish(session, exitstatus):
     if watch is None:
         return
     leaks = watch.finish()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller reports and fails (pytest_testnodedown)
+        workeroutput[_WORKER_KEY] = [dataclasses.asdict(leak) for leak in leaks]
+        return
+    leaks = [*session.config.stash.get(_LEAKS, []), *leaks]
     session.config.stash[_LEAKS] = leaks
     if leaks and session.exitstatus == pytest.ExitCode.OK and os.environ.get("IVGR_SHM_CHECK") != "report":
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called when the plugin runs
+def pytest_testnodedown(node, error):
+    """The xdist controller collects the leaks each worker found in its own processes."""
+    from support.shm_watch import Leak
+
+    found = [Leak(**leak) for leak in getattr(node, "workeroutput", {}).get(_WORKER_KEY, [])]
+    if found:
+        node.config.stash[_LEAKS] = [*node.config.stash.get(_LEAKS, []), *found]
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -59,3 +78,4 @@ def pytest_terminal_summary(terminalreporter):
 _session_watch: list = []  # the session's watcher, for pytest_runtest_logstart (which gets no session)
 _WATCH = pytest.StashKey()
 _LEAKS = pytest.StashKey()
+_WORKER_KEY = "ivgr_shm_leaks"

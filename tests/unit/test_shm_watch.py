@@ -136,7 +136,9 @@ CHILD = {child!r}
 
 def test_starts_an_engine_like_process():
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    print("SEGMENT", proc.stdout.readline().strip())
+    name = proc.stdout.readline().strip()
+    with open(os.environ["SEGMENT_FILE"], "w") as f:  # an xdist worker's output does not reach the console
+        f.write(name)
     time.sleep(1.0)  # the session's watcher polls every 0.2 s
     if os.environ["LEAK"] == "1":
         proc.kill()  # killed without cleanup: the segment stays
@@ -157,11 +159,14 @@ shm.unlink()
 """
 
 
-@pytest.mark.parametrize(("leak", "mode"), [(True, "1"), (False, "1"), (True, "report")])
-def test_a_session_that_leaves_a_segment_fails_and_lists_it(tmp_path, leak, mode):
+@pytest.mark.parametrize(
+    ("leak", "mode", "workers"), [(True, "1", 0), (False, "1", 0), (True, "report", 0), (True, "1", 2), (False, "1", 2)]
+)
+def test_a_session_that_leaves_a_segment_fails_and_lists_it(tmp_path, leak, mode, workers):
     """A whole pytest session with the plugin (as tests/conftest.py loads it): a test whose process leaves a
     psm_ segment makes the session fail, naming (and removing) the segment; a clean session passes; with
-    ``IVGR_SHM_CHECK=report`` (the slow tier) the segment is named and removed but the session passes."""
+    ``IVGR_SHM_CHECK=report`` (the slow tier) the segment is named and removed but the session passes. With
+    ``-n 2`` (the default tier) the worker that ran the test hands the leak to the controller, which fails."""
     from pathlib import Path
 
     (tmp_path / "test_session.py").write_text(SESSION_TEST.format(child=CHILD))
@@ -172,11 +177,13 @@ def test_a_session_that_leaves_a_segment_fails_and_lists_it(tmp_path, leak, mode
         "IVGR_SHM_CHECK_INTERVAL_S": "0.2",
         "LEAK": "1" if leak else "0",
         "IVGR_SHM_CHECK": mode,
+        "SEGMENT_FILE": str(tmp_path / "segment"),
     }
     args = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "support.shm_check"]
-    args += ["--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_session.py")]
+    args += ["--rootdir", str(tmp_path), "-c", os.devnull, "-n", str(workers), str(tmp_path / "test_session.py")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    segment = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("SEGMENT"))
+    segment = (tmp_path / "segment").read_text()
+    assert ("bringing up nodes" in proc.stdout) == (workers == 2), proc.stdout[-3000:]  # xdist ran it
     assert segment.startswith("psm_") and not os.path.exists(f"/dev/shm/{segment}")
     if leak:
         assert proc.returncode == (0 if mode == "report" else 1), proc.stdout[-3000:]
