@@ -26,6 +26,7 @@ def test_engines_that_go_leave_no_shared_memory_segments(tiny_model_dir, ray_clu
     from ivgr_dist.config import load_config
     from ivgr_dist.rollout.pool import RolloutPool
     from ivgr_dist.runtime.shm_segments import SHM_ROOT, mapped_segments
+
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "rollout.num_engines=3"])
     pool, procs, segments = None, {}, {}
     try:
