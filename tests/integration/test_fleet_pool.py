@@ -88,19 +88,17 @@ class EngineDeadError(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_heads):
+    """The session's Ray cluster that declares NUM_GPUS GPUs (tests/conftest.py), joined as a job of this module."""
     import sys
 
     import ray
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
+    from support.ray_cluster import joined
 
-    ray.init(
-        num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env()
-    )
-    yield ray
-    ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with joined(ray_heads(num_gpus=NUM_GPUS, num_cpus=8)) as cluster:
+        yield cluster
 
 
 def _cfg(**over):

@@ -107,20 +107,18 @@ class StandInLearner:
 
 
 @pytest.fixture(scope="module")
-def fake_gpu_cluster():
+def fake_gpu_cluster(ray_heads):
+    """The session's Ray cluster that declares NUM_GPUS GPUs (tests/conftest.py), joined as a job of this module."""
     import sys
 
     import ray
 
+    from support.ray_cluster import joined
+
     # The stand-ins live in this test module, which Ray's workers cannot import: ship them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from ivgr_dist.runtime.startup import worker_runtime_env  # the import fix in every Ray worker
-
-    ray.init(
-        num_cpus=8, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env()
-    )
-    yield ray
-    ray.shutdown()
+    with joined(ray_heads(num_gpus=NUM_GPUS, num_cpus=8)) as cluster:
+        yield cluster
 
 
 def _cfg(engines: int, tp: int, ranks: int = 2, timeout_s: float = 5.0, min_engines: int = 1):
