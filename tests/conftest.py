@@ -1,13 +1,12 @@
-"""Shared fixtures: the tiny models and one Ray cluster are started once per session (per xdist worker; the
-default tier runs ``-n 2``), and every in-process Ray test module joins that cluster as a job of its own; GPU
-tests skip without CUDA. Shared-memory segments the session leaves in /dev/shm fail it (support.shm_check)."""
+"""Shared fixtures: the tiny models are built once per session (per xdist worker: the default tier runs ``-n 2``),
+a local Ray cluster once per module that asks for ``ray_cluster``; GPU tests skip without CUDA. Shared-memory
+segments the session leaves in /dev/shm fail it (support.shm_check)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ivgr_dist.runtime._ext_fix import install
-from support.ray_cluster import record_local_clusters
 from support.shm_check import (  # noqa: F401
     pytest_runtest_logstart,
     pytest_sessionfinish,
@@ -16,7 +15,6 @@ from support.shm_check import (  # noqa: F401
     pytest_testnodedown,
 )
 
-record_local_clusters()  # a local ray.init in this process, then a joined cluster: fails naming the test
 install()  # as the command line does (ivgr_dist.runtime._ext_fix): tests import transformers and start vLLM engines
 
 
@@ -71,40 +69,15 @@ def tiny_qwen3_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", TinyModelConfig(family="qwen3_vl"))
 
 
-# Logical CPUs of the session's Ray clusters: the largest module's need (test_tp_sync: a TP=2 engine, a fresh TP=2
+# Logical CPUs of a test module's Ray cluster: the largest module's need (test_tp_sync: a TP=2 engine, a fresh TP=2
 # engine beside it and learner ranks of 0.01 CPU), plus one; processes share the machine's real cores as before.
-SESSION_RAY_CPUS = 6
-
-
-@pytest.fixture(scope="session")
-def ray_heads():
-    """The session's Ray clusters, one per declared GPU count, each started on first use: ``ray start`` heads on
-    loopback, stopped by their processes' PIDs at the end (support.ray_cluster). Starting a cluster costs ~3 s and
-    ~5 CPU-seconds; joining one costs 0.1 s. In-process tests use only these: a process that has started a local
-    cluster of its own (``ray.init(num_cpus=...)``) cannot start actors on a cluster it joins afterwards (Ray 2.60;
-    their creation is cancelled), while joining one head after another works."""
-    from support.ray_cluster import LocalCluster
-
-    heads: dict[tuple[int, int], LocalCluster] = {}
-
-    def head(num_gpus: int = 0, num_cpus: int = SESSION_RAY_CPUS) -> LocalCluster:
-        key = (num_cpus, num_gpus)
-        if key not in heads:
-            heads[key] = LocalCluster.start_head(num_cpus, dashboard=False, auth=False, num_gpus=num_gpus)
-        return heads[key]
-
-    try:
-        yield head
-    finally:
-        for cluster in heads.values():
-            cluster.stop(grace_s=3)  # no job is left to finish: what has not exited after SIGTERM is killed
+RAY_CPUS = 6
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_heads):
-    """This module's connection to the session's CPU-only Ray cluster, as a job of its own
-    (:func:`support.ray_cluster.joined`)."""
-    from support.ray_cluster import joined
+def ray_cluster():
+    """A local Ray cluster for the module (support.ray_cluster.local_ray), shut down when it ends."""
+    from support.ray_cluster import local_ray
 
-    with joined(ray_heads()) as ray:
+    with local_ray(RAY_CPUS) as ray:
         yield ray

@@ -88,16 +88,16 @@ class EngineDeadError(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_heads):
-    """The session's Ray cluster that declares NUM_GPUS GPUs (tests/conftest.py), joined as a job of this module."""
+def ray_cluster():
+    """A local Ray cluster that declares NUM_GPUS GPUs (Ray schedules them; nothing here uses a device)."""
     import sys
 
     import ray
 
-    from support.ray_cluster import joined
+    from support.ray_cluster import local_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with joined(ray_heads(num_gpus=NUM_GPUS, num_cpus=8)) as cluster:
+    with local_ray(8, NUM_GPUS) as cluster:
         yield cluster
 
 

@@ -15,22 +15,28 @@ import pytest
 
 from ivgr_dist.config import EngineConfig, HealthConfig, JudgeConfig
 from ivgr_dist.reward.judge import JudgeRequest, make_judge
+from ivgr_dist.runtime.startup import worker_runtime_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2-4 min: three judge engine starts
 
 
 @pytest.fixture(scope="module")
-def head(ray_heads):
-    """The session's CPU-only Ray cluster (tests/conftest.py), whose processes :func:`_cores` searches."""
-    return ray_heads()
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=worker_runtime_env())
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
-def _cores(head) -> list:
-    """vLLM EngineCore processes of the session's Ray cluster ``head`` (below its raylet)."""
+def _cores() -> list:
+    """vLLM EngineCore processes below this test process (its local Ray cluster's)."""
     import psutil
 
     out = []
-    for p in head.descendants():
+    for p in psutil.Process().children(recursive=True):
         try:
             if "EngineCore" in " ".join([p.name(), *p.cmdline()]):
                 out.append(p)
@@ -55,7 +61,7 @@ def _wait(cond, timeout_s: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-def test_two_judges_share_one_fleet_that_replaces_dead_and_hung_engines(ray_cluster, head, tiny_model_dir):
+def test_two_judges_share_one_fleet_that_replaces_dead_and_hung_engines(ray_cluster, tiny_model_dir):
     ray = ray_cluster
     from ivgr_dist.reward.judge.fleet import create_fleet
     from ivgr_dist.reward.pool import close_fleet
@@ -78,7 +84,7 @@ def test_two_judges_share_one_fleet_that_replaces_dead_and_hung_engines(ray_clus
         return ray.get(fleet.stats.remote(), timeout=30)
 
     def engines_alive() -> int:
-        return len(_cores(head))  # every judge engine has its own EngineCore below the cluster
+        return len(_cores())  # every judge engine has its own EngineCore below this process
 
     try:
         first = score_all("a")
@@ -88,7 +94,7 @@ def test_two_judges_share_one_fleet_that_replaces_dead_and_hung_engines(ray_clus
         calls = sum(res.calls for r in first for res in r)  # nonsense answers of the tiny model are retried
         assert s["engines_live"] == 1 and s["engine_requests"] == calls and engines_alive() == 1  # ONE engine for both
         # a crashed EngineCore: the next requests find it dead, it is replaced, they are answered
-        cores = _cores(head)
+        cores = _cores()
         assert len(cores) == 1, cores
         cores[0].kill()
         t0 = time.monotonic()
@@ -101,18 +107,18 @@ def test_two_judges_share_one_fleet_that_replaces_dead_and_hung_engines(ray_clus
         # means an engine ANSWERED: each request was answered after the kill, by the replacement
         assert all(res.parse_failures > 0 for r in after_kill for res in r), after_kill
         # a hung EngineCore: the probe marks it within failures x (interval + timeout) (+ slack), replaced
-        cores = _cores(head)
+        cores = _cores()
         assert len(cores) == 1, cores
         cores[0].send_signal(signal.SIGSTOP)
         took = _wait(lambda: stats()["engine_unhealthy"] >= 1, 2 * (1.0 + 5.0) + 15, "the probe did not fire")
         print(f"[judge fleet] SIGSTOP -> unhealthy in {took:.1f}s")
         _wait(lambda: stats()["engines_live"] == 1, 300, "no replacement for the hung engine")
-        assert not [p for p in _cores(head) if p.pid == cores[0].pid]  # the stopped core was killed with its engine
+        assert not [p for p in _cores() if p.pid == cores[0].pid]  # the stopped core was killed with its engine
         last = score_all("c")
         assert all(len(r) == 2 for r in last) and all(res.parse_failures > 0 for r in last for res in r)
         assert stats()["engine_restarts"] == 2 and engines_alive() == 1
     finally:
-        for p in _cores(head):
+        for p in _cores():
             try:
                 p.send_signal(signal.SIGCONT)
             except Exception:  # noqa: BLE001

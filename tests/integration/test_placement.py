@@ -107,17 +107,17 @@ class StandInLearner:
 
 
 @pytest.fixture(scope="module")
-def fake_gpu_cluster(ray_heads):
-    """The session's Ray cluster that declares NUM_GPUS GPUs (tests/conftest.py), joined as a job of this module."""
+def fake_gpu_cluster():
+    """A local Ray cluster that declares NUM_GPUS GPUs (Ray schedules them; nothing here uses a device)."""
     import sys
 
     import ray
 
-    from support.ray_cluster import joined
+    from support.ray_cluster import local_ray
 
     # The stand-ins live in this test module, which Ray's workers cannot import: ship them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with joined(ray_heads(num_gpus=NUM_GPUS, num_cpus=8)) as cluster:
+    with local_ray(8, NUM_GPUS) as cluster:
         yield cluster
 
 

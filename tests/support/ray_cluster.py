@@ -10,7 +10,6 @@ clusters have it by default: every process reads the same token file.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
@@ -29,9 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_cluster(temps: list[Path], grace_s: float = 20.0) -> None:
-    """Terminate every process whose command line names one of ``temps``, kill those still alive after
-    ``grace_s`` (the GCS server and the autoscaler's monitor can take that long after SIGTERM); remove the dirs."""
+def stop_cluster(temps: list[Path]) -> None:
+    """Terminate (then kill) every process whose command line names one of ``temps``; remove the dirs."""
     import psutil
 
     procs = []
@@ -43,7 +41,7 @@ def stop_cluster(temps: list[Path], grace_s: float = 20.0) -> None:
                 proc.terminate()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    _, alive = psutil.wait_procs(procs, timeout=20)
     for proc in alive:
         proc.kill()
     for t in temps:
@@ -74,36 +72,25 @@ class LocalCluster:
     dashboard: str = ""
 
     @classmethod
-    def start_head(
-        cls,
-        num_cpus: int,
-        resources: dict | None = None,
-        dashboard: bool = True,
-        auth: bool = True,
-        num_gpus: int = 0,
-    ) -> LocalCluster:
-        """``dashboard``: the dashboard and its job API (``ray job submit``); without it the head starts faster
-        and drivers join it with ``ray.init(address=gcs)`` only. ``num_gpus``: GPUs the head declares (Ray
-        schedules them; nothing here uses a device). ``auth``: a token file of the cluster's own, which
-        its clients read from ``env``; False: no authentication (``RAY_AUTH_MODE=disabled``), for a loopback cluster
-        that this process joins in-process: Ray keeps the token a process first used, so a process that has
-        started a local cluster of its own cannot then present another token (measured with Ray 2.60)."""
+    def start_head(cls, num_cpus: int, resources: dict | None = None) -> LocalCluster:
         ray_bin = shutil.which("ray")
         assert ray_bin, "the ray CLI is not installed (ray[default])"
         temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         token = temp / "auth_token"
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-        if auth:
-            token.write_text(secrets.token_hex(32))
-            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        token.write_text(secrets.token_hex(32))
+        env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+        }
         env.pop("RAY_ADDRESS", None)
         port, dash = free_port(), free_port()
         cluster = cls(ray_bin, [temp], env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
         start = [
             ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
-            f"--num-gpus={num_gpus}", f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}",
-            "--disable-usage-stats",
+            "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
         ]  # fmt: skip
         if resources:
             start.append(f"--resources={json.dumps(resources)}")
@@ -152,78 +139,28 @@ class LocalCluster:
                 raise AssertionError(f"{alive} of {n} Ray nodes alive after {deadline_s}s: {proc.stderr[-1000:]}")
             time.sleep(2)
 
-    def wait_until_idle(self, ray, timeout_s: float) -> None:
-        """Wait (connected as ``ray``) until every CPU and GPU of the cluster is free: the jobs before this one
-        have ended and Ray has killed what they left; else fail, naming what is still held."""
-        deadline = time.monotonic() + timeout_s
-        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        while held := {k: v - ray.available_resources().get(k, 0.0) for k, v in total.items()}:
-            held = {k: v for k, v in held.items() if v > 1e-6}
-            if not held:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"the session's Ray cluster at {self.gcs} still holds {held} of {total} {timeout_s:g}s after the "
-                    "previous job ended (a module left actors or placement groups that Ray could not kill)"
-                )
-            time.sleep(0.2)
-
-    def descendants(self) -> list:
-        """The processes started below this cluster's own (its raylets start the workers, and vLLM engine cores
-        below them)."""
-        import psutil
-
-        out = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(str(t) in part for t in self.temps for part in proc.info["cmdline"] or []):
-                    out.extend(proc.children(recursive=True))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return list({p.pid: p for p in out}.values())
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        stop_cluster(self.temps, grace_s)
-
-
-_local_clusters: list[str] = []  # the tests during which this process started a local Ray cluster of its own
-
-
-def record_local_clusters() -> None:
-    """Wrap ``ray.init`` so that this process remembers the tests that started a local cluster in it: after one,
-    :func:`joined` fails with the reason instead of the actors' cancelled creation."""
-    import ray
-
-    real = ray.init
-
-    @functools.wraps(real)
-    def init(*args, **kwargs):
-        if not args and kwargs.get("address") is None and not os.environ.get("RAY_ADDRESS"):
-            _local_clusters.append(os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0])
-        return real(*args, **kwargs)
-
-    ray.init = init
+    def stop(self) -> None:
+        stop_cluster(self.temps)
 
 
 @contextlib.contextmanager
-def joined(cluster: LocalCluster, idle_timeout_s: float = 60.0):
-    """Join ``cluster`` as a job of this process, the import fix in every worker as ``init_ray`` sets it; yields the
-    ``ray`` module. When the job ends Ray kills what it left (actors, placement groups). It starts only once every
-    CPU and GPU of the cluster is free again, and fails, naming the resources still held, if they are not within
-    ``idle_timeout_s`` (the job before it left something Ray could not kill)."""
+def local_ray(num_cpus: int, num_gpus: int = 0):
+    """A local Ray cluster of this process for the block, as ``init_ray`` starts one (the import fix in every
+    worker, no dashboard); yields the ``ray`` module. Measured against one cluster shared by a whole session: an
+    idle Ray head burns ~9% of a core (GCS, raylet, agents, idle workers), more over a session on 2 cores than the
+    ~5 CPU-seconds a start costs, so each module starts its own."""
     import ray
 
     from ivgr_dist.runtime.startup import worker_runtime_env
 
-    if _local_clusters:
-        raise AssertionError(
-            f"this process started a local Ray cluster of its own ({_local_clusters[0]}): Ray 2.60 then cancels the "
-            "creation of every actor on a cluster the process joins later, so in-process tests use the session's "
-            "clusters only (the `ray_cluster` / `ray_heads` fixtures of tests/conftest.py)"
-        )
-    ray.init(address=cluster.gcs, log_to_driver=False, runtime_env=worker_runtime_env())
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=worker_runtime_env(),
+    )
     try:
-        cluster.wait_until_idle(ray, idle_timeout_s)
         yield ray
     finally:
         ray.shutdown()
