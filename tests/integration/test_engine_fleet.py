@@ -88,7 +88,7 @@ class FailsToStart(StandIn):
 
 @pytest.fixture(scope="module")
 def ray_cluster(ray_cluster):
-    """The session's cluster (tests/conftest.py); the stand-ins live in this module, which Ray's workers cannot
+    """The module's local cluster (tests/conftest.py); the stand-ins live in this module, which Ray's workers cannot
     import: shipped by value."""
     import sys
 
