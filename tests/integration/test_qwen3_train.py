@@ -33,6 +33,7 @@ def test_qwen3_vl_tp2_trains_three_steps_with_engine_parity(tmp_path):
         "rollout.tensor_parallel_size=2",
         "rollout.num_engines=1",
         "trainer.max_steps=3",
+        "rollout.temperature=0.7",  # the engine's and the learner's log-probs must agree at T != 1 too
         "sft.enabled=false",
         f"data.train_files=[{tmp_path}/data/train.parquet]",
         f"data.val_files=[{tmp_path}/data/val.parquet]",

@@ -234,6 +234,7 @@ def test_recipe_engines_get_gpu_shaped_arguments(name):
     assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert kw["max_num_batched_tokens"] == 16384 and kw["seed"] == 3
     assert "enable_chunked_prefill" not in kw  # recipes do not seed groups
+    assert kw["logprobs_mode"] == "processed_logprobs"  # sampled log-probs at rollout.temperature, as the learner
     assert Path(cfg.trainer.output_dir).is_absolute() and Path(cfg.model.path).is_absolute()
     tiny = load_config(None)
     assert "max_num_batched_tokens" not in engine_kwargs(tiny.model, tiny.rollout, 0, "ivgr_shm", cpu=True)

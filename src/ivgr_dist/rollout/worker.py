@@ -72,6 +72,12 @@ def engine_kwargs(
         weight_transfer_config={"backend": weight_backend},
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
+        # the sampled token's log-prob under the distribution it was drawn from: logits / temperature, then
+        # top-k/top-p (renormalised over the kept tokens). vLLM's default ("raw_logprobs") is the model's
+        # temperature-1 distribution, which the learner (scoring at rollout.temperature) does not compute: at
+        # temperature 0.7 that put logprob/mismatch_mean at 0.07 (tiny Qwen3-VL) to 0.5 (tiny Qwen2.5-VL).
+        # Prompt log-probs (the verify probe) stay raw in this mode (vLLM computes them from the raw logits).
+        logprobs_mode="processed_logprobs",
     )
     if eng.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = eng.max_num_batched_tokens
