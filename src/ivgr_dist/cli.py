@@ -156,6 +156,33 @@ def _fresh_start(cfg, overwrite: bool) -> None:
         )
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """check a config against the Ray cluster, the data and the memory budget before any GPU work; exit 1 on a
+    blocker (docs: ivgr_dist.commands.preflight)"""
+    from ivgr_dist.commands.preflight import format_table, run_preflight
+    from ivgr_dist.runtime.startup import init_ray
+    from ivgr_dist.runtime.storage import check_not_node_local, resolve_paths
+
+    cfg = _config(args)
+    resolved = resolve_paths(cfg)
+    check_not_node_local(cfg, resolved)
+    init_ray(resolved)
+    checks = run_preflight(
+        resolved,
+        device_memory_gib=args.device_memory_gib,
+        sample_rows=args.sample_rows,
+        placement_timeout_s=args.placement_timeout_s,
+        judge=not args.no_judge,
+    )
+    print(format_table(checks))
+    blockers = [c.name for c in checks if c.blocker]
+    if blockers:
+        print(f"ivgr-dist preflight: {len(blockers)} blocker(s): {', '.join(blockers)}", file=sys.stderr)
+        return 1
+    print("ivgr-dist preflight: no blocker")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Warm start (when sft.enabled), then GRPO on both streams on Ray (local cluster unless RAY_ADDRESS)."""
     from ivgr_dist.commands.sft import run_sft, sft_config_for_rl
@@ -171,6 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     require_loggers(cfg.trainer.loggers)  # a missing wandb fails here, before anything starts
     seed_everything(cfg.trainer.seed)
     init_ray(cfg)
+    from ivgr_dist.commands.preflight import PreflightError, fast_checks, format_table
+
+    checks = fast_checks(cfg)  # model, data schemas, token budget, resources: seconds, before anything starts
+    if any(c.blocker for c in checks):
+        raise PreflightError(f"preflight found a blocker:\n{format_table(checks)}")
+    log.info("preflight (fast form; `ivgr-dist preflight` runs every check):\n%s", format_table(checks))
     from ivgr_dist.reward.pool import make_scorer
 
     # the scorer before the warm start: a judge that cannot work (JudgeUnavailable) stops the job in seconds
@@ -343,6 +376,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3")
 
+    sp = add("preflight", cmd_preflight, cmd_preflight.__doc__.split("(")[0].strip())
+    sp.add_argument(
+        "--device-memory-gib", type=float, default=None,
+        help="memory of one GPU (default: read from a GPU on this machine or in a one-GPU Ray task)",
+    )  # fmt: skip
+    sp.add_argument("--sample-rows", type=int, default=256, help="rows of the first train file to measure (0: none)")
+    sp.add_argument("--placement-timeout-s", type=float, default=20.0, help="how long each placement group may take")
+    sp.add_argument("--no-judge", action="store_true", help="do not send the judge a test request")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_prompt_length=8192")
+
     sp = sub.add_parser("scale", help=cmd_scale.__doc__, description=cmd_scale.__doc__)
     sp.set_defaults(fn=cmd_scale)
     sp.add_argument("--engines", type=int, default=None, help="new target number of rollout engines (omit: show)")
@@ -374,6 +417,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ivgr_dist.commands.preflight import PreflightError
     from ivgr_dist.config import ConfigError
     from ivgr_dist.data.dataset import DataError
     from ivgr_dist.reward.judge import JudgeUnavailable
@@ -393,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ivgr-dist {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, DataError, StorageError, JudgeUnavailable) as exc:
+    except (FileExistsError, FileNotFoundError, DataError, StorageError, JudgeUnavailable, PreflightError) as exc:
         print(f"ivgr-dist {args.command}: {exc}", file=sys.stderr)
         return 1
 

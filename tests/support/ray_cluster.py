@@ -72,7 +72,9 @@ class LocalCluster:
     dashboard: str = ""
 
     @classmethod
-    def start_head(cls, num_cpus: int, resources: dict | None = None) -> LocalCluster:
+    def start_head(
+        cls, num_cpus: int, resources: dict | None = None, num_gpus: int = 0, env: dict | None = None
+    ) -> LocalCluster:
         ray_bin = shutil.which("ray")
         assert ray_bin, "the ray CLI is not installed (ray[default])"
         temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -83,13 +85,14 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
+            **(env or {}),
         }
         env.pop("RAY_ADDRESS", None)
         port, dash = free_port(), free_port()
         cluster = cls(ray_bin, [temp], env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
         start = [
             ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
-            "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--num-gpus={num_gpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats",
         ]  # fmt: skip
         if resources:
@@ -97,14 +100,16 @@ class LocalCluster:
         cluster._run(start)
         return cluster
 
-    def add_node(self, num_cpus: int, resources: dict | None = None, masked: Path | None = None) -> None:
+    def add_node(
+        self, num_cpus: int, resources: dict | None = None, masked: Path | None = None, num_gpus: int = 0
+    ) -> None:
         """A worker node. ``masked``: the node runs in a mount namespace of its own where an empty tmpfs
         hides that directory, as a node that does not mount a shared file system (needs ``unshare -m``)."""
         temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
         self.temps.append(temp)
         start = [
             self.ray_bin, "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}",
+            f"--num-gpus={num_gpus}", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}",
             "--disable-usage-stats",
         ]  # fmt: skip
         if resources:

@@ -198,9 +198,9 @@ def test_from_config_shuts_down_what_it_started_when_a_later_step_fails(tmp_path
     scorer = logs(FakeScorer(), "close", "scorer")
     with pytest.raises(RuntimeError, match=f"{failing} failed"):
         Trainer.from_config(fake_config(tmp_path), scorer=scorer)
-    expected = {
-        "learner group": ["rollout pool", "weight sync", "scorer"],
-        "weight sync setup": ["learner group", "rollout pool", "weight sync", "scorer"],
-        "resume": ["control", "learner group", "rollout pool", "weight sync", "scorer"],
+    expected = {  # the learner group starts before the rollout pool (its ranks are placed first)
+        "learner group": ["weight sync", "scorer"],
+        "weight sync setup": ["rollout pool", "learner group", "weight sync", "scorer"],
+        "resume": ["control", "rollout pool", "learner group", "weight sync", "scorer"],
     }[failing]
     assert closed == expected

@@ -124,8 +124,8 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: Config, scorer=None) -> Trainer:
-        """Build and start the roles on Ray: the scorer, the data pipeline, the weight sync, the rollout pool,
-        the learner group (in that order), then the trainer over them. ``scorer``: one ``make_scorer`` already
+        """Build and start the roles on Ray: the scorer, the data pipeline, the weight sync, the learner group,
+        the rollout pool (in that order), then the trainer over them. ``scorer``: one ``make_scorer`` already
         built and checked (``ivgr-dist train`` builds it before the warm start); owned from here. None: built
         here, first. A failure at any point shuts down what was started (the scorer included), then raises."""
         from ivgr_dist.data.pipeline import build_pipeline
@@ -157,6 +157,11 @@ class Trainer:
             started.callback(sync.close)
             storage = StorageProbe(out, cfg.model.path)  # every engine's and rank's node must see both
             try:
+                # the learners' group first: reserved before any engine's, its PACK bundles land on as few nodes
+                # as can hold them (engines reserved first could leave each node a few devices, and the ranks
+                # would then straddle nodes: every all-gather over the slower inter-node link)
+                learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_updates(cfg), storage=storage)
+                started.callback(learners.shutdown)
                 rollouts = RolloutPool(
                     cfg.model,
                     cfg.rollout,
@@ -167,8 +172,6 @@ class Trainer:
                     storage_check=functools.partial(_check_storage, out, cfg.model.path),
                 )
                 started.callback(rollouts.shutdown)
-                learners = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, total_updates(cfg), storage=storage)
-                started.callback(learners.shutdown)
             finally:
                 storage.close()
             _write_nodes(out / "nodes.json", storage.checked)

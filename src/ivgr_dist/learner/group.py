@@ -58,18 +58,14 @@ class LearnerGroup:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from ivgr_dist.runtime.placement import reserve, with_resources
+        from ivgr_dist.runtime.placement import learner_bundles, reserve
 
         self.num_ranks = n = learner_cfg.num_ranks
         self.timeout_s = timeout_s
-        gpus = learner_cfg.gpus_per_rank
-        if gpus < 0:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        cpus = learner_cfg.cpus_per_rank
-        # Ray rejects empty bundles; a rank configured with no resources still needs a slot.
-        bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0} or {"CPU": 0.01}
+        bundles = learner_bundles(learner_cfg, ray.cluster_resources().get("GPU", 0) > 0)
+        bundle = {k: v for k, v in bundles[0].items() if k in ("CPU", "GPU")}
+        gpus, cpus = bundle.get("GPU", 0), learner_cfg.cpus_per_rank
         what = f"learner group ({n} ranks)"
-        bundles = [with_resources(bundle, learner_cfg.resources) for _ in range(n)]
         self._pg = reserve(bundles, "PACK", what, learner_cfg.placement_timeout_s)
         if storage is not None:
             try:

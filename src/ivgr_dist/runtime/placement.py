@@ -36,6 +36,7 @@ __all__ = [
     "PlacementError",
     "await_actor_starts",
     "engine_bundles",
+    "learner_bundles",
     "reserve",
     "shortfall",
     "with_resources",
@@ -62,6 +63,17 @@ def engine_bundles(
     else:
         bundles = [{"CPU": max(1.0, float(cpus))}] + [{"CPU": 1.0} for _ in range(tp - 1)]
     return [with_resources(b, resources) for b in bundles]
+
+
+def learner_bundles(learner_cfg, use_gpus: bool) -> list[dict[str, float]]:
+    """Bundles of the learner group: one per rank, ``learner.cpus_per_rank`` CPUs and ``learner.gpus_per_rank``
+    devices (-1: one where the cluster has GPUs), plus ``learner.resources``. Ray rejects empty bundles: a rank
+    configured with no resources still gets a slot."""
+    gpus = learner_cfg.gpus_per_rank
+    if gpus < 0:
+        gpus = 1 if use_gpus else 0
+    bundle = {k: float(v) for k, v in (("CPU", learner_cfg.cpus_per_rank), ("GPU", gpus)) if v > 0} or {"CPU": 0.01}
+    return [with_resources(bundle, learner_cfg.resources) for _ in range(learner_cfg.num_ranks)]
 
 
 def with_resources(bundle: dict[str, float], resources: dict[str, float] | None) -> dict[str, float]:
