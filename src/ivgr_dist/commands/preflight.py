@@ -478,9 +478,8 @@ def role_bundles(cfg: Config, gpus: bool) -> dict[str, list[list[dict[str, float
         roles["reward worker"] = [[worker] for _ in range(cfg.reward.num_workers)]
     judge = cfg.reward.judge
     if judge.backend == "engine":
-        tp = judge.tensor_parallel_size if hasattr(judge, "tensor_parallel_size") else 1
-        roles["judge engine"] = [
-            engine_bundles(tp, gpus, 1.0, dict(judge.resources) or None) for _ in range(judge.num_engines)
+        roles["judge engine"] = [  # judge engines run at tensor parallel 1 (rollout.fleet.FleetSpec)
+            engine_bundles(1, gpus, 1.0, dict(judge.resources) or None) for _ in range(judge.num_engines)
         ]
     return roles
 
