@@ -4,8 +4,9 @@ checkpoints: tests/support/shaped_model.py), a parquet set of 900-2400-pixel ima
 loopback whose API key only the cluster's workers and the driver hold.
 
 It passes on both recipes (learner ranks packed onto one node, the four TP=2 engines on the other), fails naming
-the token budget when ``data.max_prompt_length=4096`` is put back on the Qwen2.5-VL recipe, and ``train`` stops on
-that blocker in seconds, before the warm start, any engine or learner starts.
+the token budget when ``data.max_prompt_length=4096`` is put back on the Qwen2.5-VL recipe (and the judge when
+it refuses the key), and ``train`` stops on that blocker in seconds, before the warm start, any engine or learner
+starts.
 """
 
 from __future__ import annotations
@@ -109,11 +110,14 @@ def test_recipe_passes_preflight_on_two_nodes_of_eight_gpus(cluster, assets, con
 
 @pytest.mark.timeout(600)
 def test_old_qwen2_5_token_budget_is_a_blocker_and_stops_train_early(cluster, assets):
-    with FaultServer(default=Fault.ok("<score>1.0</score>"), api_key=KEY) as judge:
+    # a judge that expects another key: its check fails too, naming the answer
+    with FaultServer(default=Fault.ok("<score>1.0</score>"), api_key="another-key") as judge:
         proc, _ = _run(cluster, assets, judge.url, "qwen2_5_vl_7b.yaml", "data.max_prompt_length=4096")
         assert proc.returncode == 1
-        assert _rows(proc.stdout)["token budget"] == "FAIL"
-        assert "blocker(s): token budget" in proc.stderr
+        rows = _rows(proc.stdout)
+        assert rows["token budget"] == "FAIL" and rows["judge"] == "FAIL", rows
+        assert "HTTP 401" in proc.stdout or "HTTP 403" in proc.stdout
+        assert "blocker(s): token budget, judge" in proc.stderr
         assert "4096 tokens" in proc.stdout and "> data.max_prompt_length=4096" in proc.stdout
         # train's fast form stops on it before the warm start, the engines or the learners start
         proc, took = _run(
