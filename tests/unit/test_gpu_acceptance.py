@@ -57,7 +57,7 @@ def _assert_real_path(verdict: dict, precision: str, backend: str) -> None:
         lp = c["logprob_vs_fp32"]
         assert lp["within_tolerance"] and lp["max_abs_diff"] < lp["tolerance"]["max"] and lp["tokens"] > 100
     assert checks["weight_sync"]["status"] == "skipped"
-    assert checks["weight_sync"]["reason"] == "skipped: vllm and ray not importable"
+    assert checks["weight_sync"]["reason"].startswith("skipped: vllm, ray"), checks["weight_sync"]
     assert verdict["ok"] is True
 
 
