@@ -56,8 +56,7 @@ def _assert_real_path(verdict: dict, precision: str, backend: str) -> None:
         assert step["tensors_changed"] == step["tensors"] and step["logprob_mean_shift"] > 0
         lp = c["logprob_vs_fp32"]
         assert lp["within_tolerance"] and lp["max_abs_diff"] < lp["tolerance"]["max"] and lp["tokens"] > 100
-    assert checks["weight_sync"]["status"] == "skipped"
-    assert checks["weight_sync"]["reason"].startswith("skipped: vllm, ray"), checks["weight_sync"]
+    assert checks["weight_sync"]["status"] in ("ran", "skipped"), checks["weight_sync"]
     assert verdict["ok"] is True
 
 
@@ -71,6 +70,10 @@ def test_cpu_mode_runs_the_learner_worker_on_two_gloo_ranks_for_both_families(tm
     assert code == 0, json.dumps(verdict)[-3000:] + err[-3000:]
     assert json.loads((tmp_path / "verdict.json").read_text()) == verdict
     _assert_real_path(verdict, precision="fp32", backend="gloo")
+    assert verdict["checks"]["weight_sync"] == {
+        "status": "skipped",
+        "reason": "skipped: vllm, ray, omegaconf not importable",
+    }
     for family in ("qwen2_5_vl", "qwen3_vl"):
         lrn = verdict["checks"][f"tiny_{family}"]["learner"]
         assert lrn["world_size"] == 2 and lrn["local_param_fraction"] == pytest.approx(0.5, abs=0.05)
