@@ -60,9 +60,13 @@ def _assert_real_path(verdict: dict, precision: str, backend: str) -> None:
     assert verdict["ok"] is True
 
 
-def test_cpu_mode_runs_the_learner_worker_on_two_gloo_ranks_for_both_families(tmp_path):
+def test_cpu_mode_runs_the_learner_worker_on_two_gloo_ranks_for_both_families(tmp_path, tiny_model_dir, tiny_qwen3_dir):
+    work = tmp_path / "work"  # the session's tiny models (conftest), where the script looks for the ones it builds
+    work.mkdir()
+    (work / "tiny-qwen2_5_vl").symlink_to(tiny_model_dir)
+    (work / "tiny-qwen3_vl").symlink_to(tiny_qwen3_dir)
     code, verdict, err = _run(
-        ["--device", "cpu", "--world-size", "2", "--out", str(tmp_path / "verdict.json")],
+        ["--device", "cpu", "--world-size", "2", "--work-dir", str(work), "--out", str(tmp_path / "verdict.json")],
         tmp_path,
         timeout=240,
         env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
