@@ -102,7 +102,31 @@ def call_engines(
     hung = sorted(refs[r] for r in pending)
     if not errors and not hung:
         return results
+    dead += _died_meanwhile(engines, [e for e in errors if e not in dead], poll_s)
     where = f"weight push to version {version}" if version is not None else "weight-transfer group"
     parts = [f"engine {e} did not answer within {timeout_s:g}s (hung)" for e in hung]
     parts += [f"engine {e} {'died' if e in dead else 'failed'}: {msg[:300]}" for e, msg in sorted(errors.items())]
     raise SyncError(f"{where}: {what}: " + "; ".join(parts), version, failed_engines=[*dead, *hung], errors=errors)
+
+
+def _died_meanwhile(engines: EngineView, failed: list[int], poll_s: float) -> list[int]:
+    """Those of ``failed`` (their call raised, not with ``EngineDeadError``) whose EngineCore is gone by now: a TP
+    worker that died mid-transfer fails the call with vLLM's "cancelled" before the core shuts down. Asked twice,
+    ``poll_s`` apart, when the first answer finds none dead (the core may be shutting down still)."""
+    import ray
+
+    def ask(e: int) -> bool:
+        try:
+            return bool(ray.get(engines.actors[e].engine_dead.remote(), timeout=max(1.0, poll_s)))
+        except ray.exceptions.GetTimeoutError:
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+
+    if not failed:
+        return []
+    gone = [e for e in failed if ask(e)]
+    if not gone:
+        time.sleep(poll_s)
+        gone = [e for e in failed if ask(e)]
+    return gone
