@@ -20,13 +20,32 @@ dtypes and global shapes, nothing gathered) while every engine joins (``RolloutW
 3. every learner rank's sender iterates the full tensors together (FSDP ``full_tensor`` is an all-gather among
    the learners only), rank 0 packs each complete bucket into one buffer and broadcasts it (:func:`send_buckets`).
 
-Deadlines and failures: the group's operations time out after ``sync.timeout_s``; the driver waits for
-the whole push until the same deadline plus a short grace. After the first failed broadcast, learner rank 0
-keeps iterating (so the other learner ranks' all-gathers complete and the learner group stays usable) but
-sends nothing more, and raises at the end. An engine that fails while receiving closes its reload session
-(``ivgr_dist.sync.receive``) and is marked as needing a full push. The driver names the engines that died
-or did not answer (:class:`~ivgr_dist.sync.fanout.SyncError`); the group is then re-formed, without them,
-before the next push (a group of fixed membership cannot shrink, so joins and leaves re-form it).
+Deadlines and failures: NCCL only queues an operation (``wait()`` returns before the bytes moved; a peer that
+dies mid-broadcast is seen by no ``try``/``except``), so every broadcast is polled to completion (a CUDA event
+recorded after it on GPU; :mod:`ivgr_dist.sync.completion`). The sender keeps at most :data:`MAX_IN_FLIGHT`
+buckets queued and all must have completed ``sync.timeout_s`` after the push started; a receiver hands a
+bucket to vLLM only once it arrived, under the same deadline from the start of its receive. A failure or a
+missed deadline aborts the group (NCCL: ``abort()``, which ends a kernel hung on a dead peer) on that side,
+which drops it. The group's own timeout (NCCL's watchdog, which would end the process) is
+:data:`BACKSTOP_FACTOR` times ``sync.timeout_s``, so the push's deadline acts first. Plain gloo has completed
+every operation when ``wait()`` returns; there the group's timeout is ``sync.timeout_s`` per operation.
+``sync/send_s`` is the time until the last bucket completed.
+
+After the first failed broadcast, learner rank 0 keeps iterating (so the other learner ranks' all-gathers
+complete and the learner group stays usable) but sends nothing more, and raises at the end. An engine that
+fails while receiving closes its reload session (``ivgr_dist.sync.receive``) and is marked as needing a full
+push. The driver waits for the whole push until ``sync.timeout_s`` plus a short grace and names the engines
+that died or did not answer (:class:`~ivgr_dist.sync.fanout.SyncError`); the trainer drops them and pushes
+again, and the group is re-formed, without them, first (a group of fixed membership cannot shrink, so joins
+and leaves re-form it).
+
+Rehearsed on CPU, not verified on GPU: the test-mode communicator ``gloo_queued``
+(:class:`~ivgr_dist.sync.completion.QueuedGloo`, tests only) queues like NCCL and has a watchdog that ends the
+process, and ``tests/integration/test_sync_queued.py`` kills an engine's workers mid-push under it (the push
+fails in time, learner rank 0 outlives the watchdog, the next push succeeds). Only a real NCCL run can show
+that the CUDA events complete (or not) as assumed, that ``abort()`` ends a kernel hung on a dead or stopped
+peer and leaves the process usable, and that the watchdog (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, default: tear
+down) does not act first on an error NCCL reports asynchronously (``ncclRemoteError``) before the poll sees it.
 """
 
 from __future__ import annotations
