@@ -51,8 +51,9 @@ class FakeGloo:
         self.aborted = True
 
 
-def _queued(fake, timeout_s: float = 30.0, fired=None) -> QueuedGloo:
-    return QueuedGloo(fake, timeout_s, on_watchdog=(fired.append if fired is not None else None))
+def _queued(fake, timeout_s: float = 30.0, fired: list | None = None) -> QueuedGloo:
+    """Never the default watchdog here: it would end pytest (a failed operation of a group not aborted)."""
+    return QueuedGloo(fake, timeout_s, on_watchdog=(fired if fired is not None else []).append)
 
 
 def test_a_queued_broadcast_returns_at_once_and_completes_later_in_issue_order():

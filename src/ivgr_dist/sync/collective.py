@@ -519,10 +519,11 @@ class CollectiveWeightSync:
         }
 
     def _plan(self) -> dict[str, Any]:
-        """What every learner plan carries: ``backend`` picks the sender (``ivgr_dist.sync.make_sender``: the test
-        mode's is gloo's), ``communicator`` the group it opens."""
-        backend = "gloo" if self.communicator == QUEUED_GLOO else self.communicator
-        return {"backend": backend, "communicator": self.communicator, "dtype": self.dtype}
+        """What every learner plan carries: ``backend`` picks the sender (``ivgr_dist.sync.make_sender``) and names
+        the group it opens; the test mode's sender is gloo's, told by ``communicator`` to open ``gloo_queued``."""
+        if self.communicator == QUEUED_GLOO:
+            return {"backend": "gloo", "communicator": QUEUED_GLOO, "dtype": self.dtype}
+        return {"backend": self.communicator, "dtype": self.dtype}
 
     def _abort(self, view: EngineView, engines: list[int], version: int, err: SyncError) -> None:
         """Close the update session of every engine still standing (best effort, bounded): those whose receive
