@@ -167,3 +167,43 @@ def test_the_receiver_hands_over_a_bucket_only_once_its_bytes_arrived():
     got = {n: t.clone() for bucket in receive_buckets(group, "cpu", metas, 16_000, 5.0) for n, t in bucket}
     assert all(torch.equal(got[m.name], t) for m, t in zip(metas, state, strict=True))
     group.close()
+
+
+def _hanging_receiver(rank: int, world: int, port: int, hang: bool) -> None:
+    from ivgr_dist.sync.collective import open_group
+
+    group = open_group("127.0.0.1", port, rank, world, "gloo_queued", timeout_s=30.0)
+    group.on_watchdog = lambda work: None  # this one is killed by the test
+    big = [TensorMeta(f"t{i}", "float32", (1 << 20,)) for i in range(8)]
+    for k, _ in enumerate(receive_buckets(group, "cpu", big, 4 << 20, timeout_s=30.0)):
+        if hang and k == 0:
+            time.sleep(60)  # a stopped peer: holds its connections, receives nothing more
+
+
+def test_a_real_queued_gloo_push_to_a_hung_peer_fails_by_its_deadline_and_aborts():
+    import multiprocessing as mp
+    import socket
+
+    from ivgr_dist.sync.collective import open_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_hanging_receiver, args=(r, 3, port, r == 2)) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        group = open_group("127.0.0.1", port, 0, 3, "gloo_queued", timeout_s=30.0)  # (the spawns' imports)
+        fired: list = []
+        group.on_watchdog = fired.append
+        big = [TensorMeta(f"t{i}", "float32", (1 << 20,)) for i in range(8)]  # 4 MiB buckets: beyond socket buffers
+        pairs = ((m.name, torch.zeros(m.shape)) for m in big)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="not completed by its deadline"):
+            send_buckets(group, "cpu", pairs, big, 4 << 20, timeout_s=2.0)
+        assert time.monotonic() - t0 < 3.0 and group.aborted and fired == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(timeout=10)
