@@ -3,7 +3,9 @@
 Weight pushes fail in three ways an engine can be in: it answered with an error (often only because a
 peer broke the transfer), it died (its actor, or its vLLM EngineCore: ``EngineDeadError``), or it did not
 answer by the deadline (hung: a stopped or wedged EngineCore). :class:`SyncError` keeps the three apart:
-``failed_engines`` are the dead and the hung ones, the engines to drop before trying again.
+``failed_engines`` are the dead and the hung ones, the engines to drop before trying again. An engine whose call
+failed otherwise is asked once more at the end whether its EngineCore is gone: a TP worker killed mid-transfer
+fails the update with vLLM's "cancelled" before the core shuts down.
 
 Weight sync sees the engines only through :class:`EngineView`, which the rollout pool hands out
 (``RolloutPool.engine_view``): the live engines' actor handles, their tensor-parallel size and nodes.
