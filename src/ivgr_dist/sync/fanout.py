@@ -3,7 +3,9 @@
 Weight pushes fail in three ways an engine can be in: it answered with an error (often only because a
 peer broke the transfer), it died (its actor, or its vLLM EngineCore: ``EngineDeadError``), or it did not
 answer by the deadline (hung: a stopped or wedged EngineCore). :class:`SyncError` keeps the three apart:
-``failed_engines`` are the dead and the hung ones, the engines to drop before trying again.
+``failed_engines`` are the dead and the hung ones, the engines to drop before trying again. An engine whose call
+failed otherwise is asked once more at the end whether its EngineCore is gone: a TP worker killed mid-transfer
+fails the update with vLLM's "cancelled" before the core shuts down.
 
 Weight sync sees the engines only through :class:`EngineView`, which the rollout pool hands out
 (``RolloutPool.engine_view``): the live engines' actor handles, their tensor-parallel size and nodes.
@@ -102,7 +104,31 @@ def call_engines(
     hung = sorted(refs[r] for r in pending)
     if not errors and not hung:
         return results
+    dead += _died_meanwhile(engines, [e for e in errors if e not in dead], poll_s)
     where = f"weight push to version {version}" if version is not None else "weight-transfer group"
     parts = [f"engine {e} did not answer within {timeout_s:g}s (hung)" for e in hung]
     parts += [f"engine {e} {'died' if e in dead else 'failed'}: {msg[:300]}" for e, msg in sorted(errors.items())]
     raise SyncError(f"{where}: {what}: " + "; ".join(parts), version, failed_engines=[*dead, *hung], errors=errors)
+
+
+def _died_meanwhile(engines: EngineView, failed: list[int], poll_s: float) -> list[int]:
+    """Those of ``failed`` (their call raised, not with ``EngineDeadError``) whose EngineCore is gone by now: a TP
+    worker that died mid-transfer fails the call with vLLM's "cancelled" before the core shuts down. Asked twice,
+    ``poll_s`` apart, when the first answer finds none dead (the core may be shutting down still)."""
+    import ray
+
+    def ask(e: int) -> bool:
+        try:
+            return bool(ray.get(engines.actors[e].engine_dead.remote(), timeout=max(1.0, poll_s)))
+        except ray.exceptions.GetTimeoutError:
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+
+    if not failed:
+        return []
+    gone = [e for e in failed if ask(e)]
+    if not gone:
+        time.sleep(poll_s)
+        gone = [e for e in failed if ask(e)]
+    return gone

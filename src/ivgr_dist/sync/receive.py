@@ -49,7 +49,8 @@ class ReceiveSession:
         self._end()
 
     def update_weights(self, update_info) -> None:
-        # (vLLM's base class would also synchronise the accelerator; both receivers end with synchronous copies)
+        # (vLLM's base class would also synchronise the accelerator: the shm receiver's copies are synchronous, the
+        # collective one hands over a bucket only once its broadcast completed, a CUDA event on GPU)
         try:
             self.receive_weights(self.parse_update_info(update_info))
         except BaseException:
