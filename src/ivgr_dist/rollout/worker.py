@@ -365,8 +365,7 @@ class RolloutWorker:
     def engine_processes(self) -> list[dict]:
         """The processes of this engine's vLLM (EngineCore, TP workers): children of this actor, and the TP workers
         that are Ray actors (vLLM's Ray executor; ``ray_actor``), with their PIDs and names. Fault-injection tests
-        signal them;
-        :meth:`kill_engine` ends them."""
+        signal them; :meth:`kill_engine` ends them."""
         import psutil
 
         out = []
@@ -394,7 +393,6 @@ class RolloutWorker:
         unlinked here: a killed creator cannot, and the ``multiprocessing`` resource tracker that would is one of
         the processes killed. Those mapped now and those recorded when the engine started (a core that already
         crashed maps nothing any more) go; segments this actor maps itself are left alone."""
-
         from ivgr_dist.runtime.shm_segments import mapped_segments, unlink_segments
 
         t0 = time.perf_counter()

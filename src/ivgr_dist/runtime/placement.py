@@ -2,8 +2,8 @@
 
 One rule for the rollout fleet: each engine gets its OWN placement group of ``tp`` bundles with one device each
 (``{"GPU": 1}``; on CPU machines ``{"CPU": 1}``, or ``{"<resource>": 1}`` where ``IVGR_DECLARED_DEVICE`` declares
-a Ray resource as the device: :func:`~ivgr_dist.runtime.devices.device_resource` says which), packed onto one node (``STRICT_PACK``), with the CPU the
-engine's actor needs in bundle 0. Why one group per engine and one device per bundle, read off vLLM 0.32
+a Ray resource as the device: :func:`~ivgr_dist.runtime.devices.device_resource` says which), packed onto one
+node (``STRICT_PACK``), with the CPU the engine's actor needs in bundle 0. Why one group per engine and one device per bundle, read off vLLM 0.32
 (``vllm/v1/executor/ray_utils.py``, ``ray_executor.py``):
 
 - vLLM's Ray executor refuses a bundle with more than one device ("Placement group bundle cannot have more
@@ -237,7 +237,7 @@ class EnginePlacement:
 
     def actor_options(self) -> dict[str, Any]:
         """``ray.remote(...).options(**this)`` for the engine's actor: bundle 0 with its CPU; the device of
-        bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU)."""
+        bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU or declared devices)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from ivgr_dist.runtime.devices import device_resource
