@@ -6,7 +6,9 @@ devices are for tests and rehearsal: the Ray nodes are started with that custom 
 ``resources={"FAKE_GPU": 4}``) and vLLM's platform becomes :class:`~ivgr_dist.runtime.declared_platform.
 DeclaredDevicePlatform` (vLLM's CPU platform with that resource as its Ray device key), so TP > 1 engines go
 through vLLM's Ray executor in one-device bundles exactly as on GPUs. Never on by default: unset, nothing here
-changes what vLLM or placement do.
+changes what vLLM or placement do. Not for GPU machines: the plugin would win over vLLM's CUDA platform.
+A run submitted with ``ray job submit`` needs the variable in the job's ``env_vars`` (the driver decides the
+bundles, the judge fleet's actor its own).
 
 The platform is chosen by :func:`platform_plugin`, registered as ``vllm.platform_plugins`` entry point
 ``ivgr_declared_device`` (pyproject.toml; a changed entry point needs ``pip install -e .`` again, as entry
