@@ -149,9 +149,10 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, num_gpus: int = 0):
+def local_ray(num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None):
     """A local Ray cluster of this process for the block, as ``init_ray`` starts one (the import fix in every
-    worker, no dashboard); yields the ``ray`` module. Measured against one cluster shared by a whole session: an
+    worker, no dashboard), with custom ``resources`` (declared devices: ``{"FAKE_GPU": 4}``); yields the ``ray``
+    module. Measured against one cluster shared by a whole session: an
     idle Ray head burns ~9% of a core (GCS, raylet, agents, idle workers), more over a session on 2 cores than the
     ~5 CPU-seconds a start costs, so each module starts its own."""
     import ray
@@ -161,6 +162,7 @@ def local_ray(num_cpus: int, num_gpus: int = 0):
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        resources=resources,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env=worker_runtime_env(),

