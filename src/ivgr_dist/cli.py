@@ -203,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     checks = fast_checks(cfg)  # model, data schemas, token budget, resources: seconds, before anything starts
     if any(c.blocker for c in checks):
         raise PreflightError(f"preflight found a blocker:\n{format_table(checks)}")
-    log.info("preflight (fast form; `ivgr-dist preflight` runs every check):\n%s", format_table(checks))
+    for c in checks:  # quiet when all is well; `ivgr-dist preflight` prints the whole table
+        (log.warning if c.status == "warn" else log.debug)("preflight: %s %s: %s", c.name, c.status, c.detail)
     from ivgr_dist.reward.pool import make_scorer
 
     # the scorer before the warm start: a judge that cannot work (JudgeUnavailable) stops the job in seconds
