@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,10 @@ def test_recipe_engines_get_gpu_shaped_arguments(name):
     assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert kw["max_num_batched_tokens"] == 16384 and kw["seed"] == 3
     assert "enable_chunked_prefill" not in kw  # recipes do not seed groups
-    assert kw["logprobs_mode"] == "processed_logprobs"  # sampled log-probs at rollout.temperature, as the learner
+    # sampled log-probs at rollout.temperature, as the learner scores them: raw at 1.0 (the recipes), tempered else
+    assert kw["logprobs_mode"] == "raw_logprobs"
+    warm = engine_kwargs(cfg.model, replace(cfg.rollout, temperature=0.7), 0, "ivgr_collective", cpu=False)
+    assert warm["logprobs_mode"] == "processed_logprobs"
     assert Path(cfg.trainer.output_dir).is_absolute() and Path(cfg.model.path).is_absolute()
     tiny = load_config(None)
     assert "max_num_batched_tokens" not in engine_kwargs(tiny.model, tiny.rollout, 0, "ivgr_shm", cpu=True)

@@ -72,12 +72,13 @@ def engine_kwargs(
         weight_transfer_config={"backend": weight_backend},
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
-        # the sampled token's log-prob under the distribution it was drawn from: logits / temperature, then
-        # top-k/top-p (renormalised over the kept tokens). vLLM's default ("raw_logprobs") is the model's
-        # temperature-1 distribution, which the learner (scoring at rollout.temperature) does not compute: at
-        # temperature 0.7 that put logprob/mismatch_mean at 0.07 (tiny Qwen3-VL) to 0.5 (tiny Qwen2.5-VL).
-        # Prompt log-probs (the verify probe) stay raw in this mode (vLLM computes them from the raw logits).
-        logprobs_mode="processed_logprobs",
+        # the sampled token's log-prob at rollout.temperature, as the learner scores it. vLLM's default
+        # ("raw_logprobs") is the model's temperature-1 distribution: exactly the learner's at temperature 1 (neither
+        # side applies top-p), but at temperature 0.7 it put logprob/mismatch_mean at 0.07 (tiny Qwen3-VL) to 0.5
+        # (tiny Qwen2.5-VL). vLLM has the tempered log-probs only after top-k/top-p ("processed_logprobs",
+        # renormalised over the kept tokens), so away from temperature 1 they differ from the learner's by
+        # -log(kept mass), at most -log(top_p). Prompt log-probs (the verify probe) stay raw in either mode.
+        logprobs_mode="raw_logprobs" if rollout_cfg.temperature == 1.0 else "processed_logprobs",
     )
     if eng.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = eng.max_num_batched_tokens
