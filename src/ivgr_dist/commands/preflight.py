@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from ivgr_dist.config import Config
+from ivgr_dist.runtime.placement import sum_bundles
 
 log = logging.getLogger(__name__)
 
@@ -499,11 +500,11 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]], gpus: bool) -> C
                 for k, v in b.items():
                     need[k] = need.get(k, 0.0) + v
             if role in ("rollout engine", "judge engine"):
-                group_need = _sum(bundles)
+                group_need = sum_bundles(bundles)
                 if not any(all(n.get(k, 0.0) >= v for k, v in group_need.items()) for n in nodes):
                     problems.append(f"{role} {g} needs {_fmt(group_need)} on ONE node; no node has that")
                     break
-    have = _sum(nodes)
+    have = sum_bundles(nodes)
     short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
     per_node = "; ".join(f"node {i}: {_fmt(n)}" for i, n in enumerate(nodes))
     asked = ", ".join(f"{role} x{len(groups)}" for role, groups in roles.items())
@@ -514,14 +515,6 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]], gpus: bool) -> C
     if problems:
         return _fail(name, f"{'; '.join(problems)}. Roles: {asked}. Cluster: {per_node}")
     return _ok(name, f"needs {_fmt(need)} for {asked}; cluster {len(nodes)} node(s): {per_node}")
-
-
-def _sum(bundles: Iterable[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            out[k] = out.get(k, 0.0) + v
-    return out
 
 
 def _fmt(res: dict[str, float]) -> str:
@@ -609,7 +602,7 @@ def _spans(nodes: list[str]) -> str:
 
 def _min_nodes_for(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> int:
     """Fewest nodes of this cluster that could hold ``bundles`` (largest nodes first, by the scarcest resource)."""
-    need = _sum(bundles)
+    need = sum_bundles(bundles)
     key = next((k for k in ("GPU",) if k in need), "CPU")
     per = bundles[0].get(key, 1.0) or 1.0
     caps = sorted((int(n.get(key, 0.0) // per) for n in nodes), reverse=True)

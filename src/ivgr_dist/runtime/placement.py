@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "learner_bundles",
     "reserve",
     "shortfall",
+    "sum_bundles",
     "with_resources",
 ]
 
@@ -87,7 +88,8 @@ def with_resources(bundle: dict[str, float], resources: dict[str, float] | None)
     return {**bundle, **{k: float(v) for k, v in (resources or {}).items()}}
 
 
-def _total(bundles: Sequence[dict[str, float]]) -> dict[str, float]:
+def sum_bundles(bundles: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Resources of ``bundles`` added up by name (also: nodes' resources, for a cluster's total)."""
     out: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
@@ -115,7 +117,7 @@ def _free_per_node() -> dict[str, dict[str, float]]:
 
 def shortfall(bundles: Sequence[dict[str, float]], strategy: str) -> str:
     """What the cluster lacks right now for ``bundles`` placed with ``strategy`` (a sentence for errors)."""
-    need = _total(bundles)
+    need = sum_bundles(bundles)
     free = _free_per_node()
     # per node, the free amount of each resource asked for (0 where Ray lists none left), then the rest
     per_node = "; ".join(f"{node}: {_fmt({**dict.fromkeys(need, 0.0), **res})}" for node, res in free.items())
@@ -134,7 +136,7 @@ def reserve(bundles: Sequence[dict[str, float]], strategy: str, what: str, timeo
     if not bundles:
         raise ValueError(f"{what}: a placement group needs at least one bundle")
     pg = placement_group([dict(b) for b in bundles], strategy=strategy, name=name)
-    need, total = _total(bundles), ray.cluster_resources()
+    need, total = sum_bundles(bundles), ray.cluster_resources()
     lacking = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
     if lacking:  # the cluster does not have it at all (an autoscaler might still add it): say so at once
         log.warning("%s needs %s, the cluster has %s in total: waiting up to %.0fs", what, need, _fmt(total), timeout_s)
